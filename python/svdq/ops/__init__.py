@@ -1,0 +1,132 @@
+"""The quantized layer's math as functions, one implementation per backend.
+
+Backends: ``"reference"`` (pure PyTorch, docs/numerics.md), and — when the native extension ``svdq._C`` is
+built — ``"cpu"`` (fused C++ kernels) and ``"cuda"`` (fused CUDA kernels, when a GPU is present).
+
+Pick one with ``backend=`` on each call or ``with svdq.ops.use_backend("cpu"): ...``; by default the
+fastest backend available for the tensor's device is used.
+
+A backend is an object with ``name``, ``devices`` (device types it runs on), ``priority`` (higher wins by
+default), ``quantize_act(...)`` and ``w4a4_gemm(...)`` with the signatures of ``svdq.ops.reference``, and
+``prepare_weight(qweight, wscales) -> (qweight', wscales')``: the load-time repack from the canonical
+checkpoint layout into the layout its GEMM reads (identity for the reference and CPU backends). Its
+``w4a4_gemm`` receives prepared weights; its ``qact`` layout is private to the backend's pair of ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from . import reference
+from .reference import GROUP_SIZE, MAX_RANK, QMAX, QMIN, RANK_MULTIPLE, padded_k  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    priority: int
+    quantize_act: Callable
+    w4a4_gemm: Callable
+    is_available: Callable[[], bool] = lambda: True
+    prepare_weight: Callable = lambda qweight, wscales: (qweight, wscales)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_override = threading.local()
+
+
+def register_backend(backend: Backend) -> None:
+    """Make a backend selectable by name (native backends call this when `svdq._C` imports)."""
+    _BACKENDS[backend.name] = backend
+
+
+register_backend(
+    Backend(
+        name="reference",
+        devices=("cpu", "cuda"),
+        priority=0,
+        quantize_act=reference.quantize_act,
+        w4a4_gemm=reference.w4a4_gemm,
+    )
+)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine, e.g. ``["reference", "cpu"]``."""
+    return [name for name, b in _BACKENDS.items() if b.is_available()]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend ``name`` (thread-local)."""
+    _lookup(name)
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def _lookup(name: str) -> Backend:
+    backend = _BACKENDS.get(name)
+    if backend is None or not backend.is_available():
+        raise ValueError(
+            f"svdq backend {name!r} is not available on this machine; available: {available_backends()}"
+        )
+    return backend
+
+
+def select_backend(device: torch.device, backend: str | None = None) -> Backend:
+    """The backend an op uses for tensors on ``device``: explicit name > ``use_backend`` > fastest."""
+    name = backend or getattr(_override, "name", None)
+    if name is not None:
+        chosen = _lookup(name)
+        if device.type not in chosen.devices:
+            raise ValueError(
+                f"svdq backend {name!r} runs on {chosen.devices}, but the tensors are on {device.type}"
+            )
+        return chosen
+    candidates = [b for b in _BACKENDS.values() if device.type in b.devices and b.is_available()]
+    if not candidates:
+        raise ValueError(f"no svdq backend runs on device {device}; available: {available_backends()}")
+    return max(candidates, key=lambda b: b.priority)
+
+
+def quantize_act(x, smooth, lora_down, lora_scales=None, *, backend: str | None = None):
+    """Smooth, quantize x [M, K] to INT4 per 64-group and run the low-rank down projection in one pass.
+
+    Returns ``(qact int8 [M, Kp/2], ascales fp32 [M, Kp/64], lora_act fp32 [M, r])`` (spec §4.1).
+    """
+    return select_backend(x.device, backend).quantize_act(x, smooth, lora_down, lora_scales)
+
+
+def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, *, backend=None):
+    """W4A4 GEMM with per-group scales, the low-rank up projection and bias fused (spec §4.2)."""
+    return select_backend(qact.device, backend).w4a4_gemm(
+        qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype
+    )
+
+
+def prepare_weight(qweight, wscales, *, backend=None):
+    """Repack canonical ``qweight``/``wscales`` for ``backend``'s GEMM (done once, at load time)."""
+    return select_backend(qweight.device, backend).prepare_weight(qweight, wscales)
+
+
+def svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None):
+    """The whole layer: ``y = W4A4(x) + (x · lora_down · scales) · lora_upᵀ + bias`` for x [..., K].
+
+    ``qweight``/``wscales`` must already be in the backend's layout (`prepare_weight`).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    be = select_backend(x.device, backend)
+    qact, ascales, lora_act = be.quantize_act(x2, smooth, lora_down, lora_scales)
+    y = be.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+    return y.reshape(*lead, qweight.shape[0])
