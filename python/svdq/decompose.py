@@ -1,0 +1,128 @@
+"""Offline part of the spec (docs/numerics.md §2): smoothing factors, low-rank branch, INT4 residual.
+
+Everything here works on one weight matrix at a time in fp32, on the weight's own device, so memory stays
+bounded by a few copies of the largest layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import reference
+from .ops.reference import RANK_MULTIPLE
+
+SMOOTH_MIN, SMOOTH_MAX = 1e-5, 1e5
+# Exact SVD below this many columns/rows; above it a randomized SVD (torch.svd_lowrank) with oversampling
+# and power iterations: exact SVD of a 3072×12288 matrix takes seconds even on a GPU, ×11 smoothing
+# candidates × hundreds of layers is too slow; the randomized one needs a few skinny matmuls.
+EXACT_SVD_MAX_DIM = 1024
+LOWRANK_OVERSAMPLE = 32
+LOWRANK_POWER_ITERS = 4
+SVD_SEED = 0
+
+
+@dataclass
+class Decomposition:
+    """The stored tensors of one quantized layer (canonical layout, spec §3)."""
+
+    qweight: torch.Tensor  # int8 [N, Kp/2]
+    wscales: torch.Tensor  # D [N, Kp/64]
+    smooth: torch.Tensor  # D [K]
+    lora_down: torch.Tensor  # D [K, r]
+    lora_up: torch.Tensor  # D [N, r]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[1]
+
+
+def padded_rank(rank: int) -> int:
+    """Kernels take ranks in multiples of 16: extra columns are zero and change nothing."""
+    return -(-rank // RANK_MULTIPLE) * RANK_MULTIPLE
+
+
+def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors of fp32 `weight` [N, K]: (L1 = U·S [N, r], L2 = Vᵀ [r, K]).
+
+    Exact for small matrices, randomized (seeded, so quantization is reproducible) for large ones.
+    """
+    n, k = weight.shape
+    if min(n, k) <= EXACT_SVD_MAX_DIM or rank + LOWRANK_OVERSAMPLE >= min(n, k):
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        return u[:, :rank] * s[:rank], vh[:rank]
+    devices = [weight.device] if weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(SVD_SEED)
+        u, s, v = torch.svd_lowrank(weight, q=rank + LOWRANK_OVERSAMPLE, niter=LOWRANK_POWER_ITERS)
+    return u[:, :rank] * s[:rank], v[:, :rank].T
+
+
+def decompose(weight: torch.Tensor, rank: int, smooth: torch.Tensor | None = None) -> Decomposition:
+    """Quantize one weight [N, K] per docs/numerics.md §2 into the canonical stored tensors.
+
+    `rank` is clamped to min(N, K) and then padded with zero columns to a multiple of 16; `smooth` (λ, [K])
+    defaults to ones (data-free). The dtype `D` of the stored tensors is `weight.dtype`.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"decompose expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    dtype = weight.dtype
+    n, k = weight.shape
+    w = weight.detach().to(torch.float32)
+    if smooth is None:
+        lam = torch.ones(k, dtype=torch.float32, device=w.device)
+    else:
+        if smooth.shape != (k,):
+            raise ValueError(f"smooth must have shape ({k},), got {tuple(smooth.shape)}")
+        lam = smooth.detach().to(device=w.device, dtype=torch.float32)
+        lam = torch.where(torch.isfinite(lam) & (lam > 0), lam, torch.ones_like(lam))
+        lam = lam.clamp(SMOOTH_MIN, SMOOTH_MAX)
+    lam = lam.to(dtype).to(torch.float32)  # the rounded λ is what gets stored, so build Ŵ from it
+    w_hat = w * lam
+
+    r = min(rank, n, k)
+    stored_rank = padded_rank(r)
+    lora_down = torch.zeros(k, stored_rank, dtype=dtype, device=w.device)
+    lora_up = torch.zeros(n, stored_rank, dtype=dtype, device=w.device)
+    residual = w_hat
+    if r > 0:
+        l1, l2 = top_singular(w_hat, r)
+        lora_down[:, :r] = (l2.T / lam.unsqueeze(1)).to(dtype)
+        lora_up[:, :r] = l1.to(dtype)
+        # Residual against the *rounded* stored branch: the quantizer sees exactly the error it leaves.
+        down_hat = lam.unsqueeze(1) * lora_down[:, :r].to(torch.float32)
+        residual = w_hat - lora_up[:, :r].to(torch.float32) @ down_hat.T
+    qweight, wscales = reference.quantize_weight(residual, dtype)
+    return Decomposition(qweight, wscales, lam.to(dtype), lora_down, lora_up)
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """λ_j = max|X_j|^α / max|W_j|^(1−α); channels with a zero statistic get λ_j = 1 (spec §2.1)."""
+    a = act_absmax.to(torch.float32)
+    w = weight.detach().to(torch.float32).abs().amax(dim=0).to(a.device)
+    lam = a.pow(alpha) / w.pow(1 - alpha)
+    ok = (a > 0) & (w > 0) & torch.isfinite(lam)
+    return torch.where(ok, lam, torch.ones_like(lam)).clamp(SMOOTH_MIN, SMOOTH_MAX)
+
+
+def fake_quant_forward(x: torch.Tensor, dec: Decomposition, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's output in fp32 computed by dequantizing both operands — the spec's math in one matmul.
+
+    Equal to the reference ops up to fp32 summation order; used to score smoothing candidates fast.
+    """
+    n, k = dec.lora_up.shape[0], dec.smooth.shape[0]
+    qact, ascales, lora_act = reference.quantize_act(x, dec.smooth, dec.lora_down)
+    kp = reference.padded_k(k)
+    act = reference.unpack_int4(qact).to(torch.float32).view(x.shape[0], -1, reference.GROUP_SIZE)
+    act = (act * ascales.unsqueeze(-1)).view(x.shape[0], kp)
+    wq = reference.unpack_int4(dec.qweight).to(torch.float32).view(n, -1, reference.GROUP_SIZE)
+    wq = (wq * dec.wscales.to(torch.float32).unsqueeze(-1)).view(n, kp)
+    y = act @ wq.T
+    if lora_act.shape[1]:
+        y = y + lora_act.to(x.dtype).to(torch.float32) @ dec.lora_up.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y

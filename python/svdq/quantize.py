@@ -1,0 +1,248 @@
+"""`svdq.quantize`: replace a model's `nn.Linear` layers by `SVDQLinear`, in place.
+
+Steps per model: pick layers by name pattern → (optional) run the user's calibration callable once with
+hooks that record, per layer, the per-channel max |x| and a bounded random sample of input rows → per
+layer, search the smoothing exponent α on that sample, scoring each candidate by the layer's output error
+*with* the low-rank branch and both quantizers (docs/numerics.md §2) → swap the module.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
+from .linear import SVDQLinear
+
+log = logging.getLogger("svdq")
+
+METHODS = ("svdquant", "smoothquant", "naive")
+CONFIG_VERSION = 1
+
+# Kept 16-bit by default: embeddings and input projections (they see raw, unnormalized inputs and are tiny
+# in FLOPs), AdaLN modulation linears (their outputs scale whole activations: small errors are amplified),
+# and the final projection (its error lands directly on the predicted noise).
+DEFAULT_EXCLUDE = (
+    "*embed*",  # x_embedder, context_embedder, time_text_embed, pos_embed, time_embedding, add_embedding
+    "proj_out",  # the final projection (top level only: blocks' own proj_out layers are quantized)
+    "norm_out*",
+    "*norm*.linear",  # AdaLN modulation: norm1.linear, norm1_context.linear, norm.linear
+    "adaln_single*",
+    "caption_projection*",
+)
+
+
+@dataclass
+class QuantizeConfig:
+    """How `svdq.quantize` quantizes a model; saved (as JSON) with every checkpoint.
+
+    rank: low-rank branch rank (padded to a multiple of 16). method: "svdquant" (smoothing search +
+    low-rank), "smoothquant" (smoothing search, rank 0), "naive" (neither). include / exclude: fnmatch
+    patterns on module names (``include=None`` means every ``nn.Linear``). alphas: the smoothing exponent grid.
+    calib_tokens: input rows kept per layer for the search (bounded memory).
+    """
+
+    rank: int = 32
+    method: str = "svdquant"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+    calib_tokens: int = 256
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.calib_tokens < 1:
+            raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"alphas must be a non-empty grid within [0, 1], got {self.alphas}")
+        self.include = None if self.include is None else tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.alphas = tuple(self.alphas)
+        if self.method != "svdquant":
+            self.rank = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizeConfig":
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise ValueError(f"quantize config version {version} is not supported (this svdq reads {CONFIG_VERSION})")
+        return cls(**d)
+
+
+def matches(name: str, include: Iterable[str] | None, exclude: Iterable[str]) -> bool:
+    """Whether module `name` is selected by the include / exclude patterns."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def select_linears(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
+    """The `nn.Linear` modules `config` selects, by qualified name (SVDQLinear layers are left alone)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and matches(name, config.include, config.exclude)
+    }
+
+
+@dataclass
+class InputStats:
+    """Per-layer calibration record: per-channel max |x| and a bounded uniform sample of input rows."""
+
+    absmax: torch.Tensor | None = None
+    sample: torch.Tensor | None = None  # [≤ capacity, K] on CPU, input dtype
+    seen: int = 0
+    keys: torch.Tensor | None = None  # random priorities of the kept rows (reservoir by smallest key)
+
+    def update(self, x: torch.Tensor, capacity: int, gen: torch.Generator) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        cur = x.abs().amax(dim=0).to(torch.float32)
+        self.absmax = cur if self.absmax is None else torch.maximum(self.absmax, cur)
+        # Weighted-free reservoir: give every row a uniform random key, keep the `capacity` smallest keys.
+        keys = torch.rand(x.shape[0], generator=gen)
+        if x.shape[0] > capacity:
+            keys, idx = keys.topk(capacity, largest=False)
+            rows = x[idx.to(x.device)]
+        else:
+            rows = x
+        rows = rows.to("cpu", copy=True)
+        if self.sample is None:
+            self.sample, self.keys = rows, keys
+        else:
+            all_keys = torch.cat([self.keys, keys])
+            all_rows = torch.cat([self.sample, rows.to(self.sample.dtype)])
+            if all_keys.numel() > capacity:
+                all_keys, idx = all_keys.topk(capacity, largest=False)
+                all_rows = all_rows[idx]
+            self.sample, self.keys = all_rows, all_keys
+        self.seen += x.shape[0]
+
+
+def collect_input_stats(
+    model: nn.Module, layers: dict[str, nn.Linear], calibration: Callable[[nn.Module], object], capacity: int
+) -> dict[str, InputStats]:
+    """Run `calibration(model)` once under no_grad, recording each selected layer's inputs."""
+    stats = {name: InputStats() for name in layers}
+    gen = torch.Generator().manual_seed(0)
+    handles = []
+    for name, layer in layers.items():
+        def hook(_mod, args, _name=name):
+            stats[_name].update(args[0], capacity, gen)
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [n for n, s in stats.items() if s.seen == 0]
+    if unseen:
+        log.warning("calibration never ran %d selected layers (quantized data-free): %s", len(unseen), unseen[:5])
+    return stats
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def quantize_layer(
+    linear: nn.Linear, stats: InputStats | None, config: QuantizeConfig
+) -> tuple[Decomposition, dict]:
+    """Quantize one layer; with calibration data, search α and keep the candidate of least output error."""
+    weight = linear.weight
+    rank = config.rank if config.method == "svdquant" else 0
+    if config.method == "naive" or stats is None or stats.sample is None:
+        dec = decompose(weight, rank, None)
+        info = {"alpha": None}
+        if stats is not None and stats.sample is not None:
+            x = stats.sample.to(weight.device)
+            info["rel_error"] = _score(linear, dec, x)
+        return dec, info
+    x = stats.sample.to(weight.device)
+    absmax = stats.absmax.to(weight.device)
+    # λ = 1 competes too, so calibrated quantization is never worse on the sample than data-free.
+    best = decompose(weight, rank, None)
+    best_err, best_alpha = _score(linear, best, x), None
+    for alpha in config.alphas:
+        dec = decompose(weight, rank, smoothing_factors(absmax, weight, alpha))
+        err = _score(linear, dec, x)
+        if err < best_err:
+            best, best_err, best_alpha = dec, err, alpha
+    return best, {"alpha": best_alpha, "rel_error": best_err}
+
+
+def _score(linear: nn.Linear, dec: Decomposition, x: torch.Tensor) -> float:
+    x = x.to(dec.wscales.dtype)
+    ref = x.to(torch.float32) @ linear.weight.detach().to(torch.float32).T
+    return relative_error(fake_quant_forward(x, dec), ref)
+
+
+def quantize(
+    model: nn.Module,
+    *,
+    calibration: Callable[[nn.Module], object] | None = None,
+    rank: int = 32,
+    method: str = "svdquant",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    progress: bool = True,
+    config: QuantizeConfig | None = None,
+) -> nn.Module:
+    """Replace the selected `nn.Linear` layers of `model` with `SVDQLinear`, in place; returns `model`.
+
+    calibration: a callable run once as ``calibration(model)`` (e.g. ``lambda m: pipe(prompts)``); during it
+    every selected layer records input statistics. ``None`` → data-free (λ = 1, low-rank + INT4 only).
+    method: "svdquant" | "smoothquant" | "naive". include / exclude: fnmatch patterns on module names;
+    ``exclude=None`` keeps the defaults (embeddings, AdaLN modulation and final projections stay 16-bit).
+    Per-layer results (chosen α, relative output error on the calibration sample) end up in
+    ``model.svdq_report`` and the config in ``model.svdq_config``.
+    """
+    if config is None:
+        config = QuantizeConfig(
+            rank=rank,
+            method=method,
+            include=None if include is None else tuple(include),
+            exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
+        )
+    layers = select_linears(model, config)
+    if not layers:
+        log.warning("svdq.quantize: no nn.Linear matched include=%s exclude=%s", config.include, config.exclude)
+    stats = None
+    if calibration is not None:  # naive ignores the statistics for λ but still reports its error
+        stats = collect_input_stats(model, layers, calibration, config.calib_tokens)
+    report = dict(getattr(model, "svdq_report", {}) or {})
+    for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
+        with torch.no_grad():
+            dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config)
+        new = SVDQLinear.from_decomposition(dec, linear.bias)
+        _set_submodule(model, name, new)
+        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
+    model.svdq_report = report
+    model.svdq_config = config
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, SVDQLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SVDQLinear)}
