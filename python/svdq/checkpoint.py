@@ -127,6 +127,10 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
 
+    if any(".to_qkv" in e["name"] or ".to_kv" in e["name"] or ".to_added_qkv" in e["name"] for e in meta["quantized_layers"]):
+        from .models import prepare  # the checkpoint has fused projections (svdq/models): fuse the skeleton too
+
+        prepare(model)
     replacements = {}
     for entry in meta["quantized_layers"]:
         name = entry["name"]

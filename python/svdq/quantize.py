@@ -213,12 +213,17 @@ def quantize(
     Per-layer results (chosen α, relative output error on the calibration sample) end up in
     ``model.svdq_report`` and the config in ``model.svdq_config``.
     """
+    # Known diffusers families (svdq/models): fuse shared-input projections into one nn.Linear first, so
+    # calibration records them as one layer; their family's 16-bit layers are the default exclude.
+    from .models import prepare
+
+    family = prepare(model)
     if config is None:
         config = QuantizeConfig(
             rank=rank,
             method=method,
             include=None if include is None else tuple(include),
-            exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
+            exclude=(family.exclude if family else DEFAULT_EXCLUDE) if exclude is None else tuple(exclude),
         )
     layers = select_linears(model, config)
     if not layers:

@@ -1,0 +1,252 @@
+"""Per-family layer mappings: which projections share one quantized layer, and which layers stay 16-bit.
+
+Supported diffusers classes (docs/models.md explains every choice):
+
+    family   class                      fused groups (one W4A4 GEMM each)
+    flux     FluxTransformer2DModel     attn.to_q/k/v → attn.to_qkv; attn.add_q/k/v_proj → attn.to_added_qkv;
+                                        single blocks: attn.to_q/k/v + proj_mlp → to_qkv_mlp
+    sdxl     UNet2DConditionModel       attn1.to_q/k/v → attn1.to_qkv; attn2.to_k/v → attn2.to_kv
+    pixart   PixArtTransformer2DModel   attn1.to_q/k/v → attn1.to_qkv; attn2.to_k/v → attn2.to_kv
+
+Fusion (`prepare`) happens before quantization, on the 16-bit model: the group's weights are concatenated
+into one `nn.Linear` registered under the fused name, so `svdq.quantize` records calibration statistics for
+that one layer and gives it one smoothing factor and one low-rank branch. The original attributes
+(`attn.to_q`, `block.proj_mlp`, ...) become `ProjectionSlice` stand-ins that hold no weights: calling one runs
+the fused layer once per input tensor and returns that projection's columns, so diffusers' own forward code
+and attention processors run unchanged (as do schedulers, callbacks and `enable_model_cpu_offload`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger("svdq")
+
+
+class SharedInputLinear(nn.Module):
+    """Several projections of the same input computed by one linear layer (`linear`: nn.Linear or SVDQLinear).
+
+    ``part(i, x)`` returns projection i of ``x``. The first part asked for a given input tensor runs the
+    whole layer; the result is kept until every part has been taken (then dropped), so each input is
+    multiplied once. A different input tensor — or the same one modified in place — recomputes.
+    """
+
+    def __init__(self, linear: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]):
+        super().__init__()
+        if sum(sizes) != linear.out_features:
+            raise ValueError(f"part sizes {sizes} do not add up to out_features={linear.out_features}")
+        self.linear = linear
+        self.names = tuple(names)
+        self.sizes = tuple(sizes)
+        self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        self._clear()
+
+    def _clear(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._x_version: int | None = None
+        self._y: torch.Tensor | None = None
+        self._taken: set[int] = set()
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        try:
+            return x._version
+        except RuntimeError:  # inference-mode tensors have no version counter (and cannot be modified)
+            return None
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or self._x_version != self._version(x) or index in self._taken:
+            self._clear()
+            self._y = self.linear(x)
+            self._x, self._x_version = x, self._version(x)
+        y = self._y[..., self.offsets[index] : self.offsets[index] + self.sizes[index]]
+        self._taken.add(index)
+        if len(self._taken) == len(self.sizes):
+            self._clear()
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"parts={dict(zip(self.names, self.sizes))}"
+
+
+class ProjectionSlice(nn.Module):
+    """Stands where one fused projection was (e.g. ``attn.to_q``); holds no weights.
+
+    ``fused`` is the owning `SharedInputLinear` (registered once, under its own name, so it is neither saved
+    twice nor visited twice by ``.to()``), ``index`` the part, ``offset`` / ``out_features`` its output rows
+    in the fused layer (what LoRA mapping needs).
+    """
+
+    def __init__(self, fused: SharedInputLinear, index: int, in_features: int):
+        super().__init__()
+        object.__setattr__(self, "fused", fused)  # a plain reference, not a submodule
+        self.index = index
+        self.in_features = in_features
+        self.out_features = fused.sizes[index]
+        self.offset = fused.offsets[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.fused.names[self.index]}: rows {self.offset}:{self.offset + self.out_features} of the fused layer"
+
+
+def fuse_linears(owner: nn.Module, fused_name: str, parts: dict[str, tuple[nn.Module, str]]) -> SharedInputLinear | None:
+    """Concatenate the `nn.Linear` layers ``parts`` ({label: (parent, attribute)}) into ``owner.<fused_name>``.
+
+    Returns the new `SharedInputLinear`, or None when the group is already fused or not all plain Linears
+    (e.g. already quantized, or wrapped by another library): then nothing changes.
+    """
+    linears = [getattr(parent, attr, None) for parent, attr in parts.values()]
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    k = linears[0].in_features
+    if any(m.in_features != k for m in linears):
+        raise ValueError(f"cannot fuse {list(parts)}: different input sizes {[m.in_features for m in linears]}")
+    ref = linears[0].weight
+    has_bias = any(m.bias is not None for m in linears)
+    fused = nn.Linear(k, sum(m.out_features for m in linears), bias=has_bias, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if has_bias:
+            fused.bias.copy_(
+                torch.cat([m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in linears])
+            )
+    group = SharedInputLinear(fused, tuple(parts), tuple(m.out_features for m in linears))
+    owner.add_module(fused_name, group)
+    for i, (parent, attr) in enumerate(parts.values()):
+        setattr(parent, attr, ProjectionSlice(group, i, k))
+    return group
+
+
+@dataclass(frozen=True)
+class Family:
+    """How svdq treats one diffusers model class."""
+
+    name: str
+    classes: tuple[str, ...]  # diffusers class names (subclasses match too)
+    exclude: tuple[str, ...]  # fnmatch patterns of nn.Linear names kept 16-bit by default
+    fuse: Callable[[nn.Module], int]  # fuses the shared-input groups in place; returns how many were fused
+    pipeline_component: str  # the pipeline attribute holding the model ("transformer" / "unet")
+
+
+def _fuse_flux(model: nn.Module) -> int:
+    n = 0
+    for block in model.transformer_blocks:
+        a = block.attn
+        n += fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
+        n += (
+            fuse_linears(
+                a,
+                "to_added_qkv",
+                {"add_q_proj": (a, "add_q_proj"), "add_k_proj": (a, "add_k_proj"), "add_v_proj": (a, "add_v_proj")},
+            )
+            is not None
+        )
+    for block in model.single_transformer_blocks:
+        a = block.attn
+        parts = {"attn.to_q": (a, "to_q"), "attn.to_k": (a, "to_k"), "attn.to_v": (a, "to_v"), "proj_mlp": (block, "proj_mlp")}
+        n += fuse_linears(block, "to_qkv_mlp", parts) is not None
+    return n
+
+
+def _fuse_basic_transformer_blocks(model: nn.Module) -> int:
+    """diffusers `BasicTransformerBlock`s (SDXL, PixArt): self-attention q/k/v, cross-attention k/v."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    n = 0
+    for block in [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]:
+        for attn_name in ("attn1", "attn2"):
+            a = getattr(block, attn_name, None)
+            if a is None:
+                continue
+            if getattr(a, "is_cross_attention", False):  # q reads the image tokens, k/v the text
+                n += fuse_linears(a, "to_kv", {"to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
+            else:
+                n += fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
+    return n
+
+
+# Shared with svdq.quantize.DEFAULT_EXCLUDE (embeddings, AdaLN modulation, final projection, norm_out).
+_COMMON_EXCLUDE = (
+    "*embed*",
+    "proj_out",
+    "norm_out*",
+    "*norm*.linear",
+    "adaln_single*",
+    "caption_projection*",
+)
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("flux", ("FluxTransformer2DModel",), _COMMON_EXCLUDE, _fuse_flux, "transformer"),
+        Family(
+            "sdxl",
+            ("UNet2DConditionModel",),
+            _COMMON_EXCLUDE
+            + (
+                "*time_emb_proj",  # ResNet timestep projections: one row per image, act like a per-channel bias
+                "*attentions.*.proj_in",  # the conv feature map ↔ transformer boundary (see docs/models.md)
+                "*attentions.*.proj_out",
+            ),
+            _fuse_basic_transformer_blocks,
+            "unet",
+        ),
+        Family("pixart", ("PixArtTransformer2DModel",), _COMMON_EXCLUDE, _fuse_basic_transformer_blocks, "transformer"),
+    )
+}
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The `Family` of ``model`` (by its diffusers class or a base class), or None for other models."""
+    names = {c.__name__ for c in type(model).__mro__}
+    for family in FAMILIES.values():
+        if names.intersection(family.classes):
+            return family
+    return None
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; svdq supports {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def prepare(model: nn.Module) -> Family | None:
+    """Fuse ``model``'s shared-input projections in place (idempotent); returns its family (None: unknown,
+    nothing done). Called by `svdq.quantize` before it selects layers, and by `svdq.load` /
+    `svdq.from_pretrained` on the 16-bit skeleton so its module names match the checkpoint."""
+    family = family_of(model)
+    if family is None:
+        return None
+    n = family.fuse(model)
+    if n:
+        log.info("svdq: fused %d shared-input projection groups of %s", n, type(model).__name__)
+    return family
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(isinstance(m, SharedInputLinear) for m in model.modules())
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "ProjectionSlice",
+    "SharedInputLinear",
+    "family_of",
+    "fuse_linears",
+    "get_family",
+    "is_fused",
+    "prepare",
+]
