@@ -138,3 +138,245 @@ def synthetic_prompts(n: int, seed: int = 0, dtype: torch.dtype = torch.float32)
         }
         for _ in range(n)
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full tiny pipelines (text encoders + tokenizers included) for FLUX.1, SDXL and PixArt-Σ, so that
+# `pipe(prompt=...)`, `pipe.save_pretrained(dir)` and `DiffusionPipeline.from_pretrained(dir)` work offline.
+# Tokenizers are built in memory from a small vocabulary and written by `save_pretrained` (tokenizer.json,
+# vocab.json / merges.txt); weights come from seeded initialisation. Images are 32×32 pixels.
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_IMAGE_SIZE = 32  # pixels; the tiny VAE downsamples by 2, so latents are 16×16
+
+_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.;:!?'-\"()"
+
+
+def _seeded(seed: int, build):
+    """Call ``build()`` with the global RNG forked and seeded: default initialisers become deterministic."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _byte_unicode_chars() -> list[str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: one printable unicode character per byte value."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer():
+    """A byte-level BPE `CLIPTokenizer` over single bytes (plus a few merges): any text encodes."""
+    from transformers import CLIPTokenizer
+    chars = _byte_unicode_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = ["t h", "th e</w>", "a n", "i n", "o n</w>"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A unigram `T5Tokenizer` over single characters (and "▁"-prefixed ones)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in _CHARS if c != " "] + [("▁" + c, -2.5) for c in _CHARS if c != " "]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def tiny_clip_text_encoder(tokenizer, seed: int, hidden: int = 32, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _seeded(seed, lambda: cls(config)).eval()
+
+
+def tiny_t5_text_encoder(tokenizer, seed: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _seeded(seed, lambda: T5EncoderModel(config)).eval()
+
+
+def tiny_flux_full_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None):
+    """A `FluxPipeline` with tiny CLIP + T5 text encoders: ``pipe(prompt=..., height=32, width=32)`` works."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(seed, dtype),
+        text_encoder=_cast(tiny_clip_text_encoder(tok, seed + 11, TINY_FLUX_CONFIG["pooled_projection_dim"]), dtype),
+        tokenizer=tok,
+        text_encoder_2=_cast(tiny_t5_text_encoder(tok2, seed + 12, TINY_FLUX_CONFIG["joint_attention_dim"]), dtype),
+        tokenizer_2=tok2,
+        transformer=transformer if transformer is not None else tiny_flux_transformer(seed, dtype),
+    )
+
+
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=TINY_IMAGE_SIZE // 2,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),  # SDXL's config calls the head *count* attention_head_dim
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=64,  # the two text encoders' hidden states, concatenated (32 + 32)
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 size/crop ids · 8 + pooled text embedding (32)
+    norm_num_groups=8,
+)
+
+
+def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
+    """An SDXL-architecture `UNet2DConditionModel` (text_time conditioning, linear transformer projections)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = _seeded(seed + 21, lambda: UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG))
+    if outliers:
+        _plant_layernorm_outliers(unet, seed)
+    return _cast(unet, dtype).eval()
+
+
+def _plant_layernorm_outliers(model: torch.nn.Module, seed: int, channels: int = 4, factor: float = 30.0) -> None:
+    """Like `plant_outliers`, for blocks whose attention / MLP inputs are affine LayerNorms (SDXL): scale the
+    norm's weight and bias of a few channels by `factor` and divide the consumers' weight columns by it."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for block in [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]:
+            a1, a2 = block.attn1, block.attn2
+            for norm, consumers in (
+                (block.norm1, [a1.to_q, a1.to_k, a1.to_v]),
+                (block.norm2, [a2.to_q]),
+                (block.norm3, [block.ff.net[0].proj]),
+            ):
+                idx = torch.randperm(norm.weight.shape[0], generator=gen)[:channels]
+                norm.weight[idx] *= factor
+                norm.bias[idx] *= factor
+                for lin in consumers:
+                    lin.weight[:, idx] /= factor
+
+
+def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, unet=None):
+    """A `StableDiffusionXLPipeline` with two tiny CLIP text encoders (the second with a projection)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed, dtype),
+        text_encoder=_cast(tiny_clip_text_encoder(tok, seed + 11), dtype),
+        text_encoder_2=_cast(tiny_clip_text_encoder(tok2, seed + 12, with_projection=True), dtype),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=unet if unet is not None else tiny_sdxl_unet(seed, dtype),
+        scheduler=EulerDiscreteScheduler(),
+    )
+
+
+TINY_PIXART_CONFIG = dict(
+    sample_size=TINY_IMAGE_SIZE // 2,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,  # learned sigma, as PixArt-Σ
+    num_layers=2,
+    num_attention_heads=4,
+    attention_head_dim=16,
+    cross_attention_dim=64,
+    caption_channels=32,
+    norm_num_groups=8,
+    use_additional_conditions=False,
+)
+
+
+def tiny_pixart_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
+    """A PixArt-Σ-architecture `PixArtTransformer2DModel` (AdaLN-single, T5 caption projection) at width 64."""
+    from diffusers import PixArtTransformer2DModel
+
+    model = _seeded(seed + 31, lambda: PixArtTransformer2DModel(**TINY_PIXART_CONFIG))
+    if outliers:
+        _plant_adaln_single_outliers(model, seed)
+    return _cast(model, dtype).eval()
+
+
+def _plant_adaln_single_outliers(model, seed: int, channels: int = 4, factor: float = 30.0) -> None:
+    """PixArt's self-attention input is ``LN(x)·(1 + table[1] + t[1]) + table[0] + t[0]``, with ``t`` the
+    shared AdaLN-single output: scaling the shift/scale rows of both by c (scale: c·s + c − 1) scales the
+    input channel by c; the q/k/v weight columns are divided by c (same channels in every block)."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    idx = torch.randperm(hidden, generator=gen)[:channels]
+    lin = model.adaln_single.linear
+    with torch.no_grad():
+        lin.weight[idx] *= factor  # shift rows (chunk 0)
+        lin.bias[idx] *= factor
+        lin.weight[hidden + idx] *= factor  # scale rows (chunk 1)
+        lin.bias[hidden + idx] *= factor
+        for block in model.transformer_blocks:
+            block.scale_shift_table[0, idx] *= factor
+            block.scale_shift_table[1, idx] = block.scale_shift_table[1, idx] * factor + (factor - 1)
+            for proj in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v):
+                proj.weight[:, idx] /= factor
+
+
+def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None):
+    """A `PixArtSigmaPipeline` with a tiny T5 encoder. Call it with ``use_resolution_binning=False``
+    (binning is defined for the real sample sizes only)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    tok = tiny_t5_tokenizer()
+    return PixArtSigmaPipeline(
+        tokenizer=tok,
+        text_encoder=_cast(tiny_t5_text_encoder(tok, seed + 13, TINY_PIXART_CONFIG["caption_channels"]), dtype),
+        vae=tiny_vae(seed, dtype),
+        transformer=transformer if transformer is not None else tiny_pixart_transformer(seed, dtype),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+TINY_PIPELINES = {"flux": tiny_flux_full_pipeline, "sdxl": tiny_sdxl_pipeline, "pixart": tiny_pixart_pipeline}
+
+
+def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The tiny full pipeline of ``family`` ("flux", "sdxl" or "pixart")."""
+    if family not in TINY_PIPELINES:
+        raise ValueError(f"unknown tiny pipeline family {family!r}; choose from {sorted(TINY_PIPELINES)}")
+    return TINY_PIPELINES[family](seed, dtype)
