@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# benchmarks/device_check.sh — THE one-shot GPU check: build for this GPU, test, memcheck, benchmark.
+#
+# Run from the repository root on the lent GPU machine (docs/device_check.md), e.g. through the device tool:
+#     run(command="bash benchmarks/device_check.sh", timeout_s=540)
+# Every stage is time-boxed (`timeout`) against one overall deadline (SVDQ_CHECK_BUDGET_S, default 500 s) and
+# the script goes on after a failing stage. Results land in $OUT (default ./out), at most 8 files:
+#     summary.json   each stage's status / exit code / seconds, device, versions, build time
+#     run.log        everything printed by every stage
+#     build.log      the CMake configure + build output
+#     junit.xml      pytest results (tests/test_cuda_backend.py + CPU tests that need no diffusers)
+#     memcheck.txt   compute-sanitizer --tool memcheck on a small case of both ops (both MMA paths)
+#     bench.json / bench.md   benchmarks/bench_cuda_layers.py (copy them into benchmarks/results/)
+# Needs: python3 with torch (CUDA), cmake, ninja, pybind11, pytest, nvcc. No network, no diffusers.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/out}
+mkdir -p "$OUT"
+LOG=$OUT/run.log
+: >"$LOG"
+BUDGET=${SVDQ_CHECK_BUDGET_S:-500}
+ARCHS=${SVDQ_CUDA_ARCHS:-90}
+JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+BUILD_DIR=${SVDQ_BUILD_DIR:-$ROOT/build/device_check}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+export ROOT OUT LOG ARCHS JOBS PY BUILD_DIR
+STAGES=$OUT/.stages.tsv
+: >"$STAGES"
+START=$SECONDS
+
+log() { echo "[device_check $(date +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+# stage NAME MAX_SECONDS CMD...   — runs CMD with a timeout of min(MAX, time left - 15 s), logs, records status
+stage() {
+  local name=$1 max=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - START) - 15))
+  local t=$max
+  ((left < t)) && t=$left
+  if ((t < 10)); then
+    log "SKIP $name: only ${left}s of the budget left"
+    printf '%s\tskipped\t-1\t0\n' "$name" >>"$STAGES"
+    return 0
+  fi
+  log "BEGIN $name (timeout ${t}s): $*"
+  local s0=$SECONDS rc
+  # bash -c so that exported shell functions (build, memcheck, env_info) can run under `timeout`
+  timeout --kill-after=10 "$t" bash -c '"$@"' _ "$@" >>"$LOG" 2>&1
+  rc=$?
+  local dt=$((SECONDS - s0)) status=ok
+  ((rc == 124 || rc == 137)) && status=timeout
+  ((rc != 0 && rc != 124 && rc != 137)) && status=fail
+  log "END $name: $status (rc=$rc, ${dt}s)"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$dt" >>"$STAGES"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------------------------- 1. environment
+env_info() {
+  nvidia-smi || true
+  echo "--- python: $($PY --version 2>&1) at $(command -v $PY)"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0), 'cc', torch.cuda.get_device_capability(0))"
+  echo "--- nvcc: $(command -v nvcc) / ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -2 || nvcc --version | tail -2
+  cmake --version | head -1
+  ninja --version
+  $PY -c "import pybind11, pytest; print('pybind11', pybind11.__version__, 'pytest', pytest.__version__)"
+  command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
+  echo "--- git: $(git rev-parse HEAD 2>/dev/null || echo no-git) $(git status --short 2>/dev/null | wc -l) changed files"
+}
+export -f env_info
+stage env 40 env_info
+
+# ---------------------------------------------------------------------------------------------- 2. build
+# Direct CMake (what setup.py runs), output python/svdq/_C*.so; PYTHONPATH=python picks it up. The fallback
+# is pip's editable install, in case the direct build is what breaks.
+build() {
+  local t0=$SECONDS
+  {
+    SVDQ_CUDA_ARCHS=$ARCHS cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DPython_EXECUTABLE="$(command -v $PY)" -DSVDQ_CUDA_ARCHS="$ARCHS" &&
+      cmake --build "$BUILD_DIR" --target _C -j "$JOBS"
+  } >"$OUT/build.log" 2>&1
+  local rc=$?
+  if ((rc != 0)); then
+    echo "direct CMake build failed (rc=$rc); trying pip install -e . --no-build-isolation --no-deps" >>"$OUT/build.log"
+    SVDQ_CUDA_ARCHS=$ARCHS MAX_JOBS=$JOBS $PY -m pip install -e . --no-build-isolation --no-deps -v \
+      >>"$OUT/build.log" 2>&1
+    rc=$?
+  fi
+  echo "build: rc=$rc in $((SECONDS - t0)) s (archs $ARCHS, $JOBS jobs)" | tee -a "$OUT/build.log"
+  tail -25 "$OUT/build.log"
+  $PY -c "import svdq, json; print(json.dumps(svdq.build_info()))" || return 1
+  $PY -c "import svdq, sys; sys.exit(0 if svdq.build_info().get('cuda') else 3)" || {
+    echo "svdq._C has no CUDA kernels"
+    return 3
+  }
+  return $rc
+}
+export -f build
+BUILD_T0=$SECONDS
+stage build 300 build
+BUILD_S=$((SECONDS - BUILD_T0))
+
+# ---------------------------------------------------------------------------------------------- 3. tests
+TESTS="tests/test_cuda_backend.py tests/test_cuda_quantize_layout.py"
+for t in tests/test_reference.py tests/test_cuda_layout.py tests/test_cuda_compile.py; do
+  [ -f "$t" ] && TESTS="$TESTS $t"
+done
+TIMEOUT_OPT=""
+$PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="-p timeout --timeout=90"
+# shellcheck disable=SC2086
+stage pytest 170 $PY -m pytest -q -ra $TIMEOUT_OPT --junitxml="$OUT/junit.xml" $TESTS
+
+# ---------------------------------------------------------------------------------------------- 4. memcheck
+cat >/tmp/svdq_memcheck_case.py <<'EOF'
+# Small case of both ops (both MMA paths, a K tail, a split-K plan) for compute-sanitizer.
+import os
+import torch
+import svdq  # noqa: F401
+from svdq.ops import reference
+
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16):
+    for m, k, n, r, ks in ((37, 100, 136, 32, "0"), (70, 640, 64, 16, "3"), (5, 256, 200, 80, "0")):
+        os.environ["SVDQ_QACT_KSPLIT"] = ks
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        smooth = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+        down = (torch.randn(k, r, device="cuda") * 0.05).to(dtype)
+        qa, sa, la = torch.ops.svdq.quantize_act(x, smooth, down, torch.ones(r, device="cuda"))
+        qw, ws = reference.quantize_weight(torch.randn(n, k) * 0.05, dtype)
+        pq, ps = torch.ops.svdq.prepare_weight(qw.cuda(), ws.cuda())
+        up = (torch.randn(n, r, device="cuda") * 0.1).to(dtype)
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        for force in ("0", "1"):
+            os.environ["SVDQ_FORCE_INT4_MMA"] = force
+            y = torch.ops.svdq.w4a4_gemm(qa, sa, pq, ps, la, up, b, dtype)
+        torch.cuda.synchronize()
+        print("ok", dtype, m, k, n, r, tuple(y.shape), float(y.float().abs().mean()))
+EOF
+memcheck() {
+  local cs
+  cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  "$cs" --tool memcheck --error-exitcode 9 --print-limit 20 $PY /tmp/svdq_memcheck_case.py >"$OUT/memcheck.txt" 2>&1
+  local rc=$?
+  tail -30 "$OUT/memcheck.txt"
+  return $rc
+}
+export -f memcheck
+stage memcheck 100 memcheck
+
+# ---------------------------------------------------------------------------------------------- 5. benchmark
+stage bench 130 $PY benchmarks/bench_cuda_layers.py --iters 30 --warmup 5 --ksplit-sweep 1,2,3,4,6,8 \
+  --out "$OUT/bench.json"
+
+# ---------------------------------------------------------------------------------------------- summary
+$PY - "$STAGES" "$OUT/summary.json" "$BUILD_S" "$ARCHS" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, subprocess, sys, datetime
+stages_file, out, build_s, archs = sys.argv[1:5]
+stages = []
+for line in open(stages_file):
+    name, status, rc, sec = line.rstrip("\n").split("\t")
+    stages.append({"stage": name, "status": status, "rc": int(rc), "seconds": int(sec)})
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "archs": archs, "build_seconds": int(build_s), "stages": stages}
+try:
+    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except Exception:
+    pass
+try:
+    import torch
+    info.update(torch=torch.__version__, cuda=torch.version.cuda, device=torch.cuda.get_device_name(0))
+except Exception as e:
+    info["torch_error"] = repr(e)
+try:
+    import xml.etree.ElementTree as ET
+    root = ET.parse(out.replace("summary.json", "junit.xml")).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    info["pytest"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+except Exception as e:
+    info["pytest"] = {"unavailable": repr(e)}
+json.dump(info, open(out, "w"), indent=2)
+print(json.dumps(info, indent=2))
+EOF
+rm -f "$STAGES"
+# bench.md is written next to bench.json by the benchmark; show it last (the tool returns the output's tail)
+[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+log "done in $((SECONDS - START)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit 0
