@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "mma_layout.cuh"
@@ -451,10 +452,17 @@ cudaError_t launch_w4a4_gemm(const W4A4GemmParams& p, cudaStream_t stream) {
   if (p.path == MmaPath::kInt8 && major < 8) return cudaErrorInvalidValue;
 
   KernelFn fn = select_kernel(p.out_bf16, p.path);
-  // > 48 KiB of dynamic shared memory must be opted into (per kernel and device; cheap, idempotent).
-  err = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             layout::kSmemBytes);
-  if (err != cudaSuccess) return err;
+  // > 48 KiB of dynamic shared memory must be opted into, once per kernel and device. Idempotent, so a race
+  // between host threads only repeats the call.
+  static std::atomic<uint64_t> configured[4];
+  const int kidx = (p.out_bf16 ? 2 : 0) + (p.path == MmaPath::kInt8 ? 1 : 0);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (dev >= 64 || !(configured[kidx].load(std::memory_order_relaxed) & bit)) {
+    err = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               layout::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) configured[kidx].fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles));
   fn<<<grid, layout::kThreads, layout::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
