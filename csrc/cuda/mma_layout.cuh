@@ -27,7 +27,7 @@ namespace svdq::cuda::layout {
 constexpr int kGroup = 64;           // k per scale group == k per pipeline stage
 constexpr int kRowBytes = 32;        // bytes of one row of one k-tile (64 int4)
 constexpr int kBM = 128;             // CTA tile rows (M)
-constexpr int kBN = 128;             // CTA tile cols (N); prepared weights are padded to a multiple of this
+constexpr int kBN = 128;             // CTA tile cols (N); any N (rows past N are zero-filled)
 constexpr int kWarpsM = 2, kWarpsN = 4, kWarps = kWarpsM * kWarpsN, kThreads = kWarps * 32;
 constexpr int kWM = kBM / kWarpsM;   // 64 rows per warp
 constexpr int kWN = kBN / kWarpsN;   // 32 cols per warp
@@ -144,24 +144,20 @@ SVDQ_HD int smem_lup_offset_h(int row, int col) {  // in halves
 }
 
 // ------------------------------------------------------------------------------------------------
-// 4. Prepared (repacked) weight layout. Canonical qweight [N, K/2] -> tiles of kBN rows x one k-tile:
+// 4. Prepared (repacked) weight layout. Canonical qweight [N, K/2] -> group-major:
 //
-//      prepared = [Npad/128][G][128 rows][32 B]     (Npad = N rounded up to 128; padding rows are 0)
-//                  nb        g   n%128    canonical bytes of row n, k in [64g, 64g+64)
+//      prepared = [G][N rows][32 B]     byte (n, kbyte) at ((kbyte / 32) * N + n) * 32 + kbyte % 32
+//                  g   n      canonical bytes of row n, k in [64g, 64g+64)
 //
-//    so one pipeline stage of B is one contiguous 4 KiB block (fully coalesced 16-byte cp.async, 256 threads
-//    x 16 B), and within a row the nibble order stays canonical: the 32-bit word w of a row holds k = 8w..8w+7,
-//    which is what both mma paths need (section 5). Scales: fp32 [Npad/128][G][128], 0 in padding.
+//    Exactly N*K/2 bytes (no padding rows, so the tensor can keep the shape [N, K/2]). The B tile of a pipeline
+//    stage (rows n0..n0+127 of group g) is one contiguous 4 KiB run: fully coalesced 16-byte cp.async,
+//    rows >= N zero-filled. Within a row the nibble order stays canonical: 32-bit word w of a row holds
+//    k = 8w..8w+7, which is what both mma paths need (section 5). Scales: fp32 [G][N], same idea.
 // ------------------------------------------------------------------------------------------------
-SVDQ_HD int64_t padded_n(int64_t n) { return (n + kBN - 1) / kBN * kBN; }
-SVDQ_HD int64_t prepared_qweight_offset(int64_t n, int64_t kbyte, int64_t K) {
-  const int64_t G = K / kGroup;
-  return (((n / kBN) * G + kbyte / kRowBytes) * kBN + (n % kBN)) * kRowBytes + (kbyte % kRowBytes);
+SVDQ_HD int64_t prepared_qweight_offset(int64_t n, int64_t kbyte, int64_t N) {
+  return ((kbyte / kRowBytes) * N + n) * kRowBytes + (kbyte % kRowBytes);
 }
-SVDQ_HD int64_t prepared_wscale_offset(int64_t n, int64_t g, int64_t K) {
-  const int64_t G = K / kGroup;
-  return ((n / kBN) * G + g) * kBN + (n % kBN);
-}
+SVDQ_HD int64_t prepared_wscale_offset(int64_t n, int64_t g, int64_t N) { return g * N + n; }
 
 // ------------------------------------------------------------------------------------------------
 // 5. int4 -> int8 for the Hopper path (mma.m16n8k32 .s8), one or two logic ops per register:

@@ -1,6 +1,6 @@
 // repack_weight.cu — canonical qweight [N, K/2] + wscales [N, K/64] (bf16/fp16) -> the W4A4 GEMM's prepared
-// layout (csrc/cuda/mma_layout.cuh §4): 4 KiB tiles [Npad/128][G][128 rows][32 B], scales fp32
-// [Npad/128][G][128]. Padding rows (N .. Npad) are zero. Runs once per layer at load time.
+// layout (csrc/cuda/mma_layout.cuh §4): group-major [G][N][32 B] (N*K/2 bytes, no padding), scales fp32
+// [G][N]. Runs once per layer at load time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,8 +24,8 @@ __global__ void repack_qweight_kernel(const uint8_t* __restrict__ src, int N, in
   const int64_t n = idx / chunks, c = idx % chunks;
   alignas(16) uint8_t v[16];
 #pragma unroll
-  for (int b = 0; b < 16; ++b) v[b] = n < N ? src[n * (K / 2) + c * 16 + b] : uint8_t(0);
-  *reinterpret_cast<uint4*>(dst + prepared_qweight_offset(n, c * 16, K)) = *reinterpret_cast<const uint4*>(v);
+  for (int b = 0; b < 16; ++b) v[b] = src[n * (K / 2) + c * 16 + b];
+  *reinterpret_cast<uint4*>(dst + prepared_qweight_offset(n, c * 16, N)) = *reinterpret_cast<const uint4*>(v);
 }
 
 template <typename S>
@@ -35,12 +35,10 @@ __global__ void repack_wscales_kernel(const S* __restrict__ src, int N, int K, i
   if (idx >= total) return;
   const int64_t G = K / kGroup;
   const int64_t n = idx / G, g = idx % G;
-  float v = 0.f;
-  if (n < N) {
-    if constexpr (sizeof(S) == 2 && std::is_same_v<S, __nv_bfloat16>) v = __bfloat162float(src[n * G + g]);
-    else v = __half2float(src[n * G + g]);
-  }
-  dst[prepared_wscale_offset(n, g, K)] = v;
+  float v;
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) v = __bfloat162float(src[n * G + g]);
+  else v = __half2float(src[n * G + g]);
+  dst[prepared_wscale_offset(n, g, N)] = v;
 }
 
 }  // namespace
@@ -51,7 +49,7 @@ cudaError_t launch_repack_weight(const int8_t* qweight, const void* wscales, boo
   if (!qweight || !wscales || !qweight_out || !wscales_out) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(qweight_out) % 16 || reinterpret_cast<uintptr_t>(wscales_out) % 4)
     return cudaErrorInvalidValue;
-  const int64_t np = padded_n(N);
+  const int64_t np = N;
   constexpr int kBlock = 256;
   const int64_t total_q = np * (K / 32);
   repack_qweight_kernel<<<unsigned((total_q + kBlock - 1) / kBlock), kBlock, 0, stream>>>(

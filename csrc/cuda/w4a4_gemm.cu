@@ -167,23 +167,24 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(const W4A4GemmPa
     const uint8_t* a_src = reinterpret_cast<const uint8_t*>(p.qact) +
                            int64_t(a_ok ? m0 + ld_row : 0) * (p.K / 2) + ld_chunk * 16;
     const int ld_dst = smem_tile_offset(ld_row, ld_chunk);
-    // Prepared B: tile (blockIdx.x, g) is a contiguous [128][32 B] block; chunk tid sits at tid * 16.
+    // Prepared B (group-major [G][N][32 B]): rows n0.. of group g are one contiguous run.
+    const bool b_ok = n0 + ld_row < N;
     const uint8_t* b_src = reinterpret_cast<const uint8_t*>(p.qweight) +
-                           int64_t(blockIdx.x) * G * kBN * kRowBytes + ld_row * kRowBytes + ld_chunk * 16;
-    const float* sw_src = reinterpret_cast<const float*>(p.wscales) + int64_t(blockIdx.x) * G * kBN;
-    const bool sa_ok = tid < kBM && m0 + tid < M;
-    const float* sa_src = p.ascales + int64_t(sa_ok ? m0 + tid : 0) * G;
+                           int64_t(b_ok ? n0 + ld_row : 0) * kRowBytes + ld_chunk * 16;
+    // Scales: threads 0..127 fetch s_a of row m0+tid, threads 128..255 s_w of column n0+tid-128.
+    const int s_idx = tid & (kBM - 1);
+    const bool sa_ok = tid < kBM && m0 + s_idx < M;
+    const bool sw_ok = tid >= kBM && n0 + s_idx < N;
+    const float* sa_src = p.ascales + int64_t(sa_ok ? m0 + s_idx : 0) * G;
+    const float* sw_src = reinterpret_cast<const float*>(p.wscales) + (sw_ok ? n0 + s_idx : 0);
+    static_assert(kBM == kBN && kBM + kBN == kThreads, "one scale per thread");
 
     auto load_stage = [&](int slot, int g) {
       uint8_t* st = smem + slot * kStageBytes;
       cp_async16(st + kSmemA + ld_dst, a_src + g * kRowBytes, a_ok);
-      cp_async16(st + kSmemB + ld_dst, b_src + int64_t(g) * kBN * kRowBytes, true);
-      if (tid < kBM) {
-        cp_async4(st + kSmemSA + tid * 4, sa_src + g, sa_ok);
-      } else if (tid < kBM + kBN / 4) {
-        const int c = tid - kBM;
-        cp_async16(st + kSmemSW + c * 16, sw_src + int64_t(g) * kBN + c * 4, true);
-      }
+      cp_async16(st + kSmemB + ld_dst, b_src + int64_t(g) * N * kRowBytes, b_ok);
+      if (tid < kBM) cp_async4(st + kSmemSA + s_idx * 4, sa_src + g, sa_ok);
+      else cp_async4(st + kSmemSW + s_idx * 4, sw_src + int64_t(g) * N, sw_ok);
     };
     // ---- low-rank loader: ranks [32c, 32c + 32) of lora_act rows m0.. and lora_up rows n0.. (zero-filled
     // past M, N and R).
@@ -421,11 +422,9 @@ bool aligned(const void* ptr, uintptr_t a) { return (reinterpret_cast<uintptr_t>
 
 }  // namespace
 
-size_t prepared_qweight_bytes(int N, int K) {
-  return static_cast<size_t>(layout::padded_n(N)) * static_cast<size_t>(K / 2);
-}
+size_t prepared_qweight_bytes(int N, int K) { return static_cast<size_t>(N) * static_cast<size_t>(K / 2); }
 size_t prepared_wscales_bytes(int N, int K) {
-  return static_cast<size_t>(layout::padded_n(N)) * static_cast<size_t>(K / layout::kGroup) * sizeof(float);
+  return static_cast<size_t>(N) * static_cast<size_t>(K / layout::kGroup) * sizeof(float);
 }
 
 cudaError_t launch_w4a4_gemm(const W4A4GemmParams& p, cudaStream_t stream) {
@@ -436,7 +435,7 @@ cudaError_t launch_w4a4_gemm(const W4A4GemmParams& p, cudaStream_t stream) {
   if (!p.qact || !p.ascales || !p.qweight || !p.wscales || !p.out) return cudaErrorInvalidValue;
   if (p.R > 0 && (!p.lora_act || !p.lora_up)) return cudaErrorInvalidValue;
   // 16-byte cp.async sources; 4-byte ascales and paired stores; 2-byte bias.
-  if (!aligned(p.qact, 16) || !aligned(p.qweight, 16) || !aligned(p.wscales, 16) || !aligned(p.ascales, 4) ||
+  if (!aligned(p.qact, 16) || !aligned(p.qweight, 16) || !aligned(p.wscales, 4) || !aligned(p.ascales, 4) ||
       !aligned(p.out, 4) || (p.bias && !aligned(p.bias, 2)))
     return cudaErrorInvalidValue;
   if (p.R > 0 && (!aligned(p.lora_act, 16) || !aligned(p.lora_up, 16))) return cudaErrorInvalidValue;

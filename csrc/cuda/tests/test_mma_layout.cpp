@@ -205,24 +205,25 @@ static void test_swizzles() {
 static void test_repack_map() {
   for (int N : {1, 8, 128, 200, 300})
     for (int K : {64, 192}) {
-      const int64_t np = padded_n(N), bytes = np * K / 2;
+      const int64_t bytes = int64_t(N) * K / 2;
       std::vector<int> hit(bytes, 0);
-      for (int64_t n = 0; n < np; ++n)
+      for (int64_t n = 0; n < N; ++n)
         for (int64_t kb = 0; kb < K / 2; ++kb) {
-          const int64_t o = prepared_qweight_offset(n, kb, K);
+          const int64_t o = prepared_qweight_offset(n, kb, N);
           CHECK(o >= 0 && o < bytes, "repack out of range");
           if (o >= 0 && o < bytes) ++hit[o];
         }
       int bad = 0;
       for (int64_t o = 0; o < bytes; ++o) bad += hit[o] != 1;
       CHECK(bad == 0, "repack map not bijective N=%d K=%d", N, K);
-      // A stage of B (tile nb, group g) is one contiguous 4 KiB block in [row][32 B] order.
-      CHECK(prepared_qweight_offset(kBN + 5, 32 + 7, K) == (int64_t(1) * (K / 64) + 1) * 4096 + 5 * 32 + 7,
-            "tile order");
+      // Rows n0..n0+127 of group g are one contiguous [row][32 B] run (one pipeline stage of B).
+      if (N >= 2 * kBN)
+        for (int r = 0; r < kBN; ++r)
+          CHECK(prepared_qweight_offset(kBN + r, 32 + 7, N) == (int64_t(1) * N + kBN) * 32 + r * 32 + 7, "tile run");
       std::set<int64_t> s;
-      for (int64_t n = 0; n < np; ++n)
-        for (int g = 0; g < K / 64; ++g) s.insert(prepared_wscale_offset(n, g, K));
-      CHECK(int64_t(s.size()) == np * (K / 64) && *s.rbegin() == np * (K / 64) - 1, "wscale map");
+      for (int64_t n = 0; n < N; ++n)
+        for (int g = 0; g < K / 64; ++g) s.insert(prepared_wscale_offset(n, g, N));
+      CHECK(int64_t(s.size()) == int64_t(N) * (K / 64) && *s.rbegin() == int64_t(N) * (K / 64) - 1, "wscale map");
     }
 }
 
@@ -413,15 +414,13 @@ static std::vector<double> reference(const Problem& p) {
 static std::vector<float> simulate_kernel(const Problem& p, int path, bool sm75) {
   const int M = p.M, N = p.N, K = p.K, R = p.R, G = K / 64;
   // Repack (repack_weight.cu).
-  const int64_t np = padded_n(N);
-  std::vector<uint8_t> prep_q(np * K / 2, 0);
-  std::vector<float> prep_s(np * G, 0.f);
-  for (int64_t n = 0; n < np; ++n)
+  std::vector<uint8_t> prep_q(size_t(N) * K / 2, 0xAA);
+  std::vector<float> prep_s(size_t(N) * G, NAN);
+  for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < K / 32; ++c)
-      for (int b = 0; b < 16; ++b)
-        prep_q[prepared_qweight_offset(n, c * 16, K) + b] = n < N ? p.qweight[n * (K / 2) + c * 16 + b] : 0;
-  for (int64_t n = 0; n < np; ++n)
-    for (int g = 0; g < G; ++g) prep_s[prepared_wscale_offset(n, g, K)] = n < N ? p.sw[n * G + g] : 0.f;
+      for (int b = 0; b < 16; ++b) prep_q[prepared_qweight_offset(n, c * 16, N) + b] = p.qweight[n * (K / 2) + c * 16 + b];
+  for (int64_t n = 0; n < N; ++n)
+    for (int g = 0; g < G; ++g) prep_s[prepared_wscale_offset(n, g, N)] = p.sw[n * G + g];
 
   std::vector<float> out(size_t(M) * N, NAN);
   std::vector<uint8_t> smem(kSmemBytes);
@@ -438,17 +437,19 @@ static std::vector<float> simulate_kernel(const Problem& p, int path, bool sm75)
           loader_chunk(tid, &row, &chunk);
           const bool a_ok = m0 + row < M;
           const int dst = smem_tile_offset(row, chunk);
+          const bool b_ok = n0 + row < N;
           for (int b = 0; b < 16; ++b) {
             st[kSmemA + dst + b] = a_ok ? p.qact[size_t(m0 + row) * (K / 2) + chunk * 16 + g * 32 + b] : 0;
             st[kSmemB + dst + b] =
-                prep_q[int64_t(bx) * G * kBN * kRowBytes + row * kRowBytes + chunk * 16 + int64_t(g) * kBN * kRowBytes + b];
+                b_ok ? prep_q[int64_t(n0 + row) * kRowBytes + chunk * 16 + int64_t(g) * N * kRowBytes + b] : 0;
           }
+          const int s_idx = tid & (kBM - 1);
           if (tid < kBM) {
-            const float s = m0 + tid < M ? p.sa[size_t(m0 + tid) * G + g] : 0.f;
-            std::memcpy(st + kSmemSA + tid * 4, &s, 4);
-          } else if (tid < kBM + kBN / 4) {
-            const int c = tid - kBM;
-            std::memcpy(st + kSmemSW + c * 16, &prep_s[int64_t(bx) * G * kBN + int64_t(g) * kBN + c * 4], 16);
+            const float s = m0 + s_idx < M ? p.sa[size_t(m0 + s_idx) * G + g] : 0.f;
+            std::memcpy(st + kSmemSA + s_idx * 4, &s, 4);
+          } else {
+            const float s = n0 + s_idx < N ? prep_s[int64_t(g) * N + n0 + s_idx] : 0.f;
+            std::memcpy(st + kSmemSW + s_idx * 4, &s, 4);
           }
         }
       };
