@@ -94,7 +94,17 @@ build() {
   echo "build: rc=$rc in $((SECONDS - t0)) s (archs $ARCHS, $JOBS jobs)" | tee -a "$OUT/build.log"
   tail -25 "$OUT/build.log"
   $PY -c "import svdq, json; print(json.dumps(svdq.build_info()))" || return 1
-  $PY -c "import svdq, sys; sys.exit(0 if svdq.build_info().get('cuda') else 3)" || {
+  # the CUDA kernels are registered with the dispatcher (independent of python/svdq/_native.py)
+  $PY -c "
+import sys, torch, svdq
+try:
+    import svdq._C  # noqa: F401
+except ImportError as e:
+    print('cannot import svdq._C:', e); sys.exit(3)
+ok = all(torch._C._dispatch_has_kernel_for_dispatch_key('svdq::' + op, 'CUDA')
+         for op in ('quantize_act', 'prepare_weight', 'w4a4_gemm'))
+print('CUDA kernels registered:', ok, '| build_info cuda:', svdq.build_info().get('cuda'))
+sys.exit(0 if ok else 3)" || {
     echo "svdq._C has no CUDA kernels"
     return 3
   }

@@ -14,7 +14,20 @@ import torch
 import svdq
 from svdq.ops import reference
 
-HAVE_CUDA = torch.cuda.is_available() and bool(svdq.build_info().get("cuda"))
+
+
+def _cuda_kernels_registered() -> bool:
+    try:
+        import svdq._C  # noqa: F401
+    except ImportError:
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"svdq::{op}", "CUDA")
+        for op in ("quantize_act", "prepare_weight", "w4a4_gemm")
+    )
+
+
+HAVE_CUDA = torch.cuda.is_available() and _cuda_kernels_registered()
 pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and svdq._C built with CUDA")
 
 DTYPES = [torch.bfloat16, torch.float16]
