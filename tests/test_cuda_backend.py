@@ -282,6 +282,6 @@ def test_bad_inputs_raise():
         g(qa, sa, pq.cpu(), ps, la, lora_up.cuda(), None, torch.bfloat16)
     with pytest.raises(RuntimeError, match="wscales"):
         g(qa, sa, pq, wscales.cuda(), la, lora_up.cuda(), None, torch.bfloat16)  # not prepared
-    with pytest.raises(RuntimeError, match="prepare_weight"):
-        g(qa, sa, pq.clone(), ps.clone(), la, lora_up.cuda(), None, torch.bfloat16)  # N=64: padding dropped
+    with pytest.raises(RuntimeError, match="qweight"):
+        g(qa, sa, pq[:, :32], ps, la, lora_up.cuda(), None, torch.bfloat16)  # wrong Kp
 

@@ -174,10 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
 // svdq::prepare_weight(Tensor qweight, Tensor wscales) -> (Tensor, Tensor)
 //   canonical qweight int8 [N, Kp/2], wscales bf16/fp16 [N, Kp/64]
 //   -> prepared qweight int8 [N, Kp/2] and prepared wscales fp32 [N, Kp/64] (the GEMM's fragment layout).
-// The leading dim stays N (fakes infer N from it). The GEMM reads whole 128-row tiles: when N % 128 != 0 the
-// returned tensors are views of the first N rows of a zero-padded buffer of roundup(N, 128) rows; w4a4_gemm
-// checks that the storage behind them is that large (a .clone()/.contiguous() copy of such a view would drop
-// the padding and is refused with a message).
+// The leading dim stays N (fakes infer N from it); the contents are permuted (group-major, mma_layout.cuh §4).
+// Should the GEMM's prepared sizes ever exceed N rows (padded tiles), the returned tensors are views of the
+// first N rows of the padded buffer, and w4a4_gemm checks that the storage behind them is large enough.
 // ------------------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> prepare_weight_cuda(const at::Tensor& qweight,   // [N, Kp/2] int8
                                                        const at::Tensor& wscales) {  // [N, Kp/64] bf16/fp16
@@ -276,8 +275,9 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& qact,      // [M, Kp/2] int8 (quanti
               describe("wscales", wscales), " is not a prepared scale tensor: the GEMM reads ", sbytes,
               " bytes but the storage holds ", storage_bytes_from(wscales),
               " (pass the tensors returned by svdq::prepare_weight unchanged)");
-  TORCH_CHECK(aligned16(qweight) && aligned16(wscales), op, ": prepared ", describe("qweight", qweight), " / ",
-              describe("wscales", wscales), " must be 16-byte aligned (as prepare_weight returns them)");
+  TORCH_CHECK(aligned16(qweight) && reinterpret_cast<uintptr_t>(wscales.data_ptr()) % 4 == 0, op,
+              ": prepared ", describe("qweight", qweight), " must be 16-byte aligned and ",
+              describe("wscales", wscales), " 4-byte aligned (as prepare_weight returns them)");
   TORCH_CHECK(lora_up.dim() == 2 && lora_up.size(0) == N, op, ": ", describe("lora_up", lora_up),
               " must be [N, r] with N = ", N, " (from ", describe("qweight", qweight), ")");
   const int64_t r = lora_up.size(1);
