@@ -1,0 +1,152 @@
+# Helpers for CMakeLists.txt. Each function has a doc block with an example.
+
+# svdq_python_query(<out-var> <python code>)
+#   Runs `${Python_EXECUTABLE} -c <code>` and stores stripped stdout in <out-var>; fails the configure step
+#   with the interpreter's error output when the code raises.
+#   Example: svdq_python_query(TORCH_VERSION "import torch; print(torch.__version__)")
+function(svdq_python_query out_var code)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "${code}"
+    OUTPUT_VARIABLE _out ERROR_VARIABLE _err RESULT_VARIABLE _rc
+    OUTPUT_STRIP_TRAILING_WHITESPACE)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "svdq: python query failed (${Python_EXECUTABLE}):\n${code}\n${_err}")
+  endif()
+  set(${out_var} "${_out}" PARENT_SCOPE)
+endfunction()
+
+# svdq_import_torch()
+#   Describes the torch installed in ${Python_EXECUTABLE} as the INTERFACE target `svdq::torch`
+#   (headers, libtorch/libtorch_cpu/libc10, the C++ ABI flag) and, when torch is a CUDA build,
+#   `svdq::torch_cuda` (libtorch_cuda, libc10_cuda). Sets in the caller's scope:
+#     SVDQ_TORCH_VERSION   e.g. "2.14.1+cu130"
+#     SVDQ_TORCH_CUDA      torch.version.cuda, "" for a CPU-only torch
+#     SVDQ_TORCH_GPU_ARCH  compute capability of GPU 0 as "90", "" when no GPU is visible
+#   Example: svdq_import_torch()  target_link_libraries(_C PRIVATE svdq::torch)
+#
+#   Why not find_package(Torch): for a CUDA build of torch, TorchConfig.cmake runs the deprecated FindCUDA,
+#   then looks for nvrtc/cuDNN/cuSPARSELt, and aborts ("Your installed Caffe2 version uses CUDA but I cannot
+#   find the CUDA libraries") when no toolkit is found, so a CPU-only extension against a CUDA torch (this
+#   project's CI) cannot configure. It also derives the toolkit from `which nvcc`, which is a wrapper script
+#   on our CI machine. The extension needs only headers, four shared libraries and one ABI define; asking
+#   torch for them directly (as torch.utils.cpp_extension does) works for every torch build.
+function(svdq_import_torch)
+  svdq_python_query(_info [=[
+import os, torch
+root = os.path.dirname(torch.__file__)
+gpu = ""
+try:
+    if torch.version.cuda and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        gpu = f"{major}{minor}"
+except Exception:
+    pass
+print(torch.__version__, torch.version.cuda or "none", int(torch._C._GLIBCXX_USE_CXX11_ABI),
+      os.path.join(root, "include"), os.path.join(root, "lib"), gpu or "none", sep=";")
+]=])
+  list(GET _info 0 _version)
+  list(GET _info 1 _cuda)
+  list(GET _info 2 _abi)
+  list(GET _info 3 _inc)
+  list(GET _info 4 _lib)
+  list(GET _info 5 _gpu)
+  if(_cuda STREQUAL "none")
+    set(_cuda "")
+  endif()
+  if(_gpu STREQUAL "none")
+    set(_gpu "")
+  endif()
+
+  add_library(svdq_torch INTERFACE)
+  add_library(svdq::torch ALIAS svdq_torch)
+  target_include_directories(svdq_torch SYSTEM INTERFACE "${_inc}" "${_inc}/torch/csrc/api/include")
+  target_compile_definitions(svdq_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_abi})
+  foreach(_name torch torch_cpu c10)
+    find_library(_path_${_name} NAMES ${_name} PATHS "${_lib}" NO_DEFAULT_PATH REQUIRED)
+    target_link_libraries(svdq_torch INTERFACE "${_path_${_name}}")
+  endforeach()
+  if(_cuda)
+    add_library(svdq_torch_cuda INTERFACE)
+    add_library(svdq::torch_cuda ALIAS svdq_torch_cuda)
+    foreach(_name torch_cuda c10_cuda)
+      find_library(_path_${_name} NAMES ${_name} PATHS "${_lib}" NO_DEFAULT_PATH)
+      if(_path_${_name})
+        target_link_libraries(svdq_torch_cuda INTERFACE "${_path_${_name}}")
+      endif()
+    endforeach()
+  endif()
+  message(STATUS "svdq: torch ${_version} (CUDA: ${_cuda}) from ${_lib}")
+  set(SVDQ_TORCH_VERSION "${_version}" PARENT_SCOPE)
+  set(SVDQ_TORCH_CUDA "${_cuda}" PARENT_SCOPE)
+  set(SVDQ_TORCH_GPU_ARCH "${_gpu}" PARENT_SCOPE)
+endfunction()
+
+# svdq_find_cuda_toolkit(<root-var> <reason-var>)
+#   The CUDA toolkit root to build with: CUDA_HOME, else CUDAToolkit_ROOT (env or -D), else /usr/local/cuda.
+#   Never derived from `which nvcc` (/usr/local/bin/nvcc can be a wrapper script, and its parent is not a
+#   toolkit). <root-var> is "" with the reason in <reason-var> when that root has no bin/nvcc.
+#   Example: svdq_find_cuda_toolkit(root why)  ->  root=/usr/local/cuda
+function(svdq_find_cuda_toolkit root_var reason_var)
+  if(DEFINED ENV{CUDA_HOME} AND NOT "$ENV{CUDA_HOME}" STREQUAL "")
+    set(_root "$ENV{CUDA_HOME}")
+    set(_from "CUDA_HOME")
+  elseif(CUDAToolkit_ROOT)
+    set(_root "${CUDAToolkit_ROOT}")
+    set(_from "CUDAToolkit_ROOT")
+  elseif(DEFINED ENV{CUDAToolkit_ROOT} AND NOT "$ENV{CUDAToolkit_ROOT}" STREQUAL "")
+    set(_root "$ENV{CUDAToolkit_ROOT}")
+    set(_from "CUDAToolkit_ROOT")
+  else()
+    set(_root "/usr/local/cuda")
+    set(_from "default")
+  endif()
+  if(EXISTS "${_root}/bin/nvcc")
+    get_filename_component(_root "${_root}" REALPATH)
+    set(${root_var} "${_root}" PARENT_SCOPE)
+    set(${reason_var} "${_from}" PARENT_SCOPE)
+  else()
+    set(${root_var} "" PARENT_SCOPE)
+    set(${reason_var} "no nvcc in ${_root}/bin (toolkit root from ${_from})" PARENT_SCOPE)
+  endif()
+endfunction()
+
+# svdq_cuda_archs(<out-var>)
+#   The GPU architectures to compile for, as a list of compute capabilities without dots ("80;89;90"):
+#   $ENV{SVDQ_CUDA_ARCHS} or -DSVDQ_CUDA_ARCHS=..., else the GPU torch sees (SVDQ_TORCH_GPU_ARCH), else
+#   every architecture we ship (SVDQ_SHIPPED_CUDA_ARCHS).
+#   Example: SVDQ_CUDA_ARCHS="89;90" pip install ...  ->  out = 89;90
+function(svdq_cuda_archs out_var)
+  if(DEFINED ENV{SVDQ_CUDA_ARCHS} AND NOT "$ENV{SVDQ_CUDA_ARCHS}" STREQUAL "")
+    set(_archs "$ENV{SVDQ_CUDA_ARCHS}")
+  elseif(SVDQ_CUDA_ARCHS)
+    set(_archs "${SVDQ_CUDA_ARCHS}")
+  elseif(SVDQ_TORCH_GPU_ARCH)
+    set(_archs "${SVDQ_TORCH_GPU_ARCH}")
+  else()
+    set(_archs "${SVDQ_SHIPPED_CUDA_ARCHS}")
+  endif()
+  string(REPLACE "," ";" _archs "${_archs}")
+  string(REPLACE " " ";" _archs "${_archs}")
+  string(REPLACE "." "" _archs "${_archs}")
+  list(REMOVE_ITEM _archs "")
+  list(REMOVE_DUPLICATES _archs)
+  set(${out_var} "${_archs}" PARENT_SCOPE)
+endfunction()
+
+# svdq_cuda_architectures_property(<out-var> <archs>)
+#   CUDA_ARCHITECTURES value for <archs>: SASS for each ("80-real"), plus PTX of the newest one so that
+#   future GPUs can JIT it. Example: "80;90" -> "80-real;90"
+function(svdq_cuda_architectures_property out_var archs)
+  set(_sorted ${archs})
+  list(SORT _sorted COMPARE NATURAL)
+  list(GET _sorted -1 _newest)
+  set(_prop "")
+  foreach(_a IN LISTS _sorted)
+    if(_a STREQUAL _newest)
+      list(APPEND _prop "${_a}")
+    else()
+      list(APPEND _prop "${_a}-real")
+    endif()
+  endforeach()
+  set(${out_var} "${_prop}" PARENT_SCOPE)
+endfunction()

@@ -1,0 +1,299 @@
+// CPU implementations of the svdq ops (schemas: csrc/bindings.cpp, semantics: docs/numerics.md §4).
+//
+// Host wrappers: shape comments, checks that name the tensor and say what was expected, conversion of the
+// small model-dtype tensors (smooth, lora_down, wscales, lora_up, bias) to fp32, then the kernels of
+// csrc/cpu/kernels_isa.cpp over at::parallel_for. x and y are read / written by the kernels in their own
+// dtype (fp32, bf16, fp16), so the big tensors cross memory once.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <sstream>
+#include <tuple>
+
+#include "cpu/dispatch.h"
+#include "cpu/kernels.h"
+
+namespace svdq::cpu {
+namespace {
+
+// ---- ISA dispatch --------------------------------------------------------------------------------------
+
+struct Isa {
+  const char* name;
+  void (*quantize_act_rows)(const QuantizeActParams&, int64_t, int64_t);
+  void (*gemm_prepare_rows)(const GemmParams&, int64_t, int64_t);
+  void (*gemm_tasks)(const GemmParams&, int64_t, int64_t);
+  bool (*cpu_has)();
+};
+
+#define SVDQ_ISA_ENTRY(ns, has) Isa{#ns, &ns::quantize_act_rows, &ns::gemm_prepare_rows, &ns::gemm_tasks, has}
+
+bool has_base() { return true; }
+#if defined(__x86_64__) || defined(_M_X64)
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+// Every compiled variant, worst first.
+const std::vector<Isa>& compiled_isas() {
+  static const std::vector<Isa> isas = {
+#ifdef SVDQ_HAVE_ISA_base
+      SVDQ_ISA_ENTRY(base, &has_base),
+#endif
+#ifdef SVDQ_HAVE_ISA_avx2
+      SVDQ_ISA_ENTRY(avx2, &has_avx2),
+#endif
+#ifdef SVDQ_HAVE_ISA_avx512
+      SVDQ_ISA_ENTRY(avx512, &has_avx512),
+#endif
+  };
+  return isas;
+}
+
+const Isa* find_isa(const std::string& name) {
+  for (const Isa& isa : compiled_isas())
+    if (name == isa.name && isa.cpu_has()) return &isa;
+  return nullptr;
+}
+
+const Isa* best_isa() {
+  const Isa* best = nullptr;
+  for (const Isa& isa : compiled_isas())
+    if (isa.cpu_has()) best = &isa;
+  TORCH_CHECK(best, "svdq: no CPU kernel variant was compiled for this CPU");
+  return best;
+}
+
+std::atomic<const Isa*>& active() {
+  static std::atomic<const Isa*> isa{[] {
+    const char* env = std::getenv("SVDQ_CPU_ISA");
+    if (env && *env) {
+      const Isa* chosen = find_isa(env);
+      TORCH_CHECK(chosen, "svdq: SVDQ_CPU_ISA=", env, " is not compiled in or not supported by this CPU");
+      return chosen;
+    }
+    return best_isa();
+  }()};
+  return isa;
+}
+
+// ---- checks --------------------------------------------------------------------------------------------
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device()
+    << (t.is_contiguous() ? ", contiguous" : ", non-contiguous");
+  return s.str();
+}
+
+// TORCH_CHECK with the op, the tensor's name, what was expected and what the tensor is.
+#define SVDQ_EXPECT(cond, op, name, t, ...) \
+  TORCH_CHECK(cond, "svdq::", op, ": ", name, " must be ", __VA_ARGS__, "; got ", describe(t))
+
+bool is_float_dtype(at::ScalarType d) {
+  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
+}
+
+// device, dtype class, rank and contiguity in one go
+void check_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim, bool floating,
+                  const char* shape) {
+  SVDQ_EXPECT(t.device().is_cpu(), op, name, t, "a CPU tensor ", shape);
+  SVDQ_EXPECT(t.dim() == dim, op, name, t, "a ", dim, "-D tensor ", shape);
+  if (floating)
+    SVDQ_EXPECT(is_float_dtype(t.scalar_type()), op, name, t, "float32, bfloat16 or float16 ", shape);
+  SVDQ_EXPECT(t.is_contiguous(), op, name, t, "contiguous (call .contiguous()) ", shape);
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType d, const char* shape) {
+  SVDQ_EXPECT(t.scalar_type() == d, op, name, t, "of dtype ", d, " ", shape);
+}
+
+void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                const char* what) {
+  SVDQ_EXPECT(t.size(dim) == expected, op, name, t, "of size ", expected, " in dim ", dim, " (", what, ")");
+}
+
+DType to_dtype(at::ScalarType d) {
+  switch (d) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "svdq: unsupported dtype ", d);
+  }
+}
+
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// ---- ops -----------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,          // [M, K]
+                                                            const at::Tensor& smooth,     // [K]
+                                                            const at::Tensor& lora_down,  // [K, r]
+                                                            const std::optional<at::Tensor>& lora_scales) {  // [r]
+  const char* op = "quantize_act";
+  check_tensor(op, "x", x, 2, true, "[M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K >= 1, "svdq::quantize_act: x must have K >= 1 columns; got ", describe(x));
+  check_tensor(op, "smooth", smooth, 1, true, "[K]");
+  check_size(op, "smooth", smooth, 0, K, "K = x.shape[1]");
+  check_tensor(op, "lora_down", lora_down, 2, true, "[K, r]");
+  check_size(op, "lora_down", lora_down, 0, K, "K = x.shape[1]");
+  const int64_t r = lora_down.size(1);
+  if (lora_scales) {
+    check_tensor(op, "lora_scales", *lora_scales, 1, true, "[r]");
+    check_dtype(op, "lora_scales", *lora_scales, at::kFloat, "[r]");
+    check_size(op, "lora_scales", *lora_scales, 0, r, "r = lora_down.shape[1]");
+  }
+  const int64_t G = (K + kGroup - 1) / kGroup;
+
+  auto qact = at::empty({M, G * kGroup / 2}, x.options().dtype(at::kChar));
+  auto ascales = at::empty({M, G}, x.options().dtype(at::kFloat));
+  auto lora_act = at::empty({M, r}, x.options().dtype(at::kFloat));
+  if (M == 0) return {qact, ascales, lora_act};
+
+  const at::Tensor smooth32 = f32(smooth);
+  const int64_t rp = (r + 15) / 16 * 16;  // the kernel's rank tile: zero columns r..rp
+  at::Tensor down32 = at::zeros({K, rp}, x.options().dtype(at::kFloat));
+  if (r) down32.narrow(1, 0, r).copy_(lora_down);
+  const at::Tensor scales32 = lora_scales ? f32(*lora_scales) : at::Tensor();
+
+  QuantizeActParams p{};
+  p.M = M; p.K = K; p.G = G; p.r = r;
+  p.x = x.data_ptr();
+  p.xdtype = to_dtype(x.scalar_type());
+  p.smooth = smooth32.data_ptr<float>();
+  p.lora_down = down32.data_ptr<float>();
+  p.lora_scales = lora_scales ? scales32.data_ptr<float>() : nullptr;
+  p.qact = qact.data_ptr<int8_t>();
+  p.ascales = ascales.data_ptr<float>();
+  p.lora_act = lora_act.data_ptr<float>();
+  const Isa* isa = active().load();
+  const int64_t blocks = (M + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    isa->quantize_act_rows(p, b0 * kRowTile, std::min(b1 * kRowTile, M));
+  });
+  return {qact, ascales, lora_act};
+}
+
+std::tuple<at::Tensor, at::Tensor> prepare_weight(const at::Tensor& qweight,   // [N, Kp/2] int8
+                                                  const at::Tensor& wscales) {  // [N, Kp/64]
+  // The CPU GEMM reads the canonical qweight (it repacks 32-column panels on the fly, see kernels_isa.cpp),
+  // so qweight is a checked copy (an op returns fresh tensors, never aliases of its inputs); wscales become
+  // fp32 (exact), as on CUDA, so that one fake serves both devices and the GEMM skips a conversion per call.
+  const char* op = "prepare_weight";
+  check_tensor(op, "qweight", qweight, 2, false, "[N, Kp/2]");
+  check_dtype(op, "qweight", qweight, at::kChar, "[N, Kp/2]");
+  check_tensor(op, "wscales", wscales, 2, true, "[N, Kp/64]");
+  check_size(op, "wscales", wscales, 0, qweight.size(0), "N = qweight.shape[0]");
+  check_size(op, "qweight", qweight, 1, wscales.size(1) * kGroup / 2, "Kp/2 = wscales.shape[1] * 32");
+  return {qweight.clone(), wscales.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous()};
+}
+
+at::Tensor w4a4_gemm(const at::Tensor& qact,     // [M, Kp/2] int8
+                     const at::Tensor& ascales,  // [M, Kp/64] fp32
+                     const at::Tensor& qweight,  // [N, Kp/2] int8
+                     const at::Tensor& wscales,  // [N, Kp/64]
+                     const at::Tensor& lora_act, // [M, r] fp32
+                     const at::Tensor& lora_up,  // [N, r]
+                     const std::optional<at::Tensor>& bias,  // [N]
+                     at::ScalarType out_dtype) {
+  const char* op = "w4a4_gemm";
+  check_tensor(op, "qact", qact, 2, false, "[M, Kp/2]");
+  check_dtype(op, "qact", qact, at::kChar, "[M, Kp/2]");
+  check_tensor(op, "ascales", ascales, 2, false, "[M, Kp/64]");
+  check_dtype(op, "ascales", ascales, at::kFloat, "[M, Kp/64]");
+  const int64_t M = qact.size(0), G = ascales.size(1), Kp = G * kGroup;
+  check_size(op, "ascales", ascales, 0, M, "M = qact.shape[0]");
+  check_size(op, "qact", qact, 1, Kp / 2, "Kp/2 = ascales.shape[1] * 32");
+  check_tensor(op, "qweight", qweight, 2, false, "[N, Kp/2]");
+  check_dtype(op, "qweight", qweight, at::kChar, "[N, Kp/2]");
+  check_size(op, "qweight", qweight, 1, Kp / 2, "Kp/2 = ascales.shape[1] * 32");
+  const int64_t N = qweight.size(0);
+  check_tensor(op, "wscales", wscales, 2, true, "[N, Kp/64]");
+  check_size(op, "wscales", wscales, 0, N, "N = qweight.shape[0]");
+  check_size(op, "wscales", wscales, 1, G, "Kp/64 = ascales.shape[1]");
+  check_tensor(op, "lora_act", lora_act, 2, false, "[M, r]");
+  check_dtype(op, "lora_act", lora_act, at::kFloat, "[M, r]");
+  check_size(op, "lora_act", lora_act, 0, M, "M = qact.shape[0]");
+  const int64_t r = lora_act.size(1);
+  check_tensor(op, "lora_up", lora_up, 2, true, "[N, r]");
+  check_size(op, "lora_up", lora_up, 0, N, "N = qweight.shape[0]");
+  check_size(op, "lora_up", lora_up, 1, r, "r = lora_act.shape[1]");
+  if (bias) {
+    check_tensor(op, "bias", *bias, 1, true, "[N]");
+    check_size(op, "bias", *bias, 0, N, "N = qweight.shape[0]");
+  }
+  TORCH_CHECK(is_float_dtype(out_dtype), "svdq::w4a4_gemm: out_dtype must be float32, bfloat16 or float16; got ",
+              out_dtype);
+
+  auto y = at::empty({M, N}, qact.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return y;
+
+  const at::Tensor ws32 = f32(wscales), up32 = f32(lora_up);
+  const at::Tensor bias32 = bias ? f32(*bias) : at::Tensor();
+  const int64_t Mp = padded_rows(M);
+  auto a_unpacked = at::empty({Mp, Kp}, qact.options().dtype(at::kShort));
+  auto lora_act_c = at::empty({M, r}, qact.options().dtype(at::kFloat));
+
+  GemmParams p{};
+  p.M = M; p.N = N; p.G = G; p.r = r;
+  p.qact = qact.data_ptr<int8_t>();
+  p.ascales = ascales.data_ptr<float>();
+  p.qweight = qweight.data_ptr<int8_t>();
+  p.wscales = ws32.data_ptr<float>();
+  p.lora_act = lora_act.data_ptr<float>();
+  p.lora_up = up32.data_ptr<float>();
+  p.bias = bias ? bias32.data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.ydtype = to_dtype(out_dtype);
+  p.a_unpacked = a_unpacked.data_ptr<int16_t>();
+  p.lora_act_c = lora_act_c.data_ptr<float>();
+
+  // Tasks = 32-column blocks x row chunks, column-block major so that each thread's contiguous range of
+  // tasks reuses one weight panel. Enough tasks for 4 per thread, never a chunk under one row tile.
+  const int64_t n_blocks = (N + kColTile - 1) / kColTile, tiles_m = Mp / kRowTile;
+  const int64_t want = 4 * at::get_num_threads();
+  p.n_tasks_m = std::max<int64_t>(1, std::min<int64_t>(tiles_m, (want + n_blocks - 1) / n_blocks));
+  const Isa* isa = active().load();
+  at::parallel_for(0, Mp, 16, [&](int64_t m0, int64_t m1) { isa->gemm_prepare_rows(p, m0, m1); });
+  at::parallel_for(0, n_blocks * p.n_tasks_m, 1, [&](int64_t t0, int64_t t1) { isa->gemm_tasks(p, t0, t1); });
+  return y;
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : compiled_isas())
+    if (isa.cpu_has()) names.emplace_back(isa.name);
+  return names;
+}
+
+std::string active_isa() { return active().load()->name; }
+
+std::string set_isa(const std::string& name) {
+  const Isa* isa = find_isa(name);
+  TORCH_CHECK(isa, "svdq: CPU kernel variant '", name, "' is not compiled in or not supported by this CPU");
+  return active().exchange(isa)->name;
+}
+
+}  // namespace svdq::cpu
+
+TORCH_LIBRARY_IMPL(svdq, CPU, m) {
+  m.impl("quantize_act", &svdq::cpu::quantize_act);
+  m.impl("prepare_weight", &svdq::cpu::prepare_weight);
+  m.impl("w4a4_gemm", &svdq::cpu::w4a4_gemm);
+}

@@ -1,0 +1,155 @@
+"""The native extension ``svdq._C``: typed wrappers for its ops, their fakes, and the backends they provide.
+
+Importing this module loads ``svdq._C`` when it was built, which registers the torch ops ``svdq::*``
+(schemas in csrc/bindings.cpp; CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda). It then registers a
+fake (meta) implementation per op, right below its wrapper, so ``torch.compile`` can trace through, and the
+``"cpu"`` backend (and ``"cuda"`` when the extension has CUDA kernels and a GPU is visible) with
+``svdq.ops.register_backend``.
+
+Without the extension this module still imports: ``AVAILABLE`` is False, ``build_info()`` says
+``native=False`` and only the reference backend exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops as _ops
+from .version import __version__
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+
+    AVAILABLE = True
+    IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # not built (pure-Python install) or built against another torch
+    _C = None
+    AVAILABLE = False
+    IMPORT_ERROR = e
+
+
+def build_info() -> dict:
+    """What the native extension was built with.
+
+    Keys: ``version``, ``native`` (extension loaded), ``cuda`` (CUDA kernels compiled in), ``cuda_archs``,
+    ``cuda_toolkit_root``, ``nvcc_version``, ``cxx_compiler``, ``torch_version`` (built against),
+    ``torch_version_runtime``, ``cpu_isas_compiled``, ``cpu_isa`` (variant in use), and more.
+    """
+    if not AVAILABLE:
+        return {
+            "version": __version__,
+            "native": False,
+            "cuda": False,
+            "cuda_archs": [],
+            "torch_version_runtime": torch.__version__,
+            "import_error": str(IMPORT_ERROR),
+        }
+    info = dict(_C.build_info())
+    info["torch_version_runtime"] = torch.__version__
+    return info
+
+
+# ---- ops: one typed wrapper each, its fake right below -------------------------------------------------
+
+
+def quantize_act(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] → (qact int8 [M, Kp/2], ascales fp32 [M, Kp/64], lora_act fp32 [M, r]) (spec §4.1)."""
+    return torch.ops.svdq.quantize_act(x, smooth, lora_down, lora_scales)
+
+
+def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical qweight int8 [N, Kp/2] / wscales [N, Kp/64] → this device's GEMM layout (leading dim N)."""
+    return torch.ops.svdq.prepare_weight(qweight, wscales)
+
+
+def w4a4_gemm(
+    qact: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y [M, N] in ``out_dtype`` (spec §4.2); qweight/wscales as returned by `prepare_weight`."""
+    return torch.ops.svdq.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("svdq::quantize_act")
+    def _quantize_act_fake(x, smooth, lora_down, lora_scales):
+        m, k = x.shape
+        groups = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE
+        return (
+            x.new_empty((m, groups * _ops.GROUP_SIZE // 2), dtype=torch.int8),
+            x.new_empty((m, groups), dtype=torch.float32),
+            x.new_empty((m, lora_down.shape[1]), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("svdq::prepare_weight")
+    def _prepare_weight_fake(qweight, wscales):
+        # Both devices keep qweight's shape [N, Kp/2] and return wscales as fp32 [N, Kp/64] (CUDA's tensors
+        # are views into tile-padded buffers; shapes and dtypes are what a fake must get right).
+        return torch.empty_like(qweight), torch.empty_like(wscales, dtype=torch.float32)
+
+    @torch.library.register_fake("svdq::w4a4_gemm")
+    def _w4a4_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+        # N from qweight.shape[0] (every device's prepared layout keeps it), M from qact.
+        return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+# ---- backends ------------------------------------------------------------------------------------------
+
+
+def _cuda_available() -> bool:
+    return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
+
+
+if AVAILABLE:
+    _ops.register_backend(
+        _ops.Backend(
+            name="cpu",
+            devices=("cpu",),
+            priority=10,
+            quantize_act=quantize_act,
+            w4a4_gemm=w4a4_gemm,
+            prepare_weight=prepare_weight,
+        )
+    )
+    if build_info()["cuda"]:
+        _ops.register_backend(
+            _ops.Backend(
+                name="cuda",
+                devices=("cuda",),
+                priority=20,
+                quantize_act=quantize_act,
+                w4a4_gemm=w4a4_gemm,
+                is_available=_cuda_available,
+                prepare_weight=prepare_weight,
+            )
+        )
+
+
+def set_cpu_isa(name: str) -> str:
+    """Use CPU kernel variant ``name`` ("base", "avx2", "avx512"); returns the previous one (tests, benchmarks).
+
+    The default is the best variant this CPU supports, or ``$SVDQ_CPU_ISA`` when set.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"svdq._C is not built: {IMPORT_ERROR}")
+    return _C.set_cpu_isa(name)
+
+
+def require_native() -> None:
+    """Raise unless the extension is loaded (used by tests; ``SVDQ_ALLOW_NO_NATIVE=1`` relaxes callers)."""
+    if not AVAILABLE and os.environ.get("SVDQ_ALLOW_NO_NATIVE") != "1":
+        raise RuntimeError(
+            f"svdq._C is not built or does not load ({IMPORT_ERROR}); build it with "
+            "`pip install --no-build-isolation -e .` (docs/building.md)"
+        )
