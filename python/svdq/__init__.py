@@ -1,11 +1,16 @@
 """svdq — 4-bit (W4A4) SVDQuant inference for diffusion models.
 
-Public API: `SVDQLinear`, `quantize`, `QuantizeConfig`, `save`, `load`, `ops`, `build_info`.
+Public API: `SVDQLinear`, `quantize`, `QuantizeConfig`, `save`, `load`, `ops`, `build_info`;
+diffusers pipelines: `calibrate_pipeline`, `save_pretrained`, `from_pretrained` (per-family maps: `svdq.models`);
+LoRA hot-swap: `load_lora`, `set_lora_strength`, `unload_lora`, `list_loras`.
 """
 
 from . import ops
+from .calibrate import calibrate_pipeline
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .linear import SVDQLinear
+from .pretrained import from_pretrained, save_pretrained
+from .lora import LoraError, list_loras, load_lora, set_lora_strength, unload_lora
 from .quantize import QuantizeConfig, quantize, quantized_layers
 from .version import __version__
 
@@ -21,14 +26,21 @@ except ImportError:  # pure-Python install: only the reference backend
 
 __all__ = [
     "CheckpointError",
+    "LoraError",
     "QuantizeConfig",
     "SVDQLinear",
     "__version__",
     "build_info",
+    "calibrate_pipeline",
+    "from_pretrained",
+    "list_loras",
     "load",
+    "load_lora",
     "ops",
     "quantize",
     "quantized_layers",
     "read_metadata",
     "save",
+    "set_lora_strength",
+    "unload_lora",
 ]

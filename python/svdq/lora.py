@@ -1,0 +1,445 @@
+"""LoRA hot-swap: adapters live on the 16-bit low-rank branch, the 4-bit weights are never touched.
+
+docs/numerics.md §6: an adapter ΔW = s·B·A (A [ra, K], B [N, ra], s = strength·alpha/ra) on a quantized
+layer is appended to its branch, ``lora_down ← [lora_down | Aᵀ]``, ``lora_up ← [lora_up | B]``, with s per
+column in ``lora_scales``. Each adapter's columns in a layer form one block, zero-padded to a multiple of 16
+(the kernels' rank granularity). The layer remembers which columns belong to which adapter, so
+
+- ``set_lora_strength`` rewrites that adapter's slice of ``lora_scales`` in place (nothing else moves);
+- ``unload_lora`` rebuilds the branch without the adapter's block; unloading the last one puts the original
+  ``lora_down`` / ``lora_up`` / ``lora_scales`` tensor objects back (bit-exact).
+
+Fused layers (svdq.models: ``attn.to_q/k/v`` → one layer whose rows are sliced): the adapters of the parts are
+placed on the fused layer's row ranges. Parts whose A (and scale) are identical share one set of down
+columns (kohya FLUX ``img_attn_qkv`` adapters come that way); otherwise each part gets its own columns and
+the up matrix is block-diagonal.
+
+Layers kept 16-bit (``nn.Linear``) get the same branch as a forward hook, ``y += ((x·down)·scales)·upᵀ``;
+removing the hook restores the layer bit-exactly.
+
+The adapter registry lives on the denoiser (``model._svdq_loras``); pass a pipeline to also reach its text
+encoders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import lora_formats
+from .lora_formats import AdapterWeights, ParsedLora
+from .linear import SVDQLinear
+from .ops.reference import MAX_RANK, RANK_MULTIPLE
+
+log = logging.getLogger("svdq")
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be applied as asked (unmatched keys with strict=True, shapes, rank limit, names)."""
+
+
+@dataclass
+class LoraInfo:
+    """What `list_loras` reports for one loaded adapter."""
+
+    name: str
+    strength: float
+    format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya"
+    quantized_layers: int  # SVDQLinear layers it is on (a fused layer counts once)
+    fp16_layers: int  # nn.Linear layers kept 16-bit it is on (denoiser and text encoders)
+    text_encoder_modules: int  # of the modules above, how many are in text encoders
+    rank: int  # largest adapter rank in the file
+    skipped: list[str] = field(default_factory=list)  # keys not applied (strict=False, or no pipeline for TE)
+
+
+@dataclass
+class _Block:
+    """One adapter's columns in one layer: down [K, c], up [N, c], per-column alpha/rank (0 on padding)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    unit_scale: torch.Tensor  # fp32 [c]
+
+
+class _Branch:
+    """The LoRA state of one physical layer (SVDQLinear or nn.Linear)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.blocks: OrderedDict[str, _Block] = OrderedDict()
+        self.strengths: dict[str, float] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.quantized = isinstance(module, SVDQLinear)
+        if self.quantized:
+            self.base = (module.lora_down, module.lora_up, module.lora_scales)
+        else:
+            self.hook = None
+            self.down = self.up = self.scales = None
+
+    @property
+    def base_rank(self) -> int:
+        return self.base[0].shape[1] if self.quantized else 0
+
+    def columns(self) -> int:
+        return sum(b.down.shape[1] for b in self.blocks.values())
+
+    def rebuild(self) -> None:
+        """Concatenate base + blocks into the layer's branch (or restore the base when no block is left)."""
+        m = self.module
+        if self.quantized:
+            device = m.qweight.device
+            if not self.blocks:
+                down, up, scales = (t.to(device) for t in self.base)
+                m.set_lowrank(down, up, scales)
+                return
+            down, up, scales, start = [self.base[0].to(device)], [self.base[1].to(device)], [self.base[2].to(device)], self.base_rank
+        else:
+            if not self.blocks:
+                if self.hook is not None:
+                    self.hook.remove()
+                self.hook = None
+                self.down = self.up = self.scales = None
+                return
+            device = m.weight.device
+            down, up, scales, start = [], [], [], 0
+        self.offsets = {}
+        for name, b in self.blocks.items():
+            c = b.down.shape[1]
+            down.append(b.down.to(device))
+            up.append(b.up.to(device))
+            scales.append(b.unit_scale.to(device) * self.strengths[name])
+            self.offsets[name] = (start, start + c)
+            start += c
+        with torch.no_grad():
+            if self.quantized:
+                m.set_lowrank(torch.cat(down, 1), torch.cat(up, 1), torch.cat(scales))
+            else:
+                self.down, self.up, self.scales = torch.cat(down, 1), torch.cat(up, 1), torch.cat(scales)
+                if self.hook is None:
+                    self.hook = m.register_forward_hook(self._forward_hook)
+
+    def set_strength(self, name: str, strength: float) -> None:
+        self.strengths[name] = strength
+        start, end = self.offsets[name]
+        target = self.module.lora_scales if self.quantized else self.scales
+        with torch.no_grad():
+            target[start:end].copy_(self.blocks[name].unit_scale.to(target.device) * strength)
+
+    def _forward_hook(self, module: nn.Linear, args, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if self.down.device != x.device:  # the model was moved after loading: follow it once
+            self.down, self.up, self.scales = self.down.to(x.device), self.up.to(x.device), self.scales.to(x.device)
+        # Same arithmetic as the quantized branch (spec §4.1–4.2): fp32 down and scale, compute-dtype up.
+        act = (x.to(torch.float32) @ self.down.to(torch.float32)) * self.scales
+        return out + (act.to(out.dtype) @ self.up.to(out.dtype).T)
+
+
+@dataclass
+class _Adapter:
+    info: LoraInfo
+    branches: list[_Branch]
+
+
+class _Registry:
+    def __init__(self):
+        self.adapters: OrderedDict[str, _Adapter] = OrderedDict()
+        self.branches: dict[int, _Branch] = {}  # id(module) → branch
+
+
+@dataclass
+class _Target:
+    """Where one LoRA module path lands: a physical layer and a row range of its output."""
+
+    path: str  # module path of the physical layer (within its component)
+    module: nn.Module  # SVDQLinear or nn.Linear
+    rows: tuple[int, int]
+    in_features: int
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolving the model
+
+
+def _components(model) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """(denoiser, {component name: module}) for a model or a diffusers pipeline."""
+    if isinstance(model, nn.Module):
+        return model, {"": model}
+    denoiser = getattr(model, "transformer", None)
+    if denoiser is None:
+        denoiser = getattr(model, "unet", None)
+    if not isinstance(denoiser, nn.Module):
+        raise TypeError(f"expected an nn.Module or a diffusers pipeline with a transformer/unet, got {type(model).__name__}")
+    comps = {"": denoiser}
+    for te in TEXT_ENCODERS:
+        m = getattr(model, te, None)
+        if isinstance(m, nn.Module):
+            comps[te] = m
+    return denoiser, comps
+
+
+def _registry(denoiser: nn.Module, create: bool = False) -> _Registry | None:
+    reg = denoiser.__dict__.get("_svdq_loras")
+    if reg is None and create:
+        reg = _Registry()
+        denoiser.__dict__["_svdq_loras"] = reg  # plain attribute: not a module, not in the state dict
+    return reg
+
+
+def lora_targets(module: nn.Module) -> dict[str, _Target]:
+    """Every module path a LoRA may name in ``module`` → the physical layer and rows it lands on.
+
+    Plain ``nn.Linear`` / ``SVDQLinear`` layers map to themselves (all rows); the ``ProjectionSlice`` stand-ins
+    of fused projections (svdq.models, e.g. ``attn.to_q``) map to their rows of the fused layer; a fused group's
+    own name (``attn.to_qkv``) maps to the whole fused layer.
+    """
+    from .models import ProjectionSlice, SharedInputLinear
+
+    names = {id(m): n for n, m in module.named_modules()}
+    targets = {}
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        if isinstance(m, (SVDQLinear, nn.Linear)):
+            targets[name] = _Target(name, m, (0, m.out_features), m.in_features)
+        elif isinstance(m, ProjectionSlice):
+            lin = m.fused.linear
+            targets[name] = _Target(names[id(lin)], lin, (m.offset, m.offset + m.out_features), m.in_features)
+        elif isinstance(m, SharedInputLinear):
+            targets[name] = _Target(f"{name}.linear", m.linear, (0, m.linear.out_features), m.linear.in_features)
+    return targets
+
+
+def _linear_names(comps: dict[str, nn.Module]) -> dict[str, list[str]]:
+    return {c: list(lora_targets(m)) for c, m in comps.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning: which blocks go where (no model changes)
+
+
+@dataclass
+class Plan:
+    """The result of matching a LoRA against a model (what `svdq lora inspect` prints)."""
+
+    format: str
+    matched: dict[tuple[str, str], _Target]  # (component, LoRA module path) → target
+    blocks: dict[int, tuple[_Target, _Block]]  # id(physical module) → (target, block) to append
+    unmatched: list[str]  # LoRA module paths / keys that match no layer (or do not fit it)
+    text_encoder_skipped: list[str]  # text-encoder modules (no pipeline given)
+    ranks: dict[tuple[str, str], int]
+    physical_names: dict[int, str]  # id(physical module) → "component:path"
+    rank: int
+
+
+def plan_lora(model, source, *, parsed: ParsedLora | None = None, device=None) -> Plan:
+    """Match ``source`` against ``model`` (a model or a pipeline) without changing anything."""
+    denoiser, comps = _components(model)
+    if parsed is None:
+        parsed = lora_formats.parse(source, denoiser, _linear_names(comps))
+    targets = {c: lora_targets(m) for c, m in comps.items()}
+    matched, unmatched, te_skipped, ranks = {}, [], [], {}
+    per_module: dict[int, list[tuple[_Target, AdapterWeights]]] = {}
+    physical_names = {}
+    for (comp, path), w in parsed.modules.items():
+        label = f"{comp}.{path}" if comp else path
+        ranks[(comp, path)] = w.rank
+        if comp not in comps:
+            if comp in TEXT_ENCODERS:
+                te_skipped.append(label)
+            else:
+                unmatched.append(label)
+            continue
+        t = targets[comp].get(path)
+        if t is None:
+            unmatched.append(label)
+            continue
+        if w.down.shape[1] != t.in_features or w.up.shape[0] != t.rows[1] - t.rows[0]:
+            unmatched.append(
+                f"{label} (A {tuple(w.down.shape)}, B {tuple(w.up.shape)} do not fit "
+                f"[{t.in_features} -> {t.rows[1] - t.rows[0]}])"
+            )
+            continue
+        matched[(comp, path)] = t
+        per_module.setdefault(id(t.module), []).append((t, w))
+        physical_names[id(t.module)] = f"{comp}:{t.path}" if comp else t.path
+    unmatched += parsed.unsupported + parsed.unparsed
+    blocks = {key: (parts[0][0], _make_block(parts, device)) for key, parts in per_module.items()}
+    return Plan(
+        format=parsed.format,
+        matched=matched,
+        blocks=blocks,
+        unmatched=unmatched,
+        text_encoder_skipped=te_skipped,
+        ranks=ranks,
+        physical_names=physical_names,
+        rank=max(ranks.values(), default=0),
+    )
+
+
+def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Block:
+    """The columns one adapter adds to one physical layer (several parts when the layer is fused)."""
+    module = parts[0][0].module
+    ref = module.wscales if isinstance(module, SVDQLinear) else module.weight
+    dtype, device = ref.dtype, device or ref.device
+    n, k = module.out_features, module.in_features
+    # Group parts whose A and scale are identical: they share one set of down columns.
+    groups: list[tuple[AdapterWeights, list[tuple[int, int, torch.Tensor]]]] = []
+    for t, w in sorted(parts, key=lambda p: p[0].rows):
+        for a, members in groups:
+            if a.scale == w.scale and (a.down is w.down or torch.equal(a.down, w.down)):
+                members.append((*t.rows, w.up))
+                break
+        else:
+            groups.append((w, [(*t.rows, w.up)]))
+    cols = sum(a.rank for a, _ in groups)
+    padded = -(-cols // RANK_MULTIPLE) * RANK_MULTIPLE
+    down = torch.zeros(k, padded, dtype=dtype, device=device)
+    up = torch.zeros(n, padded, dtype=dtype, device=device)
+    unit = torch.zeros(padded, dtype=torch.float32, device=device)
+    c = 0
+    for a, members in groups:
+        r = a.rank
+        down[:, c : c + r] = a.down.T.to(device=device, dtype=dtype)
+        for r0, r1, b in members:
+            up[r0:r1, c : c + r] = b.to(device=device, dtype=dtype)
+        unit[c : c + r] = a.scale
+        c += r
+    return _Block(down, up, unit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_lora(
+    model,
+    source: str | os.PathLike | dict,
+    name: str | None = None,
+    strength: float = 1.0,
+    strict: bool = True,
+    pipeline=None,
+) -> str:
+    """Apply the LoRA ``source`` to ``model`` (a quantized or 16-bit model, or a diffusers pipeline); returns
+    the adapter's name.
+
+    source: a ``.safetensors`` path or a state dict, in diffusers/PEFT or kohya format (FLUX, SDXL, PixArt-Σ;
+    see `svdq.lora_formats`). name: defaults to the file's stem (``lora_<n>`` for a dict); must be new.
+    strength: the multiplier of alpha/rank, changeable later with `set_lora_strength`.
+    strict: keys that match no layer raise `LoraError` listing them and nothing is applied; with
+    ``strict=False`` they are logged as a warning and the rest is applied. Text-encoder keys are applied when
+    the text encoders are reachable (``model`` or ``pipeline`` is a pipeline) and reported otherwise.
+    """
+    target = pipeline if pipeline is not None else model
+    denoiser, comps = _components(target)
+    reg = _registry(denoiser, create=True)
+    if name is None:
+        name = Path(source).stem if isinstance(source, (str, os.PathLike)) else f"lora_{len(reg.adapters)}"
+    if name in reg.adapters:
+        raise LoraError(f"a LoRA named {name!r} is already loaded; unload it or pick another name")
+    plan = plan_lora(target, source)
+    if plan.unmatched:
+        msg = f"LoRA {name!r}: {len(plan.unmatched)} key(s) match no layer of {type(denoiser).__name__}: " + _few(
+            plan.unmatched
+        )
+        if strict:
+            raise LoraError(msg + " (nothing applied; strict=False applies the rest)")
+        log.warning(msg)
+    if plan.text_encoder_skipped:
+        log.warning(
+            "LoRA %r: %d text-encoder module(s) not applied (pass the pipeline to reach them): %s",
+            name,
+            len(plan.text_encoder_skipped),
+            _few(plan.text_encoder_skipped),
+        )
+    if not plan.blocks:
+        raise LoraError(f"LoRA {name!r} matches no layer of {type(denoiser).__name__}")
+    # Check the kernels' rank limit on every quantized layer before touching any.
+    for key, (t, block) in plan.blocks.items():
+        if isinstance(t.module, SVDQLinear):
+            total = t.module.rank + block.down.shape[1]
+            if total > MAX_RANK:
+                raise LoraError(
+                    f"LoRA {name!r}: layer {plan.physical_names[key]} would have rank {total} > MAX_RANK={MAX_RANK} "
+                    f"(current {t.module.rank} + {block.down.shape[1]}); unload another adapter first"
+                )
+    te_ids = {id(m) for c, comp in comps.items() if c for m in comp.modules()}
+    branches = []
+    try:
+        for key, (t, block) in plan.blocks.items():
+            br = reg.branches.get(key)
+            if br is None:
+                br = reg.branches[key] = _Branch(t.module)
+            br.blocks[name] = block
+            br.strengths[name] = float(strength)
+            branches.append(br)
+            br.rebuild()
+    except Exception:
+        for br in branches:
+            br.blocks.pop(name, None)
+            br.strengths.pop(name, None)
+            br.rebuild()
+        raise
+    info = LoraInfo(
+        name=name,
+        strength=float(strength),
+        format=plan.format,
+        quantized_layers=sum(br.quantized for br in branches),
+        fp16_layers=sum(not br.quantized for br in branches),
+        text_encoder_modules=sum(id(br.module) in te_ids for br in branches),
+        rank=plan.rank,
+        skipped=list(plan.unmatched) + list(plan.text_encoder_skipped),
+    )
+    reg.adapters[name] = _Adapter(info, branches)
+    return name
+
+
+def set_lora_strength(model, name: str, strength: float) -> None:
+    """Change adapter ``name``'s strength live: rewrites its columns of ``lora_scales`` only."""
+    adapter = _get(model, name)
+    for br in adapter.branches:
+        br.set_strength(name, float(strength))
+    adapter.info.strength = float(strength)
+
+
+def unload_lora(model, name: str) -> None:
+    """Remove adapter ``name``; with no adapter left a layer gets its original tensors back (bit-exact)."""
+    denoiser, _ = _components(model)
+    adapter = _get(model, name)
+    reg = _registry(denoiser)
+    for br in adapter.branches:
+        br.blocks.pop(name)
+        br.strengths.pop(name)
+        br.offsets.pop(name, None)
+        br.rebuild()
+        if not br.blocks:
+            reg.branches.pop(id(br.module), None)
+    del reg.adapters[name]
+
+
+def list_loras(model) -> dict[str, LoraInfo]:
+    """The loaded adapters, in load order: name → `LoraInfo` (strength, format, layer counts, rank)."""
+    denoiser, _ = _components(model)
+    reg = _registry(denoiser)
+    return {} if reg is None else {n: a.info for n, a in reg.adapters.items()}
+
+
+def _get(model, name: str) -> _Adapter:
+    denoiser, _ = _components(model)
+    reg = _registry(denoiser)
+    if reg is None or name not in reg.adapters:
+        loaded = [] if reg is None else list(reg.adapters)
+        raise LoraError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+    return reg.adapters[name]
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
