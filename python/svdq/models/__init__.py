@@ -235,6 +235,33 @@ def prepare(model: nn.Module) -> Family | None:
     return family
 
 
+def pipeline_model(pipe) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``pipe.transformer`` or ``pipe.unet``)."""
+    for attr in ("transformer", "unet"):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet to quantize")
+
+
+def pipeline_component(pipe) -> str:
+    """The name of the denoiser's pipeline component ("transformer" / "unet")."""
+    return "transformer" if isinstance(getattr(pipe, "transformer", None), nn.Module) else "unet"
+
+
+# PixArt pipelines snap height/width to aspect-ratio bins defined for the released sample sizes only.
+_PIXART_BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
+
+
+def call_defaults(pipe) -> dict:
+    """Keyword arguments a pipeline call needs for this model beyond diffusers' defaults."""
+    model = getattr(pipe, "transformer", None)
+    if model is not None and family_of(model) is FAMILIES["pixart"]:
+        if model.config.sample_size not in _PIXART_BINNED_SAMPLE_SIZES:
+            return {"use_resolution_binning": False}
+    return {}
+
+
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, SharedInputLinear) for m in model.modules())
 
@@ -248,5 +275,8 @@ __all__ = [
     "fuse_linears",
     "get_family",
     "is_fused",
+    "call_defaults",
+    "pipeline_component",
+    "pipeline_model",
     "prepare",
 ]

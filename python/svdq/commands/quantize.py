@@ -1,0 +1,121 @@
+"""`svdq quantize`: quantize a diffusers pipeline's transformer / UNet to W4A4 and save it.
+
+Loads the 16-bit pipeline (hub id or local directory), runs it on calibration prompts across all sampling
+steps while recording each layer's inputs, quantizes the denoiser (FLUX.1, SDXL, PixArt-Σ: shared-input
+projections fused, see docs/models.md) and writes a directory loadable with `svdq.from_pretrained` or
+`svdq generate --quantized`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+EXAMPLES = """examples:
+  svdq quantize --model black-forest-labs/FLUX.1-schnell --out flux-schnell-svdq --steps 4 --guidance-scale 0
+  svdq quantize --model stabilityai/stable-diffusion-xl-base-1.0 --out sdxl-svdq --calib-prompts my_prompts.txt
+  svdq quantize --model ./my-pipeline --out ./my-pipeline-svdq --data-free        # no calibration run
+"""
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def add_common_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by quantize / generate / eval: device, dtype, image size."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="16-bit pipeline dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 text tokens (FLUX / PixArt pipelines; default: the pipeline's)")
+
+
+def device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype:
+        dtype = getattr(torch, DTYPES[args.dtype])
+    else:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return device, dtype
+
+
+def call_kwargs(args, pipe) -> dict:
+    """Pipeline call keyword arguments from the shared options (only the ones given)."""
+    import inspect
+
+    from ..models import call_defaults
+
+    kw = dict(call_defaults(pipe))
+    for opt in ("height", "width", "guidance_scale", "max_sequence_length"):
+        value = getattr(args, opt, None)
+        if value is not None:
+            kw[opt] = value
+    if "max_sequence_length" in kw and "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(f"--max-sequence-length does not apply to {type(pipe).__name__}")
+    return kw
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a FLUX.1 / SDXL / PixArt-Σ pipeline's denoiser to W4A4 and save it",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="base diffusers pipeline: hub id or local directory")
+    p.add_argument("--out", required=True, help="output directory for the quantized model")
+    p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default: 32)")
+    p.add_argument("--method", choices=("svdquant", "smoothquant", "naive"), default="svdquant",
+                   help="quantization method (default: svdquant)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calib-prompts", default=None,
+                   help="text file, one calibration prompt per line (default: svdq's 20 built-in prompts)")
+    g.add_argument("--data-free", action="store_true", help="skip calibration (no smoothing; low-rank + INT4 only)")
+    p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="calibration noise seed (default: 0)")
+    add_common_pipeline_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import svdq
+
+    from ..calibrate import default_prompts, read_prompts
+    from ..models import family_of, pipeline_model
+    from ..pretrained import load_pipeline
+
+    device, dtype = device_and_dtype(args)
+    prompts = None
+    if not args.data_free:  # read the prompts before the (slow) pipeline load: a bad path fails fast
+        prompts = read_prompts(args.calib_prompts) if args.calib_prompts else default_prompts()
+        if args.num_calib_prompts is not None:
+            prompts = prompts[: max(1, args.num_calib_prompts)]
+    print(f"loading {args.model} ({dtype}, {device}) ...")
+    pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
+    model = pipeline_model(pipe)
+    family = family_of(model)
+    if family is None:
+        print(f"note: {type(model).__name__} is not a known family (flux / sdxl / pixart): generic layer selection")
+    calibration = None
+    if prompts is not None:
+        calibration = svdq.calibrate_pipeline(
+            pipe, prompts, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+            **call_kwargs(args, pipe),
+        )
+    t0 = time.perf_counter()
+    svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method)
+    out = svdq.save_pretrained(model, args.out, base=str(args.model))
+    layers = svdq.quantized_layers(model)
+    print(
+        f"quantized {len(layers)} layers of {type(model).__name__} "
+        f"({'data-free' if calibration is None else f'{len(prompts)} calibration prompts'}) in "
+        f"{time.perf_counter() - t0:.1f} s -> {out}"
+    )
+    return 0

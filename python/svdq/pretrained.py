@@ -1,0 +1,173 @@
+"""`svdq.save_pretrained` / `svdq.from_pretrained`: a quantized diffusers model as a directory.
+
+    svdq.save_pretrained(pipe.transformer, "flux-schnell-svdq")          # after svdq.quantize
+    transformer = svdq.from_pretrained("flux-schnell-svdq")
+    pipe = FluxPipeline.from_pretrained(base, transformer=transformer)    # or unet=... for SDXL
+
+Directory layout:
+
+    config.json               the diffusers model config (``_class_name`` names the class)
+    svdq_model.safetensors    the whole quantized model (`svdq.save` format, docs/numerics.md §3)
+    svdq.json                 {"family", "class_name", "svdq_version", "base"}: what it is and (optionally)
+                              the 16-bit pipeline it was quantized from
+
+The loaded model is the original diffusers class with `SVDQLinear` layers (and the shared-input fusion of
+`svdq.models`), so pipelines, schedulers, callbacks and `enable_model_cpu_offload` work as with the 16-bit one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load, save
+from .models import family_of, get_family
+from .version import __version__
+
+WEIGHTS_NAME = "svdq_model.safetensors"
+INFO_NAME = "svdq.json"
+CONFIG_NAME = "config.json"
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str | None = None) -> Path:
+    """Write the quantized diffusers ``model`` to ``directory`` (created); ``base``: the hub id or directory
+    of the 16-bit pipeline it belongs to (recorded for `svdq generate` / `svdq eval`)."""
+    if not hasattr(model, "save_config"):
+        raise TypeError(f"save_pretrained expects a diffusers model (ModelMixin), got {type(model).__name__}")
+    if getattr(model, "svdq_config", None) is None:
+        raise ValueError(f"{type(model).__name__} is not quantized: run svdq.quantize(model, ...) first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_config(directory)
+    save(model, directory / WEIGHTS_NAME)
+    family = family_of(model)
+    info = {
+        "family": family.name if family else None,
+        "class_name": type(model).__name__,
+        "svdq_version": __version__,
+        "base": base,
+    }
+    (directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+def read_info(directory: str | os.PathLike) -> dict:
+    """The ``svdq.json`` of a saved quantized model (CheckpointError when absent)."""
+    path = Path(directory) / INFO_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not an svdq model directory: {INFO_NAME} not found")
+    return json.loads(path.read_text())
+
+
+def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local directory holding a saved quantized model: ``dir_or_hub_id`` itself, or a Hugging Face Hub
+    snapshot (downloaded, or found in the local cache). Clear error when neither works."""
+    path = Path(dir_or_hub_id)
+    if path.is_dir():
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INFO_NAME) if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not an svdq model directory (saved by svdq.save_pretrained): missing {', '.join(missing)}"
+            )
+        return path
+    s = str(dir_or_hub_id)
+    if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise FileNotFoundError(f"svdq model not found: {s} is not a directory (nor a hub id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(s, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, INFO_NAME], **hub_kwargs)
+    except Exception as e:  # offline, unknown repo, gated, ...: say what was looked for
+        raise FileNotFoundError(
+            f"svdq model {s!r}: no local directory of that name, and the Hugging Face Hub repo could not be "
+            f"fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Looked for "
+            f"{CONFIG_NAME}, {WEIGHTS_NAME} and {INFO_NAME} in ./{s} and in hub repo {s} "
+            f"(offline? set HF_HUB_OFFLINE=0 and check the network, or pass a local directory)"
+        ) from e
+    return resolve(local)
+
+
+def from_pretrained(
+    dir_or_hub_id: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    expected_family: str | None = None,
+    **hub_kwargs,
+) -> nn.Module:
+    """Load a model written by `save_pretrained` (a directory or a hub id) onto ``device``.
+
+    expected_family ("flux" / "sdxl" / "pixart"): raise a clear error when the checkpoint is another family
+    (e.g. before handing it to a pipeline of that family).
+    """
+    import diffusers
+
+    directory = resolve(dir_or_hub_id, **hub_kwargs)
+    info = read_info(directory)
+    if expected_family is not None:
+        get_family(expected_family)
+        if info.get("family") != expected_family:
+            raise CheckpointError(
+                f"{directory} holds a quantized {info.get('class_name')} ({info.get('family')}), but a "
+                f"{expected_family} model was expected"
+            )
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    class_name = config.get("_class_name", info.get("class_name"))
+    cls = getattr(diffusers, str(class_name), None)
+    if cls is None:
+        raise CheckpointError(f"{directory}: config names class {class_name!r}, which diffusers does not have")
+    # Build the skeleton without allocating or initialising 16-bit weights (every tensor comes from the file);
+    # fall back to a normal build if the class keeps non-persistent buffers that the file cannot provide.
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        load(model, directory / WEIGHTS_NAME, device=device)
+    except NotImplementedError:  # "Cannot copy out of meta tensor": a non-persistent buffer (e.g. pos_embed)
+        model = cls.from_config(config)
+        load(model, directory / WEIGHTS_NAME, device=device)
+    model.svdq_info = info
+    return model.eval()
+
+
+def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None = None, *, device="cpu", torch_dtype=None):
+    """The diffusers pipeline ``base`` (hub id or directory), with its denoiser replaced by the svdq model
+    at ``quantized`` (when given). Clear errors for a missing base and a checkpoint of another family."""
+    from diffusers import DiffusionPipeline
+
+    from .models import FAMILIES
+
+    base_path = Path(base)
+    if not base_path.is_dir() and (str(base).startswith((".", "/", "~")) or str(base).count("/") != 1):
+        raise FileNotFoundError(f"base pipeline not found: {base} is not a directory (nor a hub id owner/name)")
+    if base_path.is_dir() and not (base_path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{base} is not a diffusers pipeline directory: model_index.json not found")
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    if quantized is not None:
+        index = _model_index(base)
+        component = "transformer" if "transformer" in index else "unet"
+        class_name = index.get(component, [None, None])[1]
+        expected = next((f.name for f in FAMILIES.values() if class_name in f.classes), None)
+        kwargs[component] = from_pretrained(quantized, device=device, expected_family=expected)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
+    return pipe.to(device)
+
+
+def _model_index(base) -> dict:
+    path = Path(base) / "model_index.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(base), "model_index.json"))
+        except Exception as e:
+            raise FileNotFoundError(
+                f"base pipeline {base!r}: no local directory, and its model_index.json could not be fetched from "
+                f"the Hugging Face Hub ({type(e).__name__}); offline? pass a local pipeline directory"
+            ) from e
+    return json.loads(path.read_text())
