@@ -7,10 +7,8 @@ LoRA hot-swap: `load_lora`, `set_lora_strength`, `unload_lora`, `list_loras`.
 
 from . import ops
 from .calibrate import calibrate_pipeline
-from .calibrate import calibrate_pipeline
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .linear import SVDQLinear
-from .pretrained import from_pretrained, save_pretrained
 from .pretrained import from_pretrained, save_pretrained
 from .lora import LoraError, list_loras, load_lora, set_lora_strength, unload_lora
 from .quantize import QuantizeConfig, quantize, quantized_layers
@@ -33,8 +31,6 @@ __all__ = [
     "SVDQLinear",
     "__version__",
     "build_info",
-    "calibrate_pipeline",
-    "from_pretrained",
     "calibrate_pipeline",
     "from_pretrained",
     "list_loras",
