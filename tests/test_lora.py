@@ -483,7 +483,8 @@ def test_text_encoder_keys_need_the_pipeline(caplog):
     pipe = tiny.tiny_flux_full_pipeline(0)
     svdq.quantize(pipe.transformer, progress=False)
     te = pipe.text_encoder
-    q = te.text_model.encoder.layers[0].self_attn.q_proj
+    encoder = getattr(te, "text_model", te).encoder  # transformers 5 dropped the text_model level
+    q = encoder.layers[0].self_attn.q_proj
     g = torch.Generator().manual_seed(9)
     sd = to_peft(make_lora(tiny.tiny_flux_transformer(0), "flux", seed=9), "transformer.")
     sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(RANK, q.in_features, generator=g)

@@ -257,7 +257,7 @@ def plan_lora(model, source, *, parsed: ParsedLora | None = None, device=None) -
             else:
                 unmatched.append(label)
             continue
-        t = targets[comp].get(path)
+        t = _lookup(targets[comp], path)
         if t is None:
             unmatched.append(label)
             continue
@@ -282,6 +282,17 @@ def plan_lora(model, source, *, parsed: ParsedLora | None = None, device=None) -
         physical_names=physical_names,
         rank=max(ranks.values(), default=0),
     )
+
+
+def _lookup(targets: dict[str, _Target], path: str) -> _Target | None:
+    """``targets[path]``, allowing for transformers 5's CLIP text models, which dropped the ``text_model.``
+    level that LoRA files (trained on transformers 4) still name."""
+    t = targets.get(path)
+    if t is None and path.startswith("text_model."):
+        t = targets.get(path[len("text_model.") :])
+    elif t is None:
+        t = targets.get("text_model." + path)
+    return t
 
 
 def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Block:
