@@ -95,7 +95,7 @@ class _Branch:
         """Concatenate base + blocks into the layer's branch (or restore the base when no block is left)."""
         m = self.module
         if self.quantized:
-            device = m.qweight.device
+            device = m.lora_down.device  # the branch's device (follows model.to(); 4-bit tensors may be elsewhere)
             if not self.blocks:
                 down, up, scales = (t.to(device) for t in self.base)
                 m.set_lowrank(down, up, scales)
@@ -298,8 +298,10 @@ def _lookup(targets: dict[str, _Target], path: str) -> _Target | None:
 def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Block:
     """The columns one adapter adds to one physical layer (several parts when the layer is fused)."""
     module = parts[0][0].module
-    ref = module.wscales if isinstance(module, SVDQLinear) else module.weight
-    dtype, device = ref.dtype, device or ref.device
+    if isinstance(module, SVDQLinear):  # the branch's dtype and device
+        dtype, device = module.dtype, device or module.lora_down.device
+    else:
+        dtype, device = module.weight.dtype, device or module.weight.device
     n, k = module.out_features, module.in_features
     # Group parts whose A and scale are identical: they share one set of down columns.
     groups: list[tuple[AdapterWeights, list[tuple[int, int, torch.Tensor]]]] = []

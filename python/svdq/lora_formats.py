@@ -205,15 +205,14 @@ def _alpha_module(key: str) -> str:
 
 def _normalize_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Older diffusers spellings → PEFT (``<module>.lora_A.weight``), via diffusers' own tables."""
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if all(".lora_A." in k or ".lora_B." in k or not k.endswith(".weight") for k in state):
+        return state
     from diffusers.utils.state_dict_utils import (
         StateDictType,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
-
-    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    if all(".lora_A." in k or ".lora_B." in k or not k.endswith(".weight") for k in state):
-        return state
     te = {k: v for k, v in state.items() if TEXT_ENCODER_RE.match(k)}
     rest = {k: v for k, v in state.items() if k not in te}
     if te and any("lora_linear_layer" in k or "_lora." in k for k in te):
