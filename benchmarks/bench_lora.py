@@ -174,6 +174,8 @@ def main(argv=None) -> dict:
         "device": device,
         "device_name": name,
         "cpu_threads": torch.get_num_threads(),
+        # other jobs on the machine inflate CPU timings: record how busy it was (1-min load average at the end)
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "svdq": svdq.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
