@@ -32,8 +32,11 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(SVDQ_ISA_avx512)
+#if defined(SVDQ_ISA_avx512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define SVDQ_VNNI 1  // u8 x s8 dot products with vpdpbusd (see gemm_groups_vnni)
+#else
+#define SVDQ_VNNI 0
 #endif
 
 #ifndef SVDQ_ISA
@@ -43,9 +46,27 @@
 namespace svdq::cpu::SVDQ_ISA {
 namespace {
 
-typedef int16_t v32i16 __attribute__((vector_size(64)));
-typedef float v16f __attribute__((vector_size(64)));
-typedef int16_t v16i16 __attribute__((vector_size(32)));
+// Native vector width of this ISA level. Vector-extension types wider than the hardware's registers get
+// split late by GCC and their accumulators end up on the stack (measured: base/avx2 GEMM 8x slower), so
+// every hot loop uses native-width vectors or plain loops the compiler vectorizes itself.
+#if defined(SVDQ_ISA_avx512)
+constexpr int kVB = 64;
+#elif defined(SVDQ_ISA_avx2)
+constexpr int kVB = 32;
+#else
+constexpr int kVB = 16;
+#endif
+typedef int16_t vi16 __attribute__((vector_size(kVB)));
+typedef float vf __attribute__((vector_size(kVB)));
+// Unaligned views for loads and stores: memcpy into an *array* of vectors went through the stack (GCC 12).
+typedef int16_t vi16_u __attribute__((vector_size(kVB), aligned(2), may_alias));
+typedef float vf_u __attribute__((vector_size(kVB), aligned(4), may_alias));
+inline vf loadu(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline vi16 loadu(const int16_t* p) { return *reinterpret_cast<const vi16_u*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline void storeu(int16_t* p, vi16 v) { *reinterpret_cast<vi16_u*>(p) = v; }
+constexpr int kI16 = kVB / 2;  // int16 lanes per vector
+constexpr int kF32 = kVB / 4;  // fp32 lanes per vector
 
 constexpr int kRB = kRowTile;   // 4
 constexpr int kNB = kColTile;   // 32
@@ -181,18 +202,21 @@ void quantize_act_rows(const QuantizeActParams& p, int64_t m0, int64_t m1) {
 
     // lora_act[m, j] = Σ_k x[m, k] * lora_down[k, j]: 4 rows x 16 ranks of fp32 accumulators.
     for (int64_t j0 = 0; j0 < rp; j0 += kJB) {
-      v16f acc[kRB] = {};
+      constexpr int kNV = kJB / kF32;  // vectors per row of the 4 x 16 accumulator tile
+      vf acc[kRB][kNV] = {};
       for (int64_t k = 0; k < K; ++k) {
-        v16f w;
-        std::memcpy(&w, p.lora_down + k * rp + j0, sizeof(w));
-        for (int i = 0; i < kRB; ++i) acc[i] += xf[i * Kp + k] * w;
+        vf w[kNV];
+        for (int v = 0; v < kNV; ++v) w[v] = loadu(p.lora_down + k * rp + j0 + v * kF32);
+        for (int i = 0; i < kRB; ++i) {
+          const float xv = xf[i * Kp + k];
+          for (int v = 0; v < kNV; ++v) acc[i][v] += xv * w[v];
+        }
       }
       for (int64_t i = 0; i < nb; ++i) {
+        float a[kJB];
+        for (int v = 0; v < kNV; ++v) storeu(a + v * kF32, acc[i][v]);
         float* out = p.lora_act + (mb + i) * r;
-        for (int64_t j = j0; j < imin(j0 + kJB, r); ++j) {
-          const float v = acc[i][j - j0];
-          out[j] = p.lora_scales ? v * p.lora_scales[j] : v;
-        }
+        for (int64_t j = j0; j < imin(j0 + kJB, r); ++j) out[j] = p.lora_scales ? a[j - j0] * p.lora_scales[j] : a[j - j0];
       }
     }
   }
@@ -203,6 +227,20 @@ void quantize_act_rows(const QuantizeActParams& p, int64_t m0, int64_t m1) {
 void gemm_prepare_rows(const GemmParams& p, int64_t m0, int64_t m1) {
   const int64_t G = p.G, Kp = G * kGroup;
   for (int64_t m = m0; m < m1; ++m) {
+#if SVDQ_VNNI
+    // VNNI layout: row m is Kp bytes q_a + 8 in [0, 15] (vpdpbusd's unsigned operand); padding rows are 8
+    // (q_a = 0), so that the column-sum correction below stays exact for them too.
+    uint8_t* a = reinterpret_cast<uint8_t*>(p.a_unpacked) + m * Kp;
+    if (m >= p.M) {
+      std::memset(a, 8, Kp);
+      continue;
+    }
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qact) + m * (Kp / 2);
+    for (int64_t j = 0; j < Kp / 2; ++j) {
+      a[2 * j] = uint8_t((q[j] & 0xf) ^ 8);  // nibble v encodes (v ^ 8) - 8, so q + 8 = v ^ 8
+      a[2 * j + 1] = uint8_t((q[j] >> 4) ^ 8);
+    }
+#else
     int16_t* a = p.a_unpacked + m * Kp;
     if (m >= p.M) {
       std::memset(a, 0, sizeof(int16_t) * Kp);
@@ -214,6 +252,7 @@ void gemm_prepare_rows(const GemmParams& p, int64_t m0, int64_t m1) {
       a[2 * j] = int16_t(((q[j] & 0xf) ^ 8) - 8);
       a[2 * j + 1] = int16_t(((q[j] >> 4) ^ 8) - 8);
     }
+#endif
     for (int64_t j = 0; j < p.r; ++j) p.lora_act_c[m * p.r + j] = round_to(p.ydtype, p.lora_act[m * p.r + j]);
   }
 }
@@ -223,6 +262,8 @@ namespace {
 // Per 32-column block of the output: everything the row tiles read, built once per task.
 struct Panel {
   int16_t* w;     // [G][64][32]  q_w transposed, zero for columns >= N
+                  // VNNI: int8 [G][16 k-quads][32 n][4 k] (128 bytes per quad: two zmm of 16 columns)
+  int32_t* wsum;  // VNNI: [G][32] Σ_k q_w in the group (corrects the +8 offset of the activations)
   float* sw;      // [G][32]      s_w
   float* lu;      // [r][32]      lora_up transposed
   float bias[kNB];
@@ -233,11 +274,24 @@ void build_panel(const GemmParams& p, int64_t n0, Panel& pan) {
   std::memset(pan.w, 0, sizeof(int16_t) * Kp * kNB);
   std::memset(pan.sw, 0, sizeof(float) * G * kNB);
   std::memset(pan.lu, 0, sizeof(float) * (p.r ? p.r : 1) * kNB);
+#if SVDQ_VNNI
+  std::memset(pan.wsum, 0, sizeof(int32_t) * G * kNB);
+  int8_t* w8 = reinterpret_cast<int8_t*>(pan.w);
+#endif
   for (int64_t c = 0; c < nn; ++c) {
     const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight) + (n0 + c) * (Kp / 2);
     for (int64_t j = 0; j < Kp / 2; ++j) {
-      pan.w[(2 * j) * kNB + c] = int16_t(((q[j] & 0xf) ^ 8) - 8);
-      pan.w[(2 * j + 1) * kNB + c] = int16_t(((q[j] >> 4) ^ 8) - 8);
+      const int lo = ((q[j] & 0xf) ^ 8) - 8, hi = ((q[j] >> 4) ^ 8) - 8;
+#if SVDQ_VNNI
+      const int64_t k = 2 * j;  // k and k + 1 share a quad (k even)
+      int8_t* dst = w8 + (k / 4) * (kNB * 4) + c * 4 + (k % 4);
+      dst[0] = int8_t(lo);
+      dst[1] = int8_t(hi);
+      pan.wsum[(k / kGroup) * kNB + c] += lo + hi;
+#else
+      pan.w[(2 * j) * kNB + c] = int16_t(lo);
+      pan.w[(2 * j + 1) * kNB + c] = int16_t(hi);
+#endif
     }
     for (int64_t g = 0; g < G; ++g) pan.sw[g * kNB + c] = p.wscales[(n0 + c) * G + g];
     for (int64_t j = 0; j < p.r; ++j) pan.lu[j * kNB + c] = p.lora_up[(n0 + c) * p.r + j];
@@ -245,20 +299,69 @@ void build_panel(const GemmParams& p, int64_t n0, Panel& pan) {
   for (int c = 0; c < kNB; ++c) pan.bias[c] = (p.bias && c < nn) ? p.bias[n0 + c] : 0.0f;
 }
 
-// I[i][0..32) = Σ_k a_i[k] * w[k][0..32) for one 64-group, exact in int16.
-inline void group_dot(const int16_t* a0, const int16_t* a1, const int16_t* a2, const int16_t* a3,
-                      const int16_t* w, v32i16 (&I)[kRB]) {
-  v32i16 c0 = {}, c1 = {}, c2 = {}, c3 = {};
-  for (int k = 0; k < kGroup; ++k) {
-    v32i16 wk;
-    std::memcpy(&wk, w + k * kNB, sizeof(wk));
-    c0 += a0[k] * wk;
-    c1 += a1[k] * wk;
-    c2 += a2[k] * wk;
-    c3 += a3[k] * wk;
+// I[i][0..32) = Σ_k a_i[k] * w[k][0..32) for one 64-group, exact in int16. Columns in chunks of at most
+// two vectors so that 4 rows x 2 accumulators + 2 weight vectors fit the registers (SSE: two chunks).
+inline void group_dot(const int16_t* a, int64_t lda, const int16_t* w, int16_t (&I)[kRB][kNB]) {
+  constexpr int kChunk = kNB < 2 * kI16 ? kNB : 2 * kI16;
+  constexpr int kNV = kChunk / kI16;
+  for (int n0 = 0; n0 < kNB; n0 += kChunk) {
+    vi16 c[kRB][kNV] = {};
+    for (int k = 0; k < kGroup; ++k) {
+      vi16 wk[kNV];
+      for (int v = 0; v < kNV; ++v) wk[v] = loadu(w + k * kNB + n0 + v * kI16);
+      for (int i = 0; i < kRB; ++i) {
+        const int16_t av = a[i * lda + k];
+        for (int v = 0; v < kNV; ++v) c[i][v] += av * wk[v];
+      }
+    }
+    for (int i = 0; i < kRB; ++i)
+      for (int v = 0; v < kNV; ++v) storeu(&I[i][n0 + v * kI16], c[i][v]);
   }
-  I[0] = c0; I[1] = c1; I[2] = c2; I[3] = c3;
 }
+
+#if SVDQ_VNNI
+// acc[i][0..32) += Σ_g (s_a[m+i, g] s_w[n, g]) · I[i][n, g] for a 4-row tile, I from vpdpbusd:
+//   Σ_k (q_a + 8) · q_w  =  I + 8 Σ_k q_w   ->   I = dot - 8 · wsum   (exact in int32)
+// Per k-quad: 2 weight loads (32 columns x 4 k), 4 broadcasts (4 rows x 4 k as one int32), 8 vpdpbusd.
+inline void gemm_groups_vnni(const GemmParams& p, const Panel& pan, int64_t m, float (&acc)[kRB][kNB]) {
+  const int64_t G = p.G, Kp = G * kGroup;
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(p.a_unpacked) + m * Kp;
+  const int8_t* w8 = reinterpret_cast<const int8_t*>(pan.w);
+  __m512 f[kRB][2];
+  for (int i = 0; i < kRB; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i c[kRB][2];
+    for (int i = 0; i < kRB; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
+    const int8_t* wg = w8 + g * (kGroup / 4) * (kNB * 4);
+    const uint8_t* ag = a + g * kGroup;
+    for (int kq = 0; kq < kGroup / 4; ++kq) {
+      const __m512i w0 = _mm512_loadu_si512(wg + kq * (kNB * 4));
+      const __m512i w1 = _mm512_loadu_si512(wg + kq * (kNB * 4) + 64);
+      for (int i = 0; i < kRB; ++i) {
+        int32_t quad;
+        std::memcpy(&quad, ag + i * Kp + kq * 4, 4);
+        const __m512i av = _mm512_set1_epi32(quad);
+        c[i][0] = _mm512_dpbusd_epi32(c[i][0], av, w0);
+        c[i][1] = _mm512_dpbusd_epi32(c[i][1], av, w1);
+      }
+    }
+    const __m512i corr0 = _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB), 3);
+    const __m512i corr1 = _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB + 16), 3);
+    const __m512 sw0 = _mm512_loadu_ps(pan.sw + g * kNB), sw1 = _mm512_loadu_ps(pan.sw + g * kNB + 16);
+    for (int i = 0; i < kRB; ++i) {
+      const __m512 sa = _mm512_set1_ps((m + i < p.M) ? p.ascales[(m + i) * G + g] : 0.0f);
+      const __m512 i0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[i][0], corr0));
+      const __m512 i1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[i][1], corr1));
+      f[i][0] = _mm512_fmadd_ps(_mm512_mul_ps(sa, sw0), i0, f[i][0]);
+      f[i][1] = _mm512_fmadd_ps(_mm512_mul_ps(sa, sw1), i1, f[i][1]);
+    }
+  }
+  for (int i = 0; i < kRB; ++i) {
+    _mm512_storeu_ps(acc[i], f[i][0]);
+    _mm512_storeu_ps(acc[i] + 16, f[i][1]);
+  }
+}
+#endif
 
 void store_row(const GemmParams& p, int64_t m, int64_t n0, int64_t nn, const float* v) {
   if (p.ydtype == DType::f32) {
@@ -280,6 +383,7 @@ void gemm_tasks(const GemmParams& p, int64_t t0, int64_t t1) {
   const int64_t tiles_per_chunk = (tiles_m + p.n_tasks_m - 1) / p.n_tasks_m;
   Panel pan;
   pan.w = static_cast<int16_t*>(alloc64(sizeof(int16_t) * Kp * kNB));
+  pan.wsum = static_cast<int32_t*>(alloc64(sizeof(int32_t) * G * kNB));
   pan.sw = static_cast<float*>(alloc64(sizeof(float) * G * kNB));
   pan.lu = static_cast<float*>(alloc64(sizeof(float) * (p.r ? p.r : 1) * kNB));
   int64_t panel_n = -1;
@@ -294,49 +398,41 @@ void gemm_tasks(const GemmParams& p, int64_t t0, int64_t t1) {
     const int64_t tile_end = imin(tiles_m, (mchunk + 1) * tiles_per_chunk);
     for (int64_t tile = mchunk * tiles_per_chunk; tile < tile_end; ++tile) {
       const int64_t m = tile * kRB;
+      alignas(64) float acc[kRB][kNB];
+#if SVDQ_VNNI
+      gemm_groups_vnni(p, pan, m, acc);
+#else
       const int16_t* a = p.a_unpacked + m * Kp;
-      v16f acc[kRB][2] = {};
+      for (int i = 0; i < kRB; ++i)
+        for (int n = 0; n < kNB; ++n) acc[i][n] = 0.0f;
       for (int64_t g = 0; g < G; ++g) {
-        v32i16 I[kRB];
-        const int64_t ko = g * kGroup;
-        group_dot(a + ko, a + Kp + ko, a + 2 * Kp + ko, a + 3 * Kp + ko, pan.w + ko * kNB, I);
-        v16f sw0, sw1;
-        std::memcpy(&sw0, pan.sw + g * kNB, sizeof(sw0));
-        std::memcpy(&sw1, pan.sw + g * kNB + 16, sizeof(sw1));
+        alignas(64) int16_t I[kRB][kNB];
+        group_dot(a + g * kGroup, Kp, pan.w + g * kGroup * kNB, I);
+        const float* sw = pan.sw + g * kNB;
         for (int i = 0; i < kRB; ++i) {
           const float sa = (m + i < p.M) ? p.ascales[(m + i) * G + g] : 0.0f;
-          const v16i16 lo = __builtin_shufflevector(I[i], I[i], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-          const v16i16 hi = __builtin_shufflevector(I[i], I[i], 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27,
-                                                    28, 29, 30, 31);
-          acc[i][0] += (sa * sw0) * __builtin_convertvector(lo, v16f);
-          acc[i][1] += (sa * sw1) * __builtin_convertvector(hi, v16f);
+          for (int n = 0; n < kNB; ++n) acc[i][n] += (sa * sw[n]) * float(I[i][n]);
         }
       }
+#endif
       // epilogue: low-rank up (C(lora_act) · lora_upᵀ), bias, cast
-      v16f lr[kRB][2] = {};
+      alignas(64) float lr[kRB][kNB] = {};
       for (int64_t j = 0; j < p.r; ++j) {
-        v16f u0, u1;
-        std::memcpy(&u0, pan.lu + j * kNB, sizeof(u0));
-        std::memcpy(&u1, pan.lu + j * kNB + 16, sizeof(u1));
+        const float* u = pan.lu + j * kNB;
         for (int i = 0; i < kRB; ++i) {
           const float la = (m + i < p.M) ? p.lora_act_c[(m + i) * p.r + j] : 0.0f;
-          lr[i][0] += la * u0;
-          lr[i][1] += la * u1;
+          for (int n = 0; n < kNB; ++n) lr[i][n] += la * u[n];
         }
       }
-      v16f b0, b1;
-      std::memcpy(&b0, pan.bias, sizeof(b0));
-      std::memcpy(&b1, pan.bias + 16, sizeof(b1));
       for (int i = 0; i < kRB && m + i < p.M; ++i) {
         float row[kNB];
-        const v16f y0 = (acc[i][0] + lr[i][0]) + b0, y1 = (acc[i][1] + lr[i][1]) + b1;
-        std::memcpy(row, &y0, sizeof(y0));
-        std::memcpy(row + 16, &y1, sizeof(y1));
+        for (int n = 0; n < kNB; ++n) row[n] = (acc[i][n] + lr[i][n]) + pan.bias[n];
         store_row(p, m + i, n0, nn, row);
       }
     }
   }
   std::free(pan.w);
+  std::free(pan.wsum);
   std::free(pan.sw);
   std::free(pan.lu);
 }
