@@ -161,7 +161,7 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         raise FileNotFoundError(f"base pipeline not found: {base} is not a directory (nor a hub id owner/name)")
     if base_path.is_dir() and not (base_path / "model_index.json").is_file():
         raise FileNotFoundError(f"{base} is not a diffusers pipeline directory: model_index.json not found")
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    kwargs = {} if torch_dtype is None else {_dtype_kwarg(): torch_dtype}
     if quantized is not None:
         index = _model_index(base)
         component = "transformer" if "transformer" in index else "unet"
@@ -173,6 +173,15 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
     except OSError as e:
         raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
     return pipe.to(device)
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns)."""
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
 
 def _model_index(base) -> dict:

@@ -88,8 +88,11 @@ def generate_image(pipe, prompt: str, seed: int, steps: int | None, kwargs: dict
         kw["num_inference_steps"] = steps
     if negative_prompt is not None:
         kw["negative_prompt"] = negative_prompt
-    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
         kw["callback_on_step_end"] = timer
+    elif "callback" in params:  # older pipeline API (PixArt): callback(step, timestep, latents)
+        kw.update(callback=lambda step, t, latents: timer(pipe, step, t, {}), callback_steps=1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     timer.start()
     with torch.no_grad():
