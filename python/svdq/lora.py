@@ -313,18 +313,22 @@ def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Bl
         else:
             groups.append((w, [(*t.rows, w.up)]))
     cols = sum(a.rank for a, _ in groups)
-    padded = -(-cols // RANK_MULTIPLE) * RANK_MULTIPLE
-    down = torch.zeros(k, padded, dtype=dtype, device=device)
-    up = torch.zeros(n, padded, dtype=dtype, device=device)
-    unit = torch.zeros(padded, dtype=torch.float32, device=device)
+    pad = -(-cols // RANK_MULTIPLE) * RANK_MULTIPLE - cols
+    # One write per element (no zero-fill-then-copy): these blocks are most of a load's memory traffic.
+    cast = dict(device=device, dtype=dtype)
+    down = torch.cat([a.down.T.to(**cast) for a, _ in groups] + [torch.zeros(k, pad, **cast)], 1)
+    f32 = dict(device=device, dtype=torch.float32)
+    unit = torch.cat([torch.full((a.rank,), a.scale, **f32) for a, _ in groups] + [torch.zeros(pad, **f32)])
+    (_, members0), *rest = groups
+    if not rest and len(members0) == 1 and members0[0][:2] == (0, n):  # a plain layer: [B | 0]
+        up = torch.cat([members0[0][2].to(**cast), torch.zeros(n, pad, **cast)], 1)
+        return _Block(down, up, unit)
+    up = torch.zeros(n, cols + pad, **cast)
     c = 0
     for a, members in groups:
-        r = a.rank
-        down[:, c : c + r] = a.down.T.to(device=device, dtype=dtype)
         for r0, r1, b in members:
-            up[r0:r1, c : c + r] = b.to(device=device, dtype=dtype)
-        unit[c : c + r] = a.scale
-        c += r
+            up[r0:r1, c : c + a.rank] = b.to(**cast)
+        c += a.rank
     return _Block(down, up, unit)
 
 
