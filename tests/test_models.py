@@ -113,7 +113,9 @@ def test_fusion_keeps_the_function(family):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_default_layer_selection(family):
     build, inputs = BUILDERS[family]
-    model = svdq.quantize(build(0), progress=False)  # data-free stays available
+    model = build(0)
+    prepare(model)
+    model = svdq.quantize(model, progress=False)  # data-free stays available
     names = set(svdq.quantized_layers(model))
     assert EXPECTED_W4A4[family] <= names
     linear_names = {n for n, m in model.named_modules() if type(m) is nn.Linear}
@@ -149,6 +151,7 @@ def test_calibration_records_the_fused_layers():
     model = tiny.tiny_pixart_transformer(0)
     x = pixart_inputs(model)
     ref = _output(model, x)
+    prepare(model)
 
     def calibration(m):
         for seed in range(2):
@@ -165,8 +168,16 @@ def test_calibration_records_the_fused_layers():
     assert float((out - ref).norm() / ref.norm()) < 0.1
 
 
+def test_unfused_quantization_keeps_every_projection():
+    model = svdq.quantize(tiny.tiny_flux_transformer(0), progress=False)  # svdq.quantize alone does not fuse
+    names = set(svdq.quantized_layers(model))
+    assert len(names) == 34 and "transformer_blocks.0.attn.to_q" in names
+
+
 def test_checkpoint_of_fused_model_loads_into_plain_skeleton(tmp_path):
-    model = svdq.quantize(tiny.tiny_sdxl_unet(0), progress=False)
+    model = tiny.tiny_sdxl_unet(0)
+    prepare(model)
+    model = svdq.quantize(model, progress=False)
     x = sdxl_inputs(model)
     out = _output(model, x)
     svdq.save(model, tmp_path / "unet.safetensors")
@@ -175,7 +186,14 @@ def test_checkpoint_of_fused_model_loads_into_plain_skeleton(tmp_path):
 
 
 def test_checkpoint_of_another_family_is_refused(tmp_path):
-    model = svdq.quantize(tiny.tiny_pixart_transformer(0), progress=False)
-    svdq.save(model, tmp_path / "pixart.safetensors")
+    model = tiny.tiny_pixart_transformer(0)
+    prepare(model)
+    svdq.save(svdq.quantize(model, progress=False), tmp_path / "pixart.safetensors")
+    skeleton = tiny.tiny_flux_transformer(0)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
     with pytest.raises(svdq.CheckpointError, match="does not exist in FluxTransformer2DModel"):
-        svdq.load(tiny.tiny_flux_transformer(0), tmp_path / "pixart.safetensors")
+        svdq.load(skeleton, tmp_path / "pixart.safetensors")
+    # The skeleton was fused to match the checkpoint's names, then restored when loading failed.
+    assert not any(isinstance(m, (SharedInputLinear, ProjectionSlice)) for m in skeleton.modules())
+    after = skeleton.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -57,6 +57,7 @@ def test_pipeline_end_to_end(family, tmp_path):
     config = svdq.QuantizeConfig(alphas=(0.3, 0.5, 0.7), exclude=FAMILIES[family].exclude)  # short α grid: speed
     svdq.quantize(model, calibration=calibration, config=config, progress=False)
     assert all(r["rel_error"] is not None for r in model.svdq_report.values())  # every layer was calibrated
+    assert any(n.endswith(("to_qkv.linear", "to_qkv_mlp.linear")) for n in model.svdq_report)  # fused groups
     quantized = generate(pipe)
 
     q_psnr = psnr(quantized, reference)
@@ -97,7 +98,7 @@ def test_from_pretrained_errors(tmp_path):
         svdq.from_pretrained("svdq-test/no-such-model", local_files_only=True)
     assert "svdq_model.safetensors" in str(e.value)  # says what was looked for
 
-    model = svdq.quantize(tiny.tiny_pixart_transformer(0), progress=False)
+    model = svdq.quantize(tiny.tiny_pixart_transformer(0), progress=False)  # unfused: loads too
     svdq.save_pretrained(model, tmp_path / "pixart")
     with pytest.raises(svdq.CheckpointError, match=r"holds a quantized PixArtTransformer2DModel \(pixart\), but a flux"):
         svdq.from_pretrained(tmp_path / "pixart", expected_family="flux")

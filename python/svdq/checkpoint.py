@@ -40,6 +40,15 @@ class CheckpointError(ValueError):
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (quantized by `svdq.quantize`) to one `.safetensors` file, atomically."""
     path = Path(path)
+    from .lora import list_loras
+
+    adapters = list_loras(model)
+    if adapters:
+        # The checkpoint format stores the base branch only; adapters' strengths live in lora_scales, not saved.
+        raise ValueError(
+            f"cannot save while LoRA adapters are loaded ({sorted(adapters)}): svdq.unload_lora them first and "
+            "keep the LoRA files next to the checkpoint"
+        )
     layers = quantized_layers(model)
     config = getattr(model, "svdq_config", None)
     meta = {
@@ -117,8 +126,16 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
 
     The skeleton's `nn.Linear` layers named in the checkpoint are replaced by `SVDQLinear`; then every
     tensor of the file is loaded (tensors take the file's dtype). Missing or unexpected keys, wrong shapes
-    or dtypes raise `CheckpointError` naming them, before the model is modified.
+    or dtypes raise `CheckpointError` naming them, before the model is modified. Checkpoints with fused
+    shared-input projections (svdq/models) fuse the skeleton first (undone if loading fails).
     """
+    from .models import fused_for_checkpoint
+
+    with fused_for_checkpoint(model, [e["name"] for e in read_metadata(path)["quantized_layers"]]):
+        return _load(model, path, device)
+
+
+def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     path = Path(path)
     meta = read_metadata(path)
     try:
@@ -127,10 +144,6 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
 
-    if any(".to_qkv" in e["name"] or ".to_kv" in e["name"] or ".to_added_qkv" in e["name"] for e in meta["quantized_layers"]):
-        from .models import prepare  # the checkpoint has fused projections (svdq/models): fuse the skeleton too
-
-        prepare(model)
     replacements = {}
     for entry in meta["quantized_layers"]:
         name = entry["name"]

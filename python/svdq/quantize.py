@@ -213,11 +213,10 @@ def quantize(
     Per-layer results (chosen α, relative output error on the calibration sample) end up in
     ``model.svdq_report`` and the config in ``model.svdq_config``.
     """
-    # Known diffusers families (svdq/models): fuse shared-input projections into one nn.Linear first, so
-    # calibration records them as one layer; their family's 16-bit layers are the default exclude.
-    from .models import prepare
+    # Known diffusers families (svdq/models) keep their own set of 16-bit layers by default.
+    from .models import family_of
 
-    family = prepare(model)
+    family = family_of(model)
     if config is None:
         config = QuantizeConfig(
             rank=rank,

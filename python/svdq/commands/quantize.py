@@ -88,7 +88,7 @@ def run(args) -> int:
     import svdq
 
     from ..calibrate import default_prompts, read_prompts
-    from ..models import family_of, pipeline_model
+    from ..models import pipeline_model, prepare
     from ..pretrained import load_pipeline
 
     device, dtype = device_and_dtype(args)
@@ -100,7 +100,7 @@ def run(args) -> int:
     print(f"loading {args.model} ({dtype}, {device}) ...")
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
     model = pipeline_model(pipe)
-    family = family_of(model)
+    family = prepare(model)  # fuse shared-input projections (also when data-free)
     if family is None:
         print(f"note: {type(model).__name__} is not a known family (flux / sdxl / pixart): generic layer selection")
     calibration = None

@@ -8,7 +8,8 @@ Supported diffusers classes (docs/models.md explains every choice):
     sdxl     UNet2DConditionModel       attn1.to_q/k/v → attn1.to_qkv; attn2.to_k/v → attn2.to_kv
     pixart   PixArtTransformer2DModel   attn1.to_q/k/v → attn1.to_qkv; attn2.to_k/v → attn2.to_kv
 
-Fusion (`prepare`) happens before quantization, on the 16-bit model: the group's weights are concatenated
+Fusion (`prepare`) happens before quantization, on the 16-bit model (`svdq.calibrate_pipeline` and
+`svdq quantize` do it; for data-free quantization from Python call `svdq.models.prepare(model)` first): the group's weights are concatenated
 into one `nn.Linear` registered under the fused name, so `svdq.quantize` records calibration statistics for
 that one layer and gives it one smoothing factor and one low-rank branch. The original attributes
 (`attn.to_q`, `block.proj_mlp`, ...) become `ProjectionSlice` stand-ins that hold no weights: calling one runs
@@ -18,6 +19,7 @@ and attention processors run unchanged (as do schedulers, callbacks and `enable_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -122,6 +124,8 @@ def fuse_linears(owner: nn.Module, fused_name: str, parts: dict[str, tuple[nn.Mo
                 torch.cat([m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in linears])
             )
     group = SharedInputLinear(fused, tuple(parts), tuple(m.out_features for m in linears))
+    # Plain references (a list is not registered as submodules), for `unfuse`.
+    group._origin = [owner, fused_name, list(parts.values()), [m.bias is not None for m in linears]]
     owner.add_module(fused_name, group)
     for i, (parent, attr) in enumerate(parts.values()):
         setattr(parent, attr, ProjectionSlice(group, i, k))
@@ -224,8 +228,8 @@ def get_family(name: str) -> Family:
 
 def prepare(model: nn.Module) -> Family | None:
     """Fuse ``model``'s shared-input projections in place (idempotent); returns its family (None: unknown,
-    nothing done). Called by `svdq.quantize` before it selects layers, and by `svdq.load` /
-    `svdq.from_pretrained` on the 16-bit skeleton so its module names match the checkpoint."""
+    nothing done). Called by `svdq.calibrate_pipeline` / `svdq quantize` before quantization, and by
+    `svdq.load` on a 16-bit skeleton whose checkpoint has fused layers, so the module names match."""
     family = family_of(model)
     if family is None:
         return None
@@ -262,6 +266,51 @@ def call_defaults(pipe) -> dict:
     return {}
 
 
+def unfuse(model: nn.Module) -> int:
+    """Undo `prepare` for the groups whose fused layer is still a 16-bit `nn.Linear` (not quantized yet):
+    the original projections come back as `nn.Linear` with their exact weights. Returns how many groups."""
+    n = 0
+    for group in [m for m in model.modules() if isinstance(m, SharedInputLinear)]:
+        origin = getattr(group, "_origin", None)
+        if origin is None or type(group.linear) is not nn.Linear:
+            continue
+        owner, fused_name, locations, had_bias = origin
+        w, b = group.linear.weight, group.linear.bias
+        for (parent, attr), offset, size, bias in zip(locations, group.offsets, group.sizes, had_bias):
+            lin = nn.Linear(w.shape[1], size, bias=bias, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w[offset : offset + size])
+                if bias:
+                    lin.bias.copy_(b[offset : offset + size])
+            setattr(parent, attr, lin)
+        delattr(owner, fused_name)
+        n += 1
+    return n
+
+
+FUSED_NAMES = ("to_qkv", "to_kv", "to_added_qkv", "to_qkv_mlp")
+
+
+def has_fused_layers(layer_names) -> bool:
+    """Whether quantized-layer names (a checkpoint's) come from a model fused by `prepare`."""
+    return any(n.endswith(".linear") and n.split(".")[-2] in FUSED_NAMES for n in layer_names)
+
+
+@contextlib.contextmanager
+def fused_for_checkpoint(model: nn.Module, layer_names):
+    """Fuse ``model`` (a 16-bit skeleton) when the checkpoint's layer names say it was fused; if the body
+    raises, the fusion is undone, so a failed `svdq.load` leaves the skeleton as it was."""
+    fused_here = has_fused_layers(layer_names) and family_of(model) is not None and not is_fused(model)
+    if fused_here:
+        prepare(model)
+    try:
+        yield
+    except BaseException:
+        if fused_here:
+            unfuse(model)
+        raise
+
+
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, SharedInputLinear) for m in model.modules())
 
@@ -279,4 +328,5 @@ __all__ = [
     "pipeline_component",
     "pipeline_model",
     "prepare",
+    "unfuse",
 ]
