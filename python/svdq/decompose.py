@@ -17,9 +17,9 @@ SMOOTH_MIN, SMOOTH_MAX = 1e-5, 1e5
 # Exact SVD below this many columns/rows; above it a randomized SVD (torch.svd_lowrank) with oversampling
 # and power iterations: exact SVD of a 3072×12288 matrix takes seconds even on a GPU, ×11 smoothing
 # candidates × hundreds of layers is too slow; the randomized one needs a few skinny matmuls.
-EXACT_SVD_MAX_DIM = 1024
+EXACT_SVD_MAX_DIM = 256
 LOWRANK_OVERSAMPLE = 32
-LOWRANK_POWER_ITERS = 4
+LOWRANK_POWER_ITERS = 2
 SVD_SEED = 0
 
 

@@ -112,7 +112,10 @@ class SVDQLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._prepared = {}
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        # `.to(dtype)` converts every floating buffer; the per-rank strengths are fp32 by spec (§4.1).
+        self.lora_scales = self.lora_scales.to(torch.float32)
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared = {}
