@@ -65,6 +65,20 @@ print(torch.__version__, torch.version.cuda or "none", int(torch._C._GLIBCXX_USE
     find_library(_path_${_name} NAMES ${_name} PATHS "${_lib}" NO_DEFAULT_PATH REQUIRED)
     target_link_libraries(svdq_torch INTERFACE "${_path_${_name}}")
   endforeach()
+  # at::parallel_for is an inline template: with an OpenMP torch it runs in parallel only when *our* code
+  # is compiled with -fopenmp (otherwise the pragma is ignored and every op runs on one thread). Link the
+  # libgomp torch ships (same soname as the one already loaded by `import torch`: one OpenMP runtime).
+  find_library(_path_gomp NAMES gomp libgomp.so.1 PATHS "${_lib}" NO_DEFAULT_PATH)
+  if(_path_gomp)
+    target_compile_options(svdq_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fopenmp>)
+    target_link_libraries(svdq_torch INTERFACE "${_path_gomp}")
+    message(STATUS "svdq: OpenMP via torch's ${_path_gomp}")
+  else()
+    find_package(OpenMP COMPONENTS CXX)
+    if(OpenMP_CXX_FOUND)
+      target_link_libraries(svdq_torch INTERFACE OpenMP::OpenMP_CXX)
+    endif()
+  endif()
   if(_cuda)
     add_library(svdq_torch_cuda INTERFACE)
     add_library(svdq::torch_cuda ALIAS svdq_torch_cuda)
