@@ -107,3 +107,18 @@ def test_from_pretrained_errors(tmp_path):
         svdq.from_pretrained(tmp_path / "pixart")
     with pytest.raises(ValueError, match="not quantized"):
         svdq.save_pretrained(tiny.tiny_pixart_transformer(0), tmp_path / "x")
+
+
+def test_bf16_reload_is_bit_exact(tmp_path):
+    """Non-persistent buffers (PixArt's pos_embed) are not in the file: they must get the model's dtype."""
+    from test_models import pixart_inputs
+
+    model = tiny.tiny_pixart_transformer(0, dtype=torch.bfloat16)
+    svdq.quantize(model, progress=False)
+    svdq.save_pretrained(model, tmp_path / "q")
+    loaded = svdq.from_pretrained(tmp_path / "q")
+    assert loaded.pos_embed.pos_embed.dtype == torch.bfloat16
+    x = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+         for k, v in pixart_inputs(model).items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(**x, return_dict=False)[0], model(**x, return_dict=False)[0])

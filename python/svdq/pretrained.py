@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load, save
+from .linear import SVDQLinear
 from .models import family_of, get_family
 from .version import __version__
 
@@ -129,8 +130,22 @@ def from_pretrained(
         model = cls.from_config(config)
         load(model, directory / WEIGHTS_NAME, device=device)
     _realign(model)
+    _match_buffer_dtype(model)
     model.svdq_info = info
     return model.eval()
+
+
+def _match_buffer_dtype(model: nn.Module) -> None:
+    """Non-persistent floating buffers (not in the file, e.g. PixArt's pos_embed) were built in fp32 by
+    the skeleton: give them the dtype of the loaded parameters, as the saved model had them."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return
+    for module in model.modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buf = module._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype and not isinstance(module, SVDQLinear):
+                module._buffers[name] = buf.to(dtype)
 
 
 def _realign(model: nn.Module, alignment: int = 64) -> None:
