@@ -9,7 +9,7 @@ import sys
 
 from .version import __version__
 
-COMMANDS = ("demo", "quantize", "generate", "eval", "lora")
+COMMANDS = ("demo", "quantize", "generate", "eval", "lora", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,543 @@
+"""`svdq bench --model`: one denoising step (transformer / UNet forward, batch 1) per variant.
+
+The real architecture at full size is built from its published config with synthetic weights (no download):
+constructed on the meta device, materialized directly on the GPU in bf16 (`to_empty`), then filled with
+seeded random values — host memory stays low. Variants, each eager and under `torch.compile`:
+
+    bf16    diffusers as shipped                                                     the baseline
+    fp8     dynamic FP8: e4m3 `torch._scaled_mm`, per-row activation / per-channel weight scales (sm_89+)
+    nf4     bitsandbytes `Linear4bit` (NF4 weight-only), when bitsandbytes is installed
+    int4    torchao int4 weight-only (`Int4WeightOnlyConfig`), when torchao is installed
+    svdq    `svdq.models.prepare` + `svdq.quantize(model, calibration=None)` (data-free), timed
+
+fp8 / nf4 / int4 replace exactly the `nn.Linear` layers svdq quantizes (the family's default exclusions:
+embeddings, AdaLN modulation, final projection stay bf16) and are undone afterwards; svdq runs last (it
+quantizes in place). Per row: median latency after warm-up (CUDA events), peak memory, weight memory,
+speedup vs bf16 eager, and the step's GPU time split (torch.profiler kernel names: GEMM / svdq activation
+quantization / attention / other) — the GEMM share bounds what faster GEMMs can buy.
+
+Without a GPU (CPU mode): a reduced-width FLUX config (`CPU_FLUX`), fp32 and bf16 against svdq on the
+`cpu` and `reference` backends, eager only unless --compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import CPU_MODE_NOTE
+from .layers import measure
+
+# Published configs (diffusers config.json of the hub repos), full size.
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SDXL_UNET = dict(act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64,
+                 addition_time_embed_dim=256, attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280),
+                 cross_attention_dim=2048,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+                 projection_class_embeddings_input_dim=2816, sample_size=128,
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True)
+PIXART_SIGMA = dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72,
+                    caption_channels=4096, cross_attention_dim=1152, in_channels=4, interpolation_scale=2,
+                    norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=32, norm_type="ada_norm_single",
+                    num_attention_heads=16, num_embeds_ada_norm=1000, num_layers=28, out_channels=8,
+                    patch_size=2, sample_size=128, use_additional_conditions=False)
+# CPU mode: FLUX.1's block structure (double + single stream, AdaLN, RoPE) at width 256, 2 + 4 blocks.
+CPU_FLUX = dict(FLUX_DEV, num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=64,
+                joint_attention_dim=512, pooled_projection_dim=256, axes_dims_rope=(8, 28, 28))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    cls: str  # diffusers class
+    config: dict
+    text_tokens: int  # FLUX: T5 max_sequence_length; SDXL: CLIP 77; PixArt-Σ: T5 300
+
+
+MODELS = {
+    "flux-dev": ModelSpec("flux-dev", "FluxTransformer2DModel", FLUX_DEV, 512),
+    "flux-schnell": ModelSpec("flux-schnell", "FluxTransformer2DModel", dict(FLUX_DEV, guidance_embeds=False), 256),
+    "sdxl": ModelSpec("sdxl", "UNet2DConditionModel", SDXL_UNET, 77),
+    "pixart-sigma": ModelSpec("pixart-sigma", "PixArtTransformer2DModel", PIXART_SIGMA, 300),
+}
+
+
+def cpu_spec(name: str) -> ModelSpec:
+    """The scaled-down stand-in for `name` in CPU mode (FLUX: CPU_FLUX; SDXL / PixArt-Σ: svdq.tiny's configs)."""
+    from .. import tiny
+
+    spec = MODELS[name]
+    if spec.cls == "FluxTransformer2DModel":
+        return ModelSpec(name, spec.cls, dict(CPU_FLUX, guidance_embeds=spec.config["guidance_embeds"]), 64)
+    if spec.cls == "UNet2DConditionModel":
+        return ModelSpec(name, spec.cls, dict(tiny.TINY_SDXL_UNET_CONFIG), 16)
+    return ModelSpec(name, spec.cls, dict(tiny.TINY_PIXART_CONFIG), 16)
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    device: torch.device
+    resolutions: tuple[int, ...]
+    warmup: int = 2
+    repeats: int = 5
+    compile: bool = True
+    rank: int = 32
+    variants: tuple[str, ...] = ("bf16", "fp8", "nf4", "int4", "svdq")
+    backends: tuple[str, ...] = ()
+    profile: bool = True
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def default_config(model: str, device: torch.device, **overrides) -> ModelConfig:
+    import svdq
+
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    avail = svdq.ops.available_backends()
+    if device.type == "cuda":
+        cfg = ModelConfig(model, device, (512, 1024), backends=tuple(b for b in ("cuda",) if b in avail))
+    else:
+        cfg = ModelConfig(model, device, (256, 512), warmup=1, repeats=3, compile=False, profile=False,
+                          variants=("fp32", "bf16", "fp8", "nf4", "int4", "svdq"),
+                          backends=tuple(b for b in ("cpu", "reference") if b in avail))
+        cfg.notes.append(CPU_MODE_NOTE)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- build
+def _init_(model: nn.Module, seed: int) -> None:
+    """Seeded synthetic weights: Linear / Conv weights N(0, 1/fan_in), other tables N(0, 0.02), 1-D weights
+    (norm scales) 1, biases 0 — activations keep a sane scale through the blocks."""
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        done = set()
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
+                done.add(id(m.weight))
+        for name, p in model.named_parameters():
+            if id(p) in done:
+                continue
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def _fix_buffers(model: nn.Module) -> None:
+    """Buffers are computed values (PixArt's sin-cos position table); `to_empty` left them uninitialized."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    for m in model.modules():
+        if isinstance(m, PatchEmbed) and getattr(m, "pos_embed", None) is not None:
+            pe = get_2d_sincos_pos_embed(m.pos_embed.shape[-1], m.height, base_size=m.base_size,
+                                         interpolation_scale=m.interpolation_scale, output_type="pt")
+            m.pos_embed = pe.float().unsqueeze(0).to(m.pos_embed.device)
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise RuntimeError(f"buffer {name} has no recipe in svdq.bench.model._fix_buffers")
+
+
+def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The architecture of `spec` with synthetic weights on `device` in `dtype`, never materialized elsewhere."""
+    import diffusers
+
+    cls = getattr(diffusers, spec.cls)
+    with torch.device("meta"):
+        model = cls(**spec.config)
+    model = model.to_empty(device=device).to(dtype)
+    _init_(model, seed)
+    _fix_buffers(model)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(spec: ModelSpec, model: nn.Module, res: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Keyword arguments of one batch-1 forward at res×res pixels (latents: VAE ÷8; FLUX packs 2×2)."""
+    if res % 16:
+        raise ValueError(f"resolution must be a multiple of 16, got {res}")
+    cfg = model.config
+    g = torch.Generator(device="cpu").manual_seed(1234 + res)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    t = spec.text_tokens
+    if spec.cls == "FluxTransformer2DModel":
+        side = res // 16
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+        d = dict(hidden_states=rnd(1, side * side, cfg.in_channels), encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
+                 pooled_projections=rnd(1, cfg.pooled_projection_dim),
+                 timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                 img_ids=img_ids, txt_ids=torch.zeros(t, 3, device=device, dtype=dtype))
+        if cfg.guidance_embeds:
+            d["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
+        return d
+    lat = res // 8
+    if spec.cls == "UNet2DConditionModel":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=dtype)
+        return dict(sample=rnd(1, cfg.in_channels, lat, lat), timestep=torch.tensor([500], device=device),
+                    encoder_hidden_states=rnd(1, t, cfg.cross_attention_dim),
+                    added_cond_kwargs={"text_embeds": rnd(1, text_dim), "time_ids": time_ids})
+    return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat), encoder_hidden_states=rnd(1, t, cfg.caption_channels),
+                timestep=torch.tensor([500], device=device),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def tokens(spec: ModelSpec, res: int) -> str:
+    if spec.cls == "FluxTransformer2DModel":
+        return f"{(res // 16) ** 2} image + {spec.text_tokens} text tokens"
+    if spec.cls == "PixArtTransformer2DModel":
+        return f"{(res // 16) ** 2} image tokens, {spec.text_tokens} caption tokens"
+    return f"latent {res // 8}×{res // 8}, {spec.text_tokens} text tokens"
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """The unfused nn.Linear layers svdq quantizes by default (the family's exclusions apply)."""
+    from ..models import family_of
+    from ..quantize import DEFAULT_EXCLUDE
+
+    fam = family_of(model)
+    exclude = fam.exclude if fam else DEFAULT_EXCLUDE
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+
+
+class FP8Linear(nn.Module):
+    """Dynamic FP8 (e4m3): weights per output channel at load, activations per row at run time (amax / 448),
+    one `torch._scaled_mm` with bias. Activation quantization is a separate pass, as in torchao's dynamic FP8."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        ws = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+        self.register_buffer("w8", (w / ws).to(torch.float8_e4m3fn))  # [N, K]
+        self.register_buffer("wscale", ws.t().contiguous())  # [1, N] fp32
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = (x2.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+        x8 = (x2 / xs).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=xs, scale_b=self.wscale, bias=self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _nf4_factory():
+    import bitsandbytes as bnb
+
+    def make(lin: nn.Linear) -> nn.Module:
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                compute_dtype=lin.weight.dtype, quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+        new.weight = new.weight.to(lin.weight.device)  # quantizes
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+        return new
+
+    return make
+
+
+def _int4_factory():
+    import torchao.quantization as tq
+
+    cfg = tq.Int4WeightOnlyConfig(group_size=128) if hasattr(tq, "Int4WeightOnlyConfig") else tq.int4_weight_only(128)
+
+    def make(lin: nn.Linear) -> nn.Module:
+        new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        new.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+        tq.quantize_(new, cfg)
+        return new
+
+    return make
+
+
+def _variant_unavailable(variant: str, device: torch.device) -> str | None:
+    """Why `variant` cannot run here, or None."""
+    if variant == "fp8":
+        if device.type != "cuda":
+            return "GPU only (torch._scaled_mm e4m3 needs an sm_89+ GPU)"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return f"no FP8 tensor cores on sm_{cap[0]}{cap[1]}"
+    if variant in ("nf4", "int4"):
+        pkg = "bitsandbytes" if variant == "nf4" else "torchao"
+        try:
+            __import__(pkg)
+        except Exception as e:  # noqa: BLE001
+            return f"{pkg} not installed ({type(e).__name__}); `pip install {pkg}` to compare"
+        if device.type != "cuda":
+            return f"GPU only ({pkg}'s 4-bit kernels)"
+    return None
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, names: list[str], make) -> list[str]:
+    """Replace the named layers by make(layer) (layers it refuses keep 16-bit) and put them back on exit."""
+    originals, skipped = [], []
+    try:
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            lin = getattr(parent, attr)
+            try:
+                new = make(lin)
+            except Exception as e:  # noqa: BLE001  (a shape the kernel cannot take stays 16-bit)
+                skipped.append(f"{name}: {type(e).__name__}")
+                continue
+            originals.append((parent, attr, lin))
+            setattr(parent, attr, new)
+        yield skipped
+    finally:
+        for parent, attr, lin in originals:
+            setattr(parent, attr, lin)
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once; bitsandbytes' quant state included)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        for u in _leaves(t):
+            key = (u.untyped_storage().data_ptr(), u.dtype, u.numel()) if u.device.type != "meta" else id(u)
+            if key not in seen:
+                seen.add(key)
+                total += u.numel() * u.element_size()
+    for m in model.modules():  # bitsandbytes keeps absmax / code on the parameter's quant_state
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            for v in vars(qs).values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def _leaves(t: torch.Tensor):
+    """Plain tensors inside a tensor subclass (torchao's packed weights), else the tensor itself."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    out = []
+    for n in names:
+        out += _leaves(getattr(t, n))
+    return out
+
+
+GEMM_KEYS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "wgmma", "kgemm", "mm_kernel",
+             "matmul", "splitk", "int4")
+ATTN_KEYS = ("flash", "fmha", "attention", "cudnn", "sdpa", "attn")
+QACT_KEYS = ("quantize_act", "reduce_splits")
+
+
+def time_split(model, inputs: dict) -> dict | None:
+    """Fraction of one step's GPU kernel time in GEMMs, svdq activation quantization, attention, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+    split = {"gemm": 0.0, "quantize_act": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).lower().find("cuda") < 0:
+            continue
+        us = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
+        k = e.name.lower()
+        if k.startswith(("aten::", "cuda", "memcpy", "memset")) and "kernel" not in k:
+            if k.startswith(("memcpy", "memset")):
+                split["other"] += us
+            continue
+        cat = ("quantize_act" if any(s in k for s in QACT_KEYS) else "gemm" if any(s in k for s in GEMM_KEYS)
+               else "attention" if any(s in k for s in ATTN_KEYS) else "other")
+        split[cat] += us
+    total = sum(split.values())
+    if total <= 0:
+        return None
+    return {**{c: round(v / total, 4) for c, v in split.items()}, "total_ms": round(total / 1e3, 3)}
+
+
+def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str, dtype: torch.dtype, log,
+              backend: str | None = None, extra: dict | None = None) -> list[dict]:
+    """Time one step per resolution, eager and (cfg.compile) compiled."""
+    import svdq
+
+    rows = []
+    modes = ("eager", "compiled") if cfg.compile else ("eager",)
+    wbytes = weight_bytes(model)
+    ctx = svdq.ops.use_backend(backend) if backend else contextlib.nullcontext()
+    gpu = cfg.device.type == "cuda"
+    for mode in modes:
+        if mode == "compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(model, dynamic=False)
+        else:
+            fn = model
+        for res in cfg.resolutions:
+            row = {"variant": variant, "backend": backend, "mode": mode, "res": res, "tokens": tokens(spec, res),
+                   "dtype": str(dtype).replace("torch.", ""), "weight_bytes": wbytes, **(extra or {})}
+            try:
+                inputs = make_inputs(spec, model, res, cfg.device, dtype)
+                with ctx, torch.no_grad():
+                    t0 = time.perf_counter()
+                    fn(**inputs, return_dict=False)
+                    if gpu:
+                        torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.perf_counter() - t0, 3)  # compilation for `compiled`
+                    times = measure(lambda: fn(**inputs, return_dict=False), cfg.device, cfg.warmup, cfg.repeats)
+                    row.update(status="ok", median_ms=round(statistics.median(times), 3),
+                               times_ms=[round(t, 3) for t in times])
+                    if gpu:
+                        torch.cuda.reset_peak_memory_stats(cfg.device)
+                        before = torch.cuda.memory_allocated(cfg.device)
+                        fn(**inputs, return_dict=False)
+                        torch.cuda.synchronize()
+                        row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
+                        row["activation_peak_bytes"] = row["peak_mem_bytes"] - before
+                        if cfg.profile:
+                            row["time_split"] = time_split(fn, inputs)
+            except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others)
+                row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            rows.append(row)
+            log(f"  {variant}{'[' + backend + ']' if backend else ''} {mode} {res}²: "
+                + (f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["note"]))
+    if cfg.compile:
+        torch._dynamo.reset()
+    return rows
+
+
+def run_model(cfg: ModelConfig, log=print) -> dict:
+    """Every variant of cfg.model on this device; returns {"config", "model", "rows", "quantization", "notes"}."""
+    import svdq
+    from ..decompose import EXACT_SVD_MAX_DIM
+
+    gpu = cfg.device.type == "cuda"
+    spec = MODELS[cfg.model] if gpu else cpu_spec(cfg.model)
+    base_dtype = torch.bfloat16 if gpu else torch.float32
+    t0 = time.perf_counter()
+    model = build_model(spec, cfg.device, base_dtype, cfg.seed)
+    if gpu:
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    nparams = sum(p.numel() for p in model.parameters())
+    log(f"built {spec.cls} ({cfg.model}{', CPU-mode width' if not gpu else ''}): {nparams / 1e9:.3f} B params, "
+        f"{weight_bytes(model) / 2**30:.2f} GiB in {str(base_dtype)[6:]}, {build_s:.1f} s")
+    names = quantized_layer_names(model)
+    rows, quant = [], {}
+    for variant in cfg.variants:
+        why = _variant_unavailable(variant, cfg.device)
+        if why is not None:
+            rows.append({"variant": variant, "status": "skipped", "note": why})
+            log(f"  {variant}: skipped ({why})")
+            continue
+        if variant in ("bf16", "fp32"):
+            dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+            m = model if dtype == base_dtype else copy.deepcopy(model).to(dtype)
+            rows += step_rows(cfg, spec, m, variant, dtype, log)
+            del m
+        elif variant in ("fp8", "nf4", "int4"):
+            make = {"fp8": lambda: FP8Linear, "nf4": _nf4_factory, "int4": _int4_factory}[variant]()
+            with swapped(model, names, make) as skipped:
+                extra = {"note": f"{len(names) - len(skipped)} of {len(names)} linear layers swapped"
+                                 + (f"; kept 16-bit: {skipped[:3]}" if skipped else "")}
+                if gpu:
+                    torch.cuda.empty_cache()
+                rows += step_rows(cfg, spec, model, variant, base_dtype, log, extra=extra)
+        elif variant == "svdq":
+            target = model if gpu else copy.deepcopy(model)  # GPU: in place, last (memory); CPU: a copy
+            if gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            svdq.models.prepare(target)
+            svdq.quantize(target, calibration=None, rank=cfg.rank, progress=False)
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            layers = svdq.quantized_layers(target)
+            quant = {"seconds": round(time.perf_counter() - t0, 2), "layers": len(layers), "rank": cfg.rank,
+                     "method": "svdquant, data-free (calibration=None), randomized SVD above "
+                               f"{EXACT_SVD_MAX_DIM} dims",
+                     "device": str(cfg.device)}
+            log(f"  svdq: quantized {len(layers)} layers (data-free, rank {cfg.rank}) in {quant['seconds']:.1f} s")
+            for be in cfg.backends:
+                rows += step_rows(cfg, spec, target, "svdq", base_dtype, log, backend=be,
+                                  extra={"note": f"rank {cfg.rank}, data-free"})
+            del target
+        else:
+            raise ValueError(f"unknown variant {variant!r}")
+    _speedups(rows, "bf16" if gpu else "fp32")
+    return {
+        "config": {"model": cfg.model, "class": spec.cls, "architecture": {k: (list(v) if isinstance(v, tuple) else v)
+                                                                          for k, v in spec.config.items()},
+                   "text_tokens": spec.text_tokens, "resolutions": list(cfg.resolutions), "batch": 1,
+                   "warmup": cfg.warmup, "repeats": cfg.repeats, "compile": cfg.compile, "rank": cfg.rank,
+                   "backends": list(cfg.backends), "variants": list(cfg.variants), "seed": cfg.seed,
+                   "weights": "synthetic (seeded), no download"},
+        "model": {"params": nparams, "build_seconds": round(build_s, 2), "quantized_linear_layers": len(names)},
+        "quantization": quant,
+        "rows": rows,
+        "targets": _targets(rows) if gpu and spec.cls == "FluxTransformer2DModel" else {},
+        "notes": list(cfg.notes),
+    }
+
+
+def _speedups(rows: list[dict], baseline: str) -> None:
+    base = {(r["res"], r["mode"]): r["median_ms"] for r in rows
+            if r["variant"] == baseline and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        eager = base.get((r["res"], "eager"))
+        same = base.get((r["res"], r["mode"]))
+        r["baseline"] = f"{baseline} eager"
+        if eager:
+            r["speedup_vs_baseline"] = round(eager / r["median_ms"], 3)
+        if same:
+            r["speedup_vs_baseline_same_mode"] = round(same / r["median_ms"], 3)
+        b = next((x for x in rows if x["variant"] == baseline and x.get("weight_bytes")), None)
+        if b:
+            r["weight_ratio_vs_baseline"] = round(b["weight_bytes"] / r["weight_bytes"], 3)
+
+
+def _targets(rows: list[dict], res: int = 1024) -> dict:
+    """Issue 7's targets for FLUX at 1024²: svdq eager ≥ 1.3× bf16 eager, svdq compiled ≤ FP8 compiled
+    latency, svdq weights ≤ bf16 / 3.5."""
+    def get(variant, mode):
+        return next((r for r in rows if r["variant"] == variant and r.get("mode") == mode and r.get("res") == res
+                     and r.get("status") == "ok"), None)
+
+    out = {}
+    b, s = get("bf16", "eager"), get("svdq", "eager")
+    if b and s:
+        out["svdq_eager_speedup_ge_1.3"] = {"value": round(b["median_ms"] / s["median_ms"], 3),
+                                            "pass": b["median_ms"] / s["median_ms"] >= 1.3}
+        out["svdq_weights_le_bf16_over_3.5"] = {"value": round(b["weight_bytes"] / s["weight_bytes"], 3),
+                                                "pass": b["weight_bytes"] / s["weight_bytes"] >= 3.5}
+    f, sc = get("fp8", "compiled"), get("svdq", "compiled")
+    if f and sc:
+        out["svdq_compiled_le_fp8_compiled_ms"] = {"value": [sc["median_ms"], f["median_ms"]],
+                                                   "pass": sc["median_ms"] <= f["median_ms"]}
+    return out
