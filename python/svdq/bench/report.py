@@ -78,8 +78,8 @@ def markdown(result: dict) -> str:
         if result.get("targets"):
             lines += ["", "Targets (FLUX 1024²): " + "; ".join(
                 f"{k}: {v['value']} → {'PASS' if v['pass'] else 'FAIL'}" for k, v in result["targets"].items())]
-        lines += ["", ""× 16-bit eager" is against the baseline row: bf16 eager on a GPU, fp32 eager in CPU mode. Weights: "
-                  "parameters + buffers of the whole denoiser (layers kept 16-bit included)."]
+        lines += ["", "\"× 16-bit eager\" is against the baseline row: bf16 eager on a GPU, fp32 eager in CPU mode. "
+                  "Weights: parameters + buffers of the whole denoiser (layers kept 16-bit included)."]
     for n in result.get("notes", []):
         lines += ["", f"Note: {n}"]
     return "\n".join(lines) + "\n"
