@@ -110,3 +110,9 @@ def test_help_has_examples(command, capsys):
         cli.main([command, "--help"])
     assert e.value.code == 0
     assert f"svdq {command} --model" in capsys.readouterr().out
+
+
+def test_dtype_mismatch_is_reported(dirs, capsys):
+    rc = cli.main(["generate", "--model", str(dirs["pixart"]), "--quantized", str(dirs["pixart-q"]),
+                   "--dtype", "bf16", "--prompt", "x", "--out", str(dirs["root"] / "x.png")])
+    assert rc == 1 and "is torch.float32 but the pipeline was asked for torch.bfloat16" in capsys.readouterr().err

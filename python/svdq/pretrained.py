@@ -182,7 +182,14 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         component = "transformer" if "transformer" in index else "unet"
         class_name = index.get(component, [None, None])[1]
         expected = next((f.name for f in FAMILIES.values() if class_name in f.classes), None)
-        kwargs[component] = from_pretrained(quantized, device=device, expected_family=expected)
+        model = from_pretrained(quantized, device=device, expected_family=expected)
+        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if torch_dtype is not None and model_dtype is not None and model_dtype != torch_dtype:
+            raise ValueError(
+                f"the quantized model at {quantized} is {model_dtype} but the pipeline was asked for {torch_dtype}: "
+                f"load the base pipeline in {model_dtype} (--dtype), or quantize again in {torch_dtype}"
+            )
+        kwargs[component] = model
     try:
         pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
     except OSError as e:
