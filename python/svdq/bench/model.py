@@ -93,6 +93,8 @@ class ModelConfig:
     warmup: int = 2
     repeats: int = 5
     compile: bool = True
+    compile_mode: str = "auto"  # "regional" (diffusers' compile_repeated_blocks), "full", "auto": regional if any
+    compile_resolutions: tuple[int, ...] | None = None  # None: the largest resolution only (compile time)
     rank: int = 32
     variants: tuple[str, ...] = ("bf16", "fp8", "nf4", "int4", "svdq")
     backends: tuple[str, ...] = ()
@@ -164,7 +166,7 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
     cls = getattr(diffusers, spec.cls)
     with torch.device("meta"):
         model = cls(**spec.config)
-    model = model.to_empty(device=device).to(dtype)
+    model = nn.Module.to(model, dtype).to_empty(device=device)  # cast on meta: never a full fp32 copy
     _init_(model, seed)
     _fix_buffers(model)
     return model.eval().requires_grad_(False)
@@ -365,7 +367,7 @@ def time_split(model, inputs: dict) -> dict | None:
     for e in prof.events():
         if str(getattr(e, "device_type", "")).lower().find("cuda") < 0:
             continue
-        us = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
+        us = e.time_range.elapsed_us()  # a kernel event: its GPU duration
         k = e.name.lower()
         if k.startswith(("aten::", "cuda", "memcpy", "memset")) and "kernel" not in k:
             if k.startswith(("memcpy", "memset")):
@@ -388,20 +390,31 @@ def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str,
     rows = []
     modes = ("eager", "compiled") if cfg.compile else ("eager",)
     wbytes = weight_bytes(model)
-    ctx = svdq.ops.use_backend(backend) if backend else contextlib.nullcontext()
+    def ctx():  # a fresh context each time (generator context managers are single-use)
+        return svdq.ops.use_backend(backend) if backend else contextlib.nullcontext()
+
     gpu = cfg.device.type == "cuda"
     for mode in modes:
+        resolutions = cfg.resolutions
         if mode == "compiled":
             torch._dynamo.reset()
-            fn = torch.compile(model, dynamic=False)
+            resolutions = cfg.compile_resolutions or (max(cfg.resolutions),)
+            try:
+                fn, how = compiled(model, cfg.compile_mode)
+            except Exception as e:  # noqa: BLE001
+                for res in resolutions:
+                    rows.append({"variant": variant, "backend": backend, "mode": mode, "res": res, "status": "error",
+                                 "note": f"compile setup: {type(e).__name__}: {str(e)[:200]}"})
+                continue
         else:
-            fn = model
-        for res in cfg.resolutions:
-            row = {"variant": variant, "backend": backend, "mode": mode, "res": res, "tokens": tokens(spec, res),
+            fn, how = model, "eager"
+        for res in resolutions:
+            row = {"variant": variant, "backend": backend, "mode": mode, "compile": how, "res": res,
+                   "tokens": tokens(spec, res),
                    "dtype": str(dtype).replace("torch.", ""), "weight_bytes": wbytes, **(extra or {})}
             try:
                 inputs = make_inputs(spec, model, res, cfg.device, dtype)
-                with ctx, torch.no_grad():
+                with ctx(), torch.no_grad():
                     t0 = time.perf_counter()
                     fn(**inputs, return_dict=False)
                     if gpu:
@@ -416,6 +429,7 @@ def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str,
                         fn(**inputs, return_dict=False)
                         torch.cuda.synchronize()
                         row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
+                        row["resident_bytes"] = before  # weights as the backend holds them + inputs
                         row["activation_peak_bytes"] = row["peak_mem_bytes"] - before
                         if cfg.profile:
                             row["time_split"] = time_split(fn, inputs)
@@ -423,10 +437,32 @@ def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str,
                 row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             rows.append(row)
             log(f"  {variant}{'[' + backend + ']' if backend else ''} {mode} {res}²: "
-                + (f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["note"]))
-    if cfg.compile:
-        torch._dynamo.reset()
+                + (f"{row['median_ms']:.1f} ms (first call {row['first_call_s']:.1f} s)" if row["status"] == "ok"
+                   else row["note"]))
+        if mode == "compiled":
+            uncompile(model)
     return rows
+
+
+def compiled(model: nn.Module, mode: str):
+    """(callable, description): regional compilation of the repeated blocks (diffusers'
+    `compile_repeated_blocks`: each distinct block compiled once, reused 19 + 38 times on FLUX — far less
+    compile time, close to full-graph speed) or `torch.compile` of the whole model."""
+    blocks = getattr(model, "_repeated_blocks", None) or []
+    if mode == "regional" and not blocks:
+        raise ValueError(f"{type(model).__name__} has no _repeated_blocks for regional compilation")
+    if mode in ("regional", "auto") and blocks:
+        model.compile_repeated_blocks(dynamic=False)
+        return model, f"regional ({', '.join(blocks)})"
+    return torch.compile(model, dynamic=False), "full model"
+
+
+def uncompile(model: nn.Module) -> None:
+    """Undo `compile_repeated_blocks` (module.compile) so the next variant starts eager, and drop caches."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 def run_model(cfg: ModelConfig, log=print) -> dict:
@@ -493,7 +529,8 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
         "config": {"model": cfg.model, "class": spec.cls, "architecture": {k: (list(v) if isinstance(v, tuple) else v)
                                                                           for k, v in spec.config.items()},
                    "text_tokens": spec.text_tokens, "resolutions": list(cfg.resolutions), "batch": 1,
-                   "warmup": cfg.warmup, "repeats": cfg.repeats, "compile": cfg.compile, "rank": cfg.rank,
+                   "warmup": cfg.warmup, "repeats": cfg.repeats, "compile": cfg.compile,
+                   "compile_mode": cfg.compile_mode, "rank": cfg.rank,
                    "backends": list(cfg.backends), "variants": list(cfg.variants), "seed": cfg.seed,
                    "weights": "synthetic (seeded), no download"},
         "model": {"params": nparams, "build_seconds": round(build_s, 2), "quantized_linear_layers": len(names)},

@@ -85,6 +85,11 @@ def add_parser(sub) -> None:
                    help="image sizes in pixels, comma-separated multiples of 16 (GPU default 512,1024; CPU 256,512)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on for GPU, off in CPU mode)")
+    g.add_argument("--compile-mode", choices=("auto", "regional", "full"), default=None,
+                   help="regional: compile each repeated block once (diffusers' compile_repeated_blocks; FLUX, "
+                   "SDXL), full: torch.compile the whole model; auto (default): regional where possible")
+    g.add_argument("--compile-res", type=_int_list, default=None,
+                   help="resolutions timed compiled (default: the largest --res only; compilation takes minutes)")
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU time split per row with torch.profiler (GPU only; default on)")
     g.add_argument("--variants", type=_name_list, default=None,
@@ -113,14 +118,16 @@ def validate(args) -> None:
         raise ValueError(f"--rank must be a non-negative multiple of 16, got {args.rank}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.layers and (args.res or args.variants or args.compile is not None or args.profile is not None):
-        raise ValueError("--res / --variants / --compile / --profile apply to --model, not --layers")
+    if args.layers and (args.res or args.variants or args.compile is not None or args.profile is not None
+                        or args.compile_mode or args.compile_res):
+        raise ValueError("--res / --variants / --compile* / --profile apply to --model, not --layers")
     if args.model and (args.tokens or args.shapes):
         raise ValueError("--tokens / --shapes apply to --layers, not --model")
     if args.tokens and min(args.tokens) < 1:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
-    if args.res and any(r < 16 or r % 16 for r in args.res):
-        raise ValueError(f"--res values must be positive multiples of 16, got {args.res}")
+    for opt, vals in (("--res", args.res), ("--compile-res", args.compile_res)):
+        if vals and any(r < 16 or r % 16 for r in vals):
+            raise ValueError(f"{opt} values must be positive multiples of 16, got {vals}")
     if args.backends:
         bad = [b for b in args.backends if b not in svdq.ops.available_backends()]
         if bad:
@@ -159,6 +166,7 @@ def run(args) -> int:
 
         cfg = model.default_config(args.model, device, resolutions=args.res, warmup=args.warmup,
                                    repeats=args.repeats, compile=args.compile, rank=args.rank,
+                                   compile_mode=args.compile_mode, compile_resolutions=args.compile_res,
                                    backends=args.backends, variants=args.variants,
                                    profile=args.profile if device.type == "cuda" else False)
         result = {"kind": f"model {args.model}", **model.run_model(cfg)}
