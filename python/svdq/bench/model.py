@@ -186,11 +186,11 @@ def make_inputs(spec: ModelSpec, model: nn.Module, res: int, device: torch.devic
     if spec.cls == "FluxTransformer2DModel":
         side = res // 16
         r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+        img_ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3).to(device=device, dtype=torch.float32)
         d = dict(hidden_states=rnd(1, side * side, cfg.in_channels), encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
                  pooled_projections=rnd(1, cfg.pooled_projection_dim),
                  timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                 img_ids=img_ids, txt_ids=torch.zeros(t, 3, device=device, dtype=dtype))
+                 img_ids=img_ids, txt_ids=torch.zeros(t, 3, device=device, dtype=torch.float32))
         if cfg.guidance_embeds:
             d["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
         return d
@@ -351,7 +351,7 @@ def _leaves(t: torch.Tensor):
 
 
 GEMM_KEYS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "wgmma", "kgemm", "mm_kernel",
-             "matmul", "splitk", "int4")
+             "matmul", "splitk", "int4", "_mm", "addmm")  # cuBLAS / CUTLASS / Triton mm templates / svdq / bnb
 ATTN_KEYS = ("flash", "fmha", "attention", "cudnn", "sdpa", "attn")
 QACT_KEYS = ("quantize_act", "reduce_splits")
 
@@ -373,8 +373,9 @@ def time_split(model, inputs: dict) -> dict | None:
             if k.startswith(("memcpy", "memset")):
                 split["other"] += us
             continue
-        cat = ("quantize_act" if any(s in k for s in QACT_KEYS) else "gemm" if any(s in k for s in GEMM_KEYS)
-               else "attention" if any(s in k for s in ATTN_KEYS) else "other")
+        # attention before GEMM: memory-efficient attention kernels are named fmha_cutlass*
+        cat = ("quantize_act" if any(s in k for s in QACT_KEYS) else "attention" if any(s in k for s in ATTN_KEYS)
+               else "gemm" if any(s in k for s in GEMM_KEYS) else "other")
         split[cat] += us
     total = sum(split.values())
     if total <= 0:
@@ -518,6 +519,10 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
                                f"{EXACT_SVD_MAX_DIM} dims",
                      "device": str(cfg.device)}
             log(f"  svdq: quantized {len(layers)} layers (data-free, rank {cfg.rank}) in {quant['seconds']:.1f} s")
+            if not cfg.backends:
+                why = f"no svdq backend runs on {cfg.device.type} here (available: {svdq.ops.available_backends()})"
+                rows.append({"variant": "svdq", "status": "skipped", "note": why})
+                log(f"  svdq: skipped ({why})")
             for be in cfg.backends:
                 rows += step_rows(cfg, spec, target, "svdq", base_dtype, log, backend=be,
                                   extra={"note": f"rank {cfg.rank}, data-free"})
