@@ -60,7 +60,9 @@ def markdown(result: dict) -> str:
         lines += [f"{c['class']} (`{c['model']}`), {result['model']['params'] / 1e9:.3f} B parameters, synthetic weights; "
                   f"one step, batch 1; median of {c['repeats']} after {c['warmup']} warm-up; rank {c['rank']}.", ""]
         if q:
-            lines += [f"Quantization (data-free, {q['layers']} layers, on {q['device']}): **{q['seconds']:.1f} s**.", ""]
+            lines += [f"Quantization (data-free, {q['layers']} layers, on {q['device']}): **{q['seconds']:.1f} s**; "
+                      f"the quantized layers' weights {_mib(q['linear_bytes_16bit'])} MiB ({q['dtype']}) → "
+                      f"{_mib(q['linear_bytes_svdq'])} MiB ({q['linear_weight_ratio']:.2f}× smaller).", ""]
         lines += ["| variant | backend | mode | res | ms | × 16-bit eager | × same mode | peak MiB | weights MiB "
                   "| GEMM / qact / attn / other | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
