@@ -156,3 +156,43 @@ def test_fp8_and_weight_only_variants_explain_skips():
         why = bmodel._variant_unavailable(v, torch.device("cpu"))
         assert why and ("not installed" in why or "GPU only" in why)
     assert bmodel._variant_unavailable("bf16", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("nvjet_tst_192x192_64x4_1x2_h_bz_coopA_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("void w4a4_gemm_kernel<(Mma)1, __nv_bfloat16>(W4A4GemmParams)", "gemm"),
+    ("void quantize_act_kernel<64, __nv_bfloat16>(KernelArgs)", "quantize_act"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+    ("triton_tem_fused_addmm_3", "gemm"),
+    ("triton_poi_fused_add_mul_native_layer_norm_7", "other"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+    ("cudaLaunchKernel", None),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+])
+def test_kernel_category(name, cat):
+    assert bmodel.kernel_category(name) == cat
+
+
+def test_fp8_swap_runs_and_restores():
+    """Dynamic FP8 (torch._scaled_mm also runs on the CPU in this torch) swaps svdq's layer set and puts the
+    16-bit layers back; weight bytes drop while swapped."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype")
+    spec = bmodel.cpu_spec("flux-dev")
+    m = bmodel.build_model(spec, torch.device("cpu"), torch.bfloat16)
+    names = bmodel.quantized_layer_names(m)
+    inp = bmodel.make_inputs(spec, m, 32, torch.device("cpu"), torch.bfloat16)
+    w16 = bmodel.weight_bytes(m)
+    with torch.no_grad():
+        ref = m(**inp, return_dict=False)[0].float()
+        try:
+            with bmodel.swapped(m, names, bmodel.FP8Linear) as skipped:
+                assert not skipped and bmodel.weight_bytes(m) < 0.8 * w16
+                y = m(**inp, return_dict=False)[0].float()
+        except RuntimeError as e:  # a torch without a CPU _scaled_mm
+            pytest.skip(f"torch._scaled_mm not on CPU: {e}")
+        assert float((y - ref).norm() / ref.norm()) < 0.15
+        assert torch.equal(m(**inp, return_dict=False)[0].float(), ref)
+    assert bmodel.weight_bytes(m) == w16

@@ -356,6 +356,20 @@ ATTN_KEYS = ("flash", "fmha", "attention", "cudnn", "sdpa", "attn")
 QACT_KEYS = ("quantize_act", "reduce_splits")
 
 
+def kernel_category(name: str) -> str | None:
+    """"gemm" | "quantize_act" | "attention" | "other" for a GPU kernel name; None for runtime API entries."""
+    k = name.lower()
+    if k.startswith(("memcpy", "memset")):
+        return "other"
+    if k.startswith("aten::") or (k.startswith("cuda") and not k.startswith("cudnn")):  # runtime API calls
+        return None
+    if any(s in k for s in QACT_KEYS):
+        return "quantize_act"
+    if any(s in k for s in ATTN_KEYS):  # before GEMM: memory-efficient attention kernels are named fmha_cutlass*
+        return "attention"
+    return "gemm" if any(s in k for s in GEMM_KEYS) else "other"
+
+
 def time_split(model, inputs: dict) -> dict | None:
     """Fraction of one step's GPU kernel time in GEMMs, svdq activation quantization, attention, the rest."""
     from torch.profiler import ProfilerActivity, profile
@@ -368,15 +382,9 @@ def time_split(model, inputs: dict) -> dict | None:
         if str(getattr(e, "device_type", "")).lower().find("cuda") < 0:
             continue
         us = e.time_range.elapsed_us()  # a kernel event: its GPU duration
-        k = e.name.lower()
-        if k.startswith(("aten::", "cuda", "memcpy", "memset")) and "kernel" not in k:
-            if k.startswith(("memcpy", "memset")):
-                split["other"] += us
-            continue
-        # attention before GEMM: memory-efficient attention kernels are named fmha_cutlass*
-        cat = ("quantize_act" if any(s in k for s in QACT_KEYS) else "attention" if any(s in k for s in ATTN_KEYS)
-               else "gemm" if any(s in k for s in GEMM_KEYS) else "other")
-        split[cat] += us
+        cat = kernel_category(e.name)
+        if cat is not None:
+            split[cat] += us
     total = sum(split.values())
     if total <= 0:
         return None
@@ -399,6 +407,7 @@ def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str,
         resolutions = cfg.resolutions
         if mode == "compiled":
             torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
             resolutions = cfg.compile_resolutions or (max(cfg.resolutions),)
             try:
                 fn, how = compiled(model, cfg.compile_mode)
@@ -434,6 +443,12 @@ def step_rows(cfg: ModelConfig, spec: ModelSpec, model: nn.Module, variant: str,
                         row["activation_peak_bytes"] = row["peak_mem_bytes"] - before
                         if cfg.profile:
                             row["time_split"] = time_split(fn, inputs)
+                    if mode == "compiled":  # graph breaks fall back to eager between graphs: say how many
+                        c = torch._dynamo.utils.counters
+                        row["dynamo"] = {"frames": c["frames"].get("total", 0),
+                                         "unique_graphs": c["stats"].get("unique_graphs", 0),
+                                         "graph_break_resumes": sum(c["resumes"].values()),
+                                         "unsupported": sum(c["unimplemented"].values())}
             except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others)
                 row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             rows.append(row)

@@ -70,13 +70,19 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {r['variant']} | {r.get('backend') or '–'} | {r.get('mode', '–')} | "
                              f"{r.get('res', '–')} | {r['status']} | | | | | | {r.get('note', '')} |")
                 continue
+            note = r.get("note", "")
+            if r.get("dynamo"):
+                dz = r["dynamo"]
+                note = (note + "; " if note else "") + (f"{r.get('compile', '')}: {dz['unique_graphs']} graphs, "
+                                                        f"{dz['graph_break_resumes']} graph breaks, compile "
+                                                        f"{r.get('first_call_s', 0):.0f} s")
             s = r.get("time_split")
             split = (f"{s['gemm']:.0%} / {s['quantize_act']:.0%} / {s['attention']:.0%} / {s['other']:.0%}"
                      if s else "–")
             lines.append(
                 f"| {r['variant']} | {r.get('backend') or '–'} | {r['mode']} | {r['res']}² | {r['median_ms']:.1f} | "
                 f"{r.get('speedup_vs_baseline', 0):.2f}× | {r.get('speedup_vs_baseline_same_mode', 0):.2f}× | "
-                f"{_mib(r.get('peak_mem_bytes'))} | {_mib(r['weight_bytes'])} | {split} | {r.get('note', '')} |")
+                f"{_mib(r.get('peak_mem_bytes'))} | {_mib(r['weight_bytes'])} | {split} | {note} |")
         if result.get("targets"):
             lines += ["", "Targets (FLUX 1024²): " + "; ".join(
                 f"{k}: {v['value']} → {'PASS' if v['pass'] else 'FAIL'}" for k, v in result["targets"].items())]
