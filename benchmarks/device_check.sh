@@ -69,6 +69,8 @@ env_info() {
   ninja --version
   $PY -c "import pybind11, pytest; print('pybind11', pybind11.__version__, 'pytest', pytest.__version__)"
   command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
+  echo "--- C++ toolchains: g++ on PATH = $(command -v g++) ($(g++ -dumpfullversion 2>&1)); system: $(ls /usr/bin/g++* 2>&1 | tr '\n' ' ')"
+  ldconfig -p | grep -E "libstdc\+\+" || true
   echo "--- git: $(git rev-parse HEAD 2>/dev/null || echo no-git) $(git status --short 2>/dev/null | wc -l) changed files"
 }
 export -f env_info
@@ -79,11 +81,21 @@ stage env 40 env_info
 # is pip's editable install, in case the direct build is what breaks.
 build() {
   local t0=$SECONDS
+  # GCC 13 in C++20 mode emits its own copies of std::basic_ostream members into the extension (91 weak
+  # symbols; GCC 12: none). On the lent H200 image (default CXX=/opt/gcc/bin/g++ 13.3) those copies segfault
+  # in std::ostream::operator<<(long), i.e. in every TORCH_CHECK message that formats a number — CPU and
+  # CUDA ops alike; built with the image's /usr/bin/g++-12 the same sources raise cleanly (measured
+  # 2026-11-26, benchmarks/results/device_check_h200_2026-11-26.json). So build with GCC 12 when present.
+  if [ -z "${SVDQ_KEEP_CXX:-}" ] && [ -x /usr/bin/g++-12 ]; then
+    export CXX=/usr/bin/g++-12 CUDAHOSTCXX=/usr/bin/g++-12
+    BUILD_DIR=$BUILD_DIR-gcc12
+  fi
+  echo "C++ compiler: ${CXX:-default $(command -v g++)}" >"$OUT/build.log"
   {
     SVDQ_CUDA_ARCHS=$ARCHS cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DPython_EXECUTABLE="$(command -v $PY)" -DSVDQ_CUDA_ARCHS="$ARCHS" &&
       cmake --build "$BUILD_DIR" --target _C -j "$JOBS"
-  } >"$OUT/build.log" 2>&1
+  } >>"$OUT/build.log" 2>&1
   local rc=$?
   if ((rc != 0)); then
     echo "direct CMake build failed (rc=$rc); trying pip install -e . --no-build-isolation --no-deps" >>"$OUT/build.log"
@@ -93,6 +105,9 @@ build() {
   fi
   echo "build: rc=$rc in $((SECONDS - t0)) s (archs $ARCHS, $JOBS jobs)" | tee -a "$OUT/build.log"
   tail -25 "$OUT/build.log"
+  local so
+  so=$(ls "$ROOT"/python/svdq/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && { ldd "$so" | grep -E "stdc|gcc_s" || echo "no shared libstdc++ dependency (static?)"; }
   $PY -c "import svdq, json; print(json.dumps(svdq.build_info()))" || return 1
   # the CUDA kernels are registered with the dispatcher (independent of python/svdq/_native.py)
   $PY -c "

@@ -125,7 +125,10 @@ def test_quantize_act_ksplit_deterministic(monkeypatch, ksplit):
     for u, v in zip(a, b):
         assert torch.equal(u, v), "same inputs, same plan: results must be bitwise identical"
     assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
-    assert rel(a[2], c[2]) <= 1e-6
+    # Another K-split sums lora_act in another order (measured 1.4e-6 – 3.4e-6 apart on an H200): each plan
+    # must meet the spec's bound against fp64 truth, not match the other plan bitwise.
+    truth = (x.double() @ lora_down.double()) * lora_scales.double()
+    assert rel(a[2], truth) <= 1e-5 and rel(c[2], truth) <= 1e-5
 
 
 def test_quantize_act_fp32_smooth_and_strided_x():

@@ -108,7 +108,9 @@ def models(family: str):
     """(16-bit model, quantized model) — data-free quantization, fused projections (svdq.models)."""
     if family not in _CACHE:
         full = BUILDERS[family]()
-        quant = svdq.quantize(copy.deepcopy(full), progress=False)
+        quant = copy.deepcopy(full)
+        svdq.models.prepare(quant)  # fuse shared-input projections, as calibrate_pipeline / svdq quantize do
+        svdq.quantize(quant, progress=False)
         _CACHE[family] = (full, quant)
     return _CACHE[family]
 
@@ -481,6 +483,7 @@ def test_rank_limit_is_checked_before_anything_changes():
 @pytest.mark.skipif(not hasattr(tiny, "tiny_flux_full_pipeline"), reason="needs svdq.tiny text encoders")
 def test_text_encoder_keys_need_the_pipeline(caplog):
     pipe = tiny.tiny_flux_full_pipeline(0)
+    svdq.models.prepare(pipe.transformer)
     svdq.quantize(pipe.transformer, progress=False)
     te = pipe.text_encoder
     encoder = getattr(te, "text_model", te).encoder  # transformers 5 dropped the text_model level

@@ -112,6 +112,7 @@ def run(args) -> int:
             pipe(**q, **gen_args, output_type="latent")
 
     t0 = time.perf_counter()
+    svdq.models.prepare(pipe.transformer)  # one wide GEMM per shared input (docs/models.md), before calibration
     svdq.quantize(pipe.transformer, calibration=calibration, rank=args.rank)
     timings["quantize_s"] = time.perf_counter() - t0
 

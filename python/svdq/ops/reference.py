@@ -52,7 +52,9 @@ def quantize_groups(values: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
         raise ValueError(f"quantize_groups needs Kp % {GROUP_SIZE} == 0, got {kp}")
     groups = values.reshape(rows, kp // GROUP_SIZE, GROUP_SIZE)
     amax = groups.abs().amax(dim=-1)
-    scales = (amax / QMAX).to(scale_dtype)
+    # Tensor / tensor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which is not
+    # the IEEE division the spec (and every kernel) uses — 1 ulp off in about half the groups (H200, measured).
+    scales = (amax / torch.full_like(amax, QMAX)).to(scale_dtype)
     s = scales.to(torch.float32).unsqueeze(-1)
     safe = torch.where(s == 0, torch.ones_like(s), s)
     q = torch.round(groups / safe)  # torch.round is round-half-to-even
