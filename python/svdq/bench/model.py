@@ -549,7 +549,9 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
             del target
         else:
             raise ValueError(f"unknown variant {variant!r}")
-    _speedups(rows, "bf16" if gpu else "fp32")
+    prefer = ("bf16", "fp32") if gpu else ("fp32", "bf16")
+    measured = {r["variant"] for r in rows if r.get("status") == "ok"}
+    _speedups(rows, next((v for v in prefer if v in measured), prefer[0]))
     return {
         "config": {"model": cfg.model, "class": spec.cls, "architecture": {k: (list(v) if isinstance(v, tuple) else v)
                                                                           for k, v in spec.config.items()},
