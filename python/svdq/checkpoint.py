@@ -140,7 +140,7 @@ def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device 
     meta = read_metadata(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
 
@@ -185,6 +185,13 @@ def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device 
     if "config" in meta:
         model.svdq_config = QuantizeConfig.from_dict(meta["config"])
     return model
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """A copy in a fresh allocation when `t` sits at an unaligned address (safetensors can hand out views at
+    the file's offsets): CPU BLAS picks its code path by alignment, and the loaded model must reproduce the
+    saved one bit for bit."""
+    return t.clone() if t.numel() and t.data_ptr() % alignment else t
 
 
 def _layer_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQLinear:

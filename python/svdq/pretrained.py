@@ -129,7 +129,6 @@ def from_pretrained(
     except NotImplementedError:  # "Cannot copy out of meta tensor": a non-persistent buffer (e.g. pos_embed)
         model = cls.from_config(config)
         load(model, directory / WEIGHTS_NAME, device=device)
-    _realign(model)
     _match_buffer_dtype(model)
     model.svdq_info = info
     return model.eval()
@@ -146,22 +145,6 @@ def _match_buffer_dtype(model: nn.Module) -> None:
             buf = module._buffers.get(name)
             if buf is not None and buf.is_floating_point() and buf.dtype != dtype and not isinstance(module, SVDQLinear):
                 module._buffers[name] = buf.to(dtype)
-
-
-def _realign(model: nn.Module, alignment: int = 64) -> None:
-    """Copy tensors that sit at unaligned addresses (safetensors hands out views into its buffer at the
-    file's offsets) into fresh allocations. CPU BLAS picks its code path by alignment, so an unaligned copy
-    of a weight gives (slightly) different results; aligned, the loaded model reproduces the saved one bit
-    for bit."""
-    with torch.no_grad():
-        for module in model.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is not None and t.numel() and t.data_ptr() % alignment:
-                        if isinstance(t, nn.Parameter):
-                            t.data = t.data.clone()
-                        else:
-                            store[name] = t.clone()
 
 
 def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None = None, *, device="cpu", torch_dtype=None):
