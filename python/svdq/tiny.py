@@ -53,11 +53,12 @@ def _seeded_init(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 
 
-def tiny_flux_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
-    """A `FluxTransformer2DModel` with the FLUX.1 layer structure at toy width (hidden 128)."""
+def tiny_flux_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True, **config):
+    """A `FluxTransformer2DModel` with the FLUX.1 layer structure at toy width (hidden 128); keyword
+    arguments override `TINY_FLUX_CONFIG` (e.g. a wider model for `svdq demo`)."""
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    model = FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, **config})
     _seeded_init(model, seed)
     # Zero-init AdaLN (as in DiT training) would make blocks identity; keep the random init but make the
     # modulation small so activations keep a realistic scale through the blocks.

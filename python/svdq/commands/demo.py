@@ -49,18 +49,10 @@ def add_parser(sub) -> None:
 
 
 def build_demo_pipeline(seed: int):
-    import torch
-    from diffusers import FluxTransformer2DModel
-
     from .. import tiny
 
-    config = {**tiny.TINY_FLUX_CONFIG, **DEMO_FLUX_CONFIG}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**config)
-    tiny._seeded_init(transformer, seed)
-    tiny.plant_outliers(transformer, seed)
-    return tiny.tiny_flux_pipeline(seed, transformer=transformer.eval()), config
+    transformer = tiny.tiny_flux_transformer(seed, **DEMO_FLUX_CONFIG)
+    return tiny.tiny_flux_pipeline(seed, transformer=transformer), dict(transformer.config)
 
 
 def prompts_for(config: dict, n: int, seed: int) -> list[dict]:
