@@ -62,7 +62,15 @@ class SharedInputLinear(nn.Module):
             return None
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._x is not x or self._x_version != self._version(x) or index in self._taken:
+        if torch.compiler.is_compiling():
+            # Dynamo traces this cache (identity test, attribute and set updates) into one call of the fused
+            # layer per input; the tensor version counter it cannot trace, and in-place updates of a
+            # projection's input between its parts do not happen inside diffusers' attention.
+            if self._x is not x or index in self._taken:
+                self._clear()
+                self._y = self.linear(x)
+                self._x = x
+        elif self._x is not x or self._x_version != self._version(x) or index in self._taken:
             self._clear()
             self._y = self.linear(x)
             self._x, self._x_version = x, self._version(x)
