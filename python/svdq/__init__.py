@@ -14,14 +14,8 @@ from .lora import LoraError, list_loras, load_lora, set_lora_strength, unload_lo
 from .quantize import QuantizeConfig, quantize, quantized_layers
 from .version import __version__
 
-try:  # the native extension registers the "cpu" / "cuda" backends when it is built
-    from . import _native
-    from ._native import build_info
-except ImportError:  # pure-Python install: only the reference backend
-
-    def build_info() -> dict:
-        """What the native extension was built with; here: no extension."""
-        return {"version": __version__, "native": False, "cuda": False}
+# Loads svdq._C when it is built, registering the "cpu" / "cuda" backends; imports without it too.
+from ._native import build_info
 
 
 __all__ = [
