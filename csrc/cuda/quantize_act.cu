@@ -8,17 +8,24 @@
 // registers / shared-memory tile.
 //
 // ── Why it is shaped like this ──────────────────────────────────────────────────────────────────────────
-// The op is memory-bound. FLUX.1, M = 4608 tokens, K = 3072, r = 32, bf16:
+// The op was designed as memory-bound. FLUX.1, M = 4608 tokens, K = 3072, r = 32, bf16:
 //   read x 28.3 MB + write qact 7.1 MB + ascales 0.9 MB (+ lora_down 0.2 MB, L2-resident)  ≈ 36.3 MB
 //   at the measured 4.19 TB/s copy bandwidth (H200, FACTS.md) → 8.7 µs floor; goal ≥ 60 % → ≤ 14.5 µs.
 //   K = 12288: 145 MB → 34.6 µs floor, goal ≤ 58 µs.
+// MEASURED (H200, 2026-11-26, benchmarks/results/cuda_layers_h200_2026-11-26_{a,b}.md): 57 µs at K = 3072
+// (r = 0: 42 µs) and 187 µs at K = 12288 = 23-28 % of that run's 2.7 TB/s D2D copy, 4-6x the floor. It is
+// bound by its instructions and their latency, not by memory: the SASS fast path is ~41 instructions per
+// element, not ~20 — x/λ ~11 (MUFU.RCP of λ redone for each of the 4 rows), quant_nibble ~20 (each element in
+// its own BSSY/BSYNC convergence region, so independent elements are not interleaved). A CTA step costs
+// 5.6-7.2 µs whether or not it shares its SM (K-split sweep). Analysis and plan: docs/kernels.md §10.3-10.4.
 // Low-rank FLOPs: 2·M·K·r = 0.9 GFLOP at K = 3072 → 1.4 µs of bf16 mma.sync (635 TOPS), hidden under the
 // loads if the MMA is issued from shared memory while the next tile's loads are in flight.
-// The arithmetic is what competes with the memory time: ~20 instructions per element (convert, the IEEE
-// division x/λ ≈ 8 with its range check, |·| max, quantize ≈ 7, pack) × 14.2 M elements ≈ 2.8e8 lane-
-// instructions ≈ 9.5 µs of issue on 132 SMs. So the quantizer avoids the second IEEE division: it multiplies
-// by RN(1/s_a) and re-does the division only for near-ties (quant_nibble in quantize_act_layout.cuh, which
-// proves the result equal to the spec's), and rounds + packs with one FADD of a magic constant.
+// The arithmetic is what competes with the memory time: ~20 instructions per element were planned (convert,
+// the IEEE division x/λ ≈ 8 with its range check, |·| max, quantize ≈ 7, pack) × 14.2 M elements ≈ 2.8e8
+// lane-instructions ≈ 9.5 µs of issue on 132 SMs (the compiled code has ~41, see MEASURED above). So the
+// quantizer avoids the second IEEE division: it multiplies by RN(1/s_a) and re-does the division only for
+// near-ties (quant_nibble in quantize_act_layout.cuh, which proves the result equal to the spec's), and rounds
+// + packs with one FADD of a magic constant.
 // Next step if the division x/λ shows up in the timings: precomputed RN(1/λ) + one Markstein correction
 // (3 FP ops, exact for normal ranges) — not done yet because it needs an exhaustive proof test.
 //
