@@ -72,6 +72,24 @@ def test_model_flux_dev_cpu_mode(tmp_path):
     svdq_row = next(r for r in ok if r["variant"] == "svdq")
     assert svdq_row["weight_ratio_vs_baseline"] > 1.2  # fp32 model: 4-bit layers + 16-bit rest
     assert "quantization" in md.lower() and "skipped" in md
+    # Both AdaLN options' whole-model weight memory (16-bit ran; W4A16 by arithmetic): 2 + 4 blocks' AdaLN.
+    assert q["adaln"] == "16bit" and q["adaln_layers"] == 2 * 2 + 4
+    assert q["model_bytes_svdq_adaln_16bit"] == svdq_row["weight_bytes"]
+    assert q["model_weight_ratio_adaln_w4a16"] > q["model_weight_ratio_adaln_16bit"] > 1.2
+    assert "AdaLN W4A16" in md
+
+
+def test_model_flux_adaln_w4a16_cpu_mode(tmp_path):
+    rc = main(["bench", "--model", "flux-dev", *FAST, "--res", "32", "--variants", "fp32,svdq", "--backends", "cpu",
+               "--adaln", "w4a16", "--out", str(tmp_path)])
+    assert rc == 0
+    res, _ = _outputs(tmp_path, "bench_cpu_flux-dev")
+    q = res["quantization"]
+    svdq_row = next(r for r in res["rows"] if r["variant"] == "svdq" and r["status"] == "ok")
+    assert res["config"]["adaln"] == "w4a16" and "AdaLN w4a16" in svdq_row["note"]
+    # The measured model (AdaLN W4A16) equals the arithmetic of the 16-bit-AdaLN run minus the AdaLN saving.
+    assert q["model_bytes_svdq_adaln_w4a16"] == svdq_row["weight_bytes"]
+    assert q["model_bytes_svdq_adaln_16bit"] - svdq_row["weight_bytes"] == q["adaln_bytes_16bit"] - q["adaln_bytes_w4a16"]
 
 
 @pytest.mark.parametrize("argv", [
@@ -94,6 +112,7 @@ def test_bad_arguments_exit_2(argv, capsys):
     (["--model", "flux-dev", "--tokens", "64"], "apply to --layers"),
     (["--layers", "--res", "512"], "apply to --model"),
     (["--layers", "--rank", "20"], "--rank"),
+    (["--layers", "--adaln", "w4a16"], "apply to --model"),
     (["--layers", "--backends", "tpu"], "not available"),
     (["--model", "sdxl", "--variants", "fp4"], "unknown --variants"),
 ])

@@ -40,6 +40,17 @@ def test_quantize_data_free(dirs, capsys):
     assert (out / "svdq_model.safetensors").is_file()
 
 
+def test_quantize_adaln_w4a16(dirs, capsys):
+    import svdq
+
+    out = dirs["root"] / "flux-q-w4a16"
+    assert cli.main(["quantize", "--model", str(dirs["flux"]), "--out", str(out), "--data-free",
+                     "--adaln", "w4a16"]) == 0
+    assert "AdaLN layers W4A16" in capsys.readouterr().out
+    model = svdq.from_pretrained(out)
+    assert svdq.weight_only_layers(model) and model.svdq_config.weight_only == svdq.models.FAMILIES["flux"].adaln
+
+
 def test_generate(dirs, capsys):
     out = dirs["root"] / "img" / "fox.png"
     rc = cli.main(["generate", "--model", str(dirs["pixart"]), "--quantized", str(dirs["pixart-q"]),

@@ -9,6 +9,8 @@ docs/numerics.md §3, every other parameter and buffer as is — and string meta
     rank            the config's low-rank rank
     group_size      "64"
     quantized_layers  JSON list of {"name", "in_features", "out_features", "rank", "bias"}
+    weight_only_layers  JSON list of {"name", "in_features", "out_features", "bias"}: W4A16 layers
+                    (`SVDQWeightOnlyLinear`, spec §7); absent in files written before them = none
     config          JSON of the QuantizeConfig (when the model was quantized by svdq.quantize)
 """
 
@@ -27,6 +29,7 @@ from torch import nn
 from .linear import STORED_TENSORS, SVDQLinear
 from .ops.reference import GROUP_SIZE, padded_k
 from .quantize import QuantizeConfig, _set_submodule, quantized_layers
+from .weight_only import SVDQWeightOnlyLinear, weight_only_layers
 from .version import __version__
 
 FORMAT = "svdq"
@@ -67,6 +70,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                     "bias": m.bias is not None,
                 }
                 for name, m in layers.items()
+            ]
+        ),
+        "weight_only_layers": json.dumps(
+            [
+                {"name": name, "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+                for name, m in weight_only_layers(model).items()
             ]
         ),
     }
@@ -114,6 +123,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} uses group size {meta.get('group_size')}, svdq supports {GROUP_SIZE}")
     try:
         meta["quantized_layers"] = json.loads(meta["quantized_layers"])
+        meta["weight_only_layers"] = json.loads(meta.get("weight_only_layers", "[]"))
         if "config" in meta:
             meta["config"] = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -145,20 +155,24 @@ def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device 
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
 
     replacements = {}
-    for entry in meta["quantized_layers"]:
+    entries = [(e, "quantized", _layer_from_state) for e in meta["quantized_layers"]]
+    entries += [(e, "weight-only", _weight_only_from_state) for e in meta["weight_only_layers"]]
+    for entry, kind, build in entries:
         name = entry["name"]
         try:
             target = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(target, (nn.Linear, SVDQLinear)):
+            raise CheckpointError(f"{path}: {kind} layer {name!r} does not exist in {type(model).__name__}") from None
+        if not isinstance(target, (nn.Linear, SVDQLinear, SVDQWeightOnlyLinear)):
             raise CheckpointError(f"{path}: {name!r} is a {type(target).__name__} in the model, not a Linear")
         if (target.in_features, target.out_features) != (entry["in_features"], entry["out_features"]):
             raise CheckpointError(
                 f"{path}: layer {name!r} is [{entry['in_features']} -> {entry['out_features']}] in the checkpoint "
                 f"but [{target.in_features} -> {target.out_features}] in the model"
             )
-        replacements[name] = _layer_from_state(path, name, entry, state, device)
+        if name in replacements:
+            raise CheckpointError(f"{path}: layer {name!r} is listed twice in the checkpoint metadata")
+        replacements[name] = build(path, name, entry, state, device)
 
     expected = _expected_keys(model, replacements)
     missing = sorted(expected - state.keys())
@@ -228,7 +242,34 @@ def _layer_from_state(path: Path, name: str, entry: dict, state: dict, device) -
     return SVDQLinear(k, n, r, entry["bias"], dtype, device)
 
 
-def _expected_keys(model: nn.Module, replacements: dict[str, SVDQLinear]) -> set[str]:
+def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQWeightOnlyLinear:
+    n, k = entry["out_features"], entry["in_features"]
+    kp = padded_k(k)
+    expected = {"qweight": (n, kp // 2), "wscales": (n, kp // GROUP_SIZE)}
+    if entry["bias"]:
+        expected["bias"] = (n,)
+    for t_name, shape in expected.items():
+        key = f"{name}.{t_name}"
+        if key not in state:
+            raise CheckpointError(f"{path}: missing key {key!r} of weight-only layer {name!r}")
+        t = state[key]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
+    qweight = state[f"{name}.qweight"]
+    if qweight.dtype != torch.int8:
+        raise CheckpointError(f"{path}: {name}.qweight has dtype {qweight.dtype}, expected torch.int8")
+    dtype = state[f"{name}.wscales"].dtype
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{path}: {name}.wscales has dtype {dtype}, expected a floating dtype")
+    if entry["bias"] and state[f"{name}.bias"].dtype != dtype:
+        raise CheckpointError(
+            f"{path}: {name}.bias has dtype {state[f'{name}.bias'].dtype}, but {name}.wscales has {dtype} "
+            "(all must match)"
+        )
+    return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device)
+
+
+def _expected_keys(model: nn.Module, replacements: dict[str, nn.Module]) -> set[str]:
     keys = set()
     for key in model.state_dict():
         owner = key.rpartition(".")[0]

@@ -14,8 +14,9 @@ placed on the fused layer's row ranges. Parts whose A (and scale) are identical 
 columns (kohya FLUX ``img_attn_qkv`` adapters come that way); otherwise each part gets its own columns and
 the up matrix is block-diagonal.
 
-Layers kept 16-bit (``nn.Linear``) get the same branch as a forward hook, ``y += ((x·down)·scales)·upᵀ``;
-removing the hook restores the layer bit-exactly.
+Layers kept 16-bit (``nn.Linear``) and weight-only 4-bit layers (``SVDQWeightOnlyLinear``, which compute in
+16 bits) get the same branch as a forward hook, ``y += ((x·down)·scales)·upᵀ``; removing the hook restores
+the layer bit-exactly.
 
 The adapter registry lives on the denoiser (``model._svdq_loras``); pass a pipeline to also reach its text
 encoders.
@@ -35,6 +36,7 @@ from torch import nn
 from . import lora_formats
 from .lora_formats import AdapterWeights, ParsedLora
 from .linear import SVDQLinear
+from .weight_only import SVDQWeightOnlyLinear
 from .ops.reference import MAX_RANK, RANK_MULTIPLE
 
 log = logging.getLogger("svdq")
@@ -54,7 +56,7 @@ class LoraInfo:
     strength: float
     format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya"
     quantized_layers: int  # SVDQLinear layers it is on (a fused layer counts once)
-    fp16_layers: int  # nn.Linear layers kept 16-bit it is on (denoiser and text encoders)
+    fp16_layers: int  # layers computing in 16 bits it is on (nn.Linear, W4A16; denoiser and text encoders)
     text_encoder_modules: int  # of the modules above, how many are in text encoders
     rank: int  # largest adapter rank in the file
     skipped: list[str] = field(default_factory=list)  # keys not applied (strict=False, or no pipeline for TE)
@@ -70,7 +72,7 @@ class _Block:
 
 
 class _Branch:
-    """The LoRA state of one physical layer (SVDQLinear or nn.Linear)."""
+    """The LoRA state of one physical layer (SVDQLinear, or a hooked nn.Linear / SVDQWeightOnlyLinear)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -108,7 +110,7 @@ class _Branch:
                 self.hook = None
                 self.down = self.up = self.scales = None
                 return
-            device = m.weight.device
+            device = _weight_device(m)
             down, up, scales, start = [], [], [], 0
         self.offsets = {}
         for name, b in self.blocks.items():
@@ -159,7 +161,7 @@ class _Target:
     """Where one LoRA module path lands: a physical layer and a row range of its output."""
 
     path: str  # module path of the physical layer (within its component)
-    module: nn.Module  # SVDQLinear or nn.Linear
+    module: nn.Module  # SVDQLinear, SVDQWeightOnlyLinear or nn.Linear
     rows: tuple[int, int]
     in_features: int
 
@@ -207,7 +209,7 @@ def lora_targets(module: nn.Module) -> dict[str, _Target]:
     for name, m in module.named_modules():
         if not name:
             continue
-        if isinstance(m, (SVDQLinear, nn.Linear)):
+        if isinstance(m, (SVDQLinear, SVDQWeightOnlyLinear, nn.Linear)):
             targets[name] = _Target(name, m, (0, m.out_features), m.in_features)
         elif isinstance(m, ProjectionSlice):
             lin = m.fused.linear
@@ -215,6 +217,10 @@ def lora_targets(module: nn.Module) -> dict[str, _Target]:
         elif isinstance(m, SharedInputLinear):
             targets[name] = _Target(f"{name}.linear", m.linear, (0, m.linear.out_features), m.linear.in_features)
     return targets
+
+
+def _weight_device(m: nn.Module) -> torch.device:
+    return m.qweight.device if isinstance(m, SVDQWeightOnlyLinear) else m.weight.device
 
 
 def _linear_names(comps: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -300,6 +306,8 @@ def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Bl
     module = parts[0][0].module
     if isinstance(module, SVDQLinear):  # the branch's dtype and device
         dtype, device = module.dtype, device or module.lora_down.device
+    elif isinstance(module, SVDQWeightOnlyLinear):
+        dtype, device = module.dtype, device or module.qweight.device
     else:
         dtype, device = module.weight.dtype, device or module.weight.device
     n, k = module.out_features, module.in_features

@@ -152,8 +152,9 @@ def parse(
 
 def _linear_names(model: nn.Module) -> list[str]:
     from .linear import SVDQLinear
+    from .weight_only import SVDQWeightOnlyLinear
 
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SVDQLinear)) and n]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SVDQLinear, SVDQWeightOnlyLinear)) and n]
 
 
 def _convert_kohya_generic(

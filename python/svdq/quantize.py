@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
 from .linear import SVDQLinear
+from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
 
@@ -45,7 +46,9 @@ class QuantizeConfig:
     rank: low-rank branch rank (padded to a multiple of 16). method: "svdquant" (smoothing search +
     low-rank), "smoothquant" (smoothing search, rank 0), "naive" (neither). include / exclude: fnmatch
     patterns on module names (``include=None`` means every ``nn.Linear``). alphas: the smoothing exponent grid.
-    calib_tokens: input rows kept per layer for the search (bounded memory).
+    calib_tokens: input rows kept per layer for the search (bounded memory). weight_only: fnmatch patterns of
+    layers to make weight-only 4-bit (W4A16, `SVDQWeightOnlyLinear`), chosen among the `nn.Linear` layers that
+    include / exclude keep 16-bit (e.g. a family's ``svdq.models.FAMILIES[...].adaln``); default none.
     """
 
     rank: int = 32
@@ -55,6 +58,7 @@ class QuantizeConfig:
     alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
     calib_tokens: int = 256
     version: int = CONFIG_VERSION
+    weight_only: tuple[str, ...] = ()  # added after version 1 shipped: configs without it load as ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,6 +72,9 @@ class QuantizeConfig:
         self.include = None if self.include is None else tuple(self.include)
         self.exclude = tuple(self.exclude)
         self.alphas = tuple(self.alphas)
+        if isinstance(self.weight_only, str):
+            raise ValueError(f"weight_only must be a sequence of patterns, got the string {self.weight_only!r}")
+        self.weight_only = tuple(self.weight_only)
         if self.method != "svdquant":
             self.rank = 0
 
@@ -95,6 +102,20 @@ def select_linears(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Lin
         name: m
         for name, m in model.named_modules()
         if type(m) is nn.Linear and matches(name, config.include, config.exclude)
+    }
+
+
+def select_weight_only(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
+    """The `nn.Linear` modules to make W4A16: those `select_linears` leaves 16-bit that match
+    ``config.weight_only`` (W4A4 selection wins when a layer matches both)."""
+    if not config.weight_only:
+        return {}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and not matches(name, config.include, config.exclude)
+        and any(fnmatch.fnmatchcase(name, p) for p in config.weight_only)
     }
 
 
@@ -201,6 +222,7 @@ def quantize(
     method: str = "svdquant",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    weight_only: Iterable[str] | None = None,
     progress: bool = True,
     config: QuantizeConfig | None = None,
 ) -> nn.Module:
@@ -210,6 +232,9 @@ def quantize(
     every selected layer records input statistics. ``None`` → data-free (λ = 1, low-rank + INT4 only).
     method: "svdquant" | "smoothquant" | "naive". include / exclude: fnmatch patterns on module names;
     ``exclude=None`` keeps the defaults (embeddings, AdaLN modulation and final projections stay 16-bit).
+    weight_only: fnmatch patterns of layers (among those kept 16-bit) made weight-only 4-bit instead
+    (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
+    ``None`` → none.
     Per-layer results (chosen α, relative output error on the calibration sample) end up in
     ``model.svdq_report`` and the config in ``model.svdq_config``.
     """
@@ -223,13 +248,17 @@ def quantize(
             method=method,
             include=None if include is None else tuple(include),
             exclude=(family.exclude if family else DEFAULT_EXCLUDE) if exclude is None else tuple(exclude),
+            weight_only=() if weight_only is None else weight_only,
         )
     layers = select_linears(model, config)
+    wo_layers = select_weight_only(model, config)
+    if config.weight_only and not wo_layers:
+        log.warning("svdq.quantize: weight_only=%s matched no 16-bit nn.Linear", config.weight_only)
     if not layers:
         log.warning("svdq.quantize: no nn.Linear matched include=%s exclude=%s", config.include, config.exclude)
     stats = None
     if calibration is not None:  # naive ignores the statistics for λ but still reports its error
-        stats = collect_input_stats(model, layers, calibration, config.calib_tokens)
+        stats = collect_input_stats(model, {**layers, **wo_layers}, calibration, config.calib_tokens)
     report = dict(getattr(model, "svdq_report", {}) or {})
     for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
         with torch.no_grad():
@@ -237,9 +266,27 @@ def quantize(
         new = SVDQLinear.from_decomposition(dec, linear.bias)
         _set_submodule(model, name, new)
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
+    for name, linear in wo_layers.items():
+        with torch.no_grad():
+            new = SVDQWeightOnlyLinear.from_linear(linear)
+            info = _weight_only_info(linear, new, None if stats is None else stats.pop(name))
+        _set_submodule(model, name, new)
+        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "precision": "w4a16",
+                        **info}
     model.svdq_report = report
     model.svdq_config = config
     return model
+
+
+def _weight_only_info(linear: nn.Linear, layer: SVDQWeightOnlyLinear, stats: InputStats | None) -> dict:
+    """Relative weight error ‖W − Ŵ‖/‖W‖ and, with calibration data, the output error on the sample."""
+    w = linear.weight.detach().to(torch.float32)
+    w_hat = layer.dequantize(torch.float32)
+    info = {"weight_rel_error": relative_error(w_hat, w)}
+    if stats is not None and stats.sample is not None:
+        x = stats.sample.to(device=w.device, dtype=torch.float32)
+        info["rel_error"] = relative_error(x @ w_hat.T, x @ w.T)
+    return info
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -8,7 +8,8 @@ seeded random values — host memory stays low. Variants, each eager and under `
     fp8     dynamic FP8: e4m3 `torch._scaled_mm`, per-row activation / per-channel weight scales (sm_89+)
     nf4     bitsandbytes `Linear4bit` (NF4 weight-only), when bitsandbytes is installed
     int4    torchao int4 weight-only (`Int4WeightOnlyConfig`), when torchao is installed
-    svdq    `svdq.models.prepare` + `svdq.quantize(model, calibration=None)` (data-free), timed
+    svdq    `svdq.models.prepare` + `svdq.quantize(model, calibration=None)` (data-free), timed; with
+            `adaln="w4a16"` (`--adaln w4a16`) the AdaLN modulation linears become W4A16 too
 
 fp8 / nf4 / int4 replace exactly the `nn.Linear` layers svdq quantizes (the family's default exclusions:
 embeddings, AdaLN modulation, final projection stay bf16) and are undone afterwards; svdq runs last (it
@@ -96,6 +97,7 @@ class ModelConfig:
     compile_mode: str = "auto"  # "regional" (diffusers' compile_repeated_blocks), "full", "auto": regional if any
     compile_resolutions: tuple[int, ...] | None = None  # None: the largest resolution only (compile time)
     rank: int = 32
+    adaln: str = "16bit"  # svdq variant: AdaLN modulation linears "16bit" or "w4a16" (weight-only 4-bit)
     variants: tuple[str, ...] = ("bf16", "fp8", "nf4", "int4", "svdq")
     backends: tuple[str, ...] = ()
     profile: bool = True
@@ -119,6 +121,8 @@ def default_config(model: str, device: torch.device, **overrides) -> ModelConfig
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    if cfg.adaln not in ("16bit", "w4a16"):
+        raise ValueError(f"adaln must be '16bit' or 'w4a16', got {cfg.adaln!r}")
     return cfg
 
 
@@ -224,6 +228,22 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     exclude = fam.exclude if fam else DEFAULT_EXCLUDE
     return [n for n, m in model.named_modules()
             if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+
+
+def adaln_bytes(model: nn.Module, dtype: torch.dtype) -> dict:
+    """The family's AdaLN modulation linears (still `nn.Linear`): how many, and their bytes in `dtype` vs as
+    W4A16 (`SVDQWeightOnlyLinear`: INT4 + one `dtype` scale per 64 weights + bias)."""
+    from ..models import family_of
+    from ..ops.reference import GROUP_SIZE, padded_k
+
+    fam = family_of(model)
+    patterns = fam.adaln if fam else ()
+    layers = [m for n, m in model.named_modules()
+              if type(m) is nn.Linear and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    b16 = sum((m.in_features + (m.bias is not None)) * m.out_features * dtype.itemsize for m in layers)
+    b4 = sum(m.out_features * (padded_k(m.in_features) // 2 + padded_k(m.in_features) // GROUP_SIZE * dtype.itemsize
+                               + (m.bias is not None) * dtype.itemsize) for m in layers)
+    return {"layers": len(layers), "patterns": list(patterns), "bytes_16bit": b16, "bytes_w4a16": b4}
 
 
 class FP8Linear(nn.Module):
@@ -520,11 +540,14 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
                 rows += step_rows(cfg, spec, model, variant, base_dtype, log, extra=extra)
         elif variant == "svdq":
             target = model if gpu else copy.deepcopy(model)  # GPU: in place, last (memory); CPU: a copy
+            adaln = adaln_bytes(target, base_dtype)
+            model_bytes = weight_bytes(target)
+            weight_only = adaln["patterns"] if cfg.adaln == "w4a16" else None
             if gpu:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             svdq.models.prepare(target)
-            svdq.quantize(target, calibration=None, rank=cfg.rank, progress=False)
+            svdq.quantize(target, calibration=None, rank=cfg.rank, progress=False, weight_only=weight_only)
             if gpu:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -538,14 +561,25 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
                                                * base_dtype.itemsize for m in layers.values()),
                      "linear_bytes_svdq": sum(m.weight_bytes() for m in layers.values())}
             quant["linear_weight_ratio"] = round(quant["linear_bytes_16bit"] / max(quant["linear_bytes_svdq"], 1), 3)
-            log(f"  svdq: quantized {len(layers)} layers (data-free, rank {cfg.rank}) in {quant['seconds']:.1f} s")
+            # Whole model (parameters + buffers) with the AdaLN linears in 16-bit and as W4A16, whichever ran.
+            svdq_bytes = weight_bytes(target)
+            saved = adaln["bytes_16bit"] - adaln["bytes_w4a16"]
+            by_option = ({"16bit": svdq_bytes, "w4a16": svdq_bytes - saved} if cfg.adaln == "16bit"
+                         else {"16bit": svdq_bytes + saved, "w4a16": svdq_bytes})
+            quant.update(adaln=cfg.adaln, adaln_layers=adaln["layers"], adaln_bytes_16bit=adaln["bytes_16bit"],
+                         adaln_bytes_w4a16=adaln["bytes_w4a16"], model_bytes_baseline=model_bytes,
+                         model_bytes_svdq_adaln_16bit=by_option["16bit"], model_bytes_svdq_adaln_w4a16=by_option["w4a16"],
+                         model_weight_ratio_adaln_16bit=round(model_bytes / by_option["16bit"], 3),
+                         model_weight_ratio_adaln_w4a16=round(model_bytes / by_option["w4a16"], 3))
+            log(f"  svdq: quantized {len(layers)} layers (data-free, rank {cfg.rank}, AdaLN {cfg.adaln}) in "
+                f"{quant['seconds']:.1f} s")
             if not cfg.backends:
                 why = f"no svdq backend runs on {cfg.device.type} here (available: {svdq.ops.available_backends()})"
                 rows.append({"variant": "svdq", "status": "skipped", "note": why})
                 log(f"  svdq: skipped ({why})")
             for be in cfg.backends:
                 rows += step_rows(cfg, spec, target, "svdq", base_dtype, log, backend=be,
-                                  extra={"note": f"rank {cfg.rank}, data-free"})
+                                  extra={"note": f"rank {cfg.rank}, data-free, AdaLN {cfg.adaln}"})
             del target
         else:
             raise ValueError(f"unknown variant {variant!r}")
@@ -557,7 +591,7 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
                                                                           for k, v in spec.config.items()},
                    "text_tokens": spec.text_tokens, "resolutions": list(cfg.resolutions), "batch": 1,
                    "warmup": cfg.warmup, "repeats": cfg.repeats, "compile": cfg.compile,
-                   "compile_mode": cfg.compile_mode, "rank": cfg.rank,
+                   "compile_mode": cfg.compile_mode, "rank": cfg.rank, "adaln": cfg.adaln,
                    "backends": list(cfg.backends), "variants": list(cfg.variants), "seed": cfg.seed,
                    "weights": "synthetic (seeded), no download"},
         "model": {"params": nparams, "build_seconds": round(build_s, 2), "quantized_linear_layers": len(names)},
@@ -603,6 +637,10 @@ def _targets(rows: list[dict], quant: dict | None = None, res: int = 1024) -> di
     if quant and quant.get("linear_weight_ratio"):
         out["svdq_quantized_layers_weights_le_bf16_over_3.5"] = {"value": quant["linear_weight_ratio"],
                                                                  "pass": quant["linear_weight_ratio"] >= 3.5}
+    for opt in ("16bit", "w4a16"):  # whole transformer, per AdaLN option (one ran, the other is arithmetic)
+        v = (quant or {}).get(f"model_weight_ratio_adaln_{opt}")
+        if v:
+            out[f"svdq_weights_le_bf16_over_3.5_adaln_{opt}"] = {"value": v, "pass": v >= 3.5}
     f, sc = get("fp8", "compiled"), get("svdq", "compiled")
     if f and sc:
         out["svdq_compiled_le_fp8_compiled_ms"] = {"value": [sc["median_ms"], f["median_ms"]],

@@ -63,6 +63,13 @@ def markdown(result: dict) -> str:
             lines += [f"Quantization (data-free, {q['layers']} layers, on {q['device']}): **{q['seconds']:.1f} s**; "
                       f"the quantized layers' weights {_mib(q['linear_bytes_16bit'])} MiB ({q['dtype']}) → "
                       f"{_mib(q['linear_bytes_svdq'])} MiB ({q['linear_weight_ratio']:.2f}× smaller).", ""]
+            if q.get("adaln_layers"):
+                lines += [f"Whole model, {q['dtype']} {_mib(q['model_bytes_baseline'])} MiB → svdq with AdaLN 16-bit "
+                          f"{_mib(q['model_bytes_svdq_adaln_16bit'])} MiB ({q['model_weight_ratio_adaln_16bit']:.2f}×), "
+                          f"with AdaLN W4A16 {_mib(q['model_bytes_svdq_adaln_w4a16'])} MiB "
+                          f"({q['model_weight_ratio_adaln_w4a16']:.2f}×); {q['adaln_layers']} AdaLN linears "
+                          f"{_mib(q['adaln_bytes_16bit'])} → {_mib(q['adaln_bytes_w4a16'])} MiB. Timed rows: AdaLN "
+                          f"{q['adaln']} (`--adaln`).", ""]
         lines += ["| variant | backend | mode | res | ms | × 16-bit eager | × same mode | peak MiB | weights MiB "
                   "| GEMM / qact / attn / other | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:

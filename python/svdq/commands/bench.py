@@ -92,6 +92,9 @@ def add_parser(sub) -> None:
                    help="resolutions timed compiled (default: the largest --res only; compilation takes minutes)")
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU time split per row with torch.profiler (GPU only; default on)")
+    g.add_argument("--adaln", choices=("16bit", "w4a16"), default=None,
+                   help="svdq variant: AdaLN modulation linears 16-bit (default) or weight-only 4-bit; the report "
+                   "gives the whole-model weight memory for both")
     g.add_argument("--variants", type=_name_list, default=None,
                    help="subset of bf16,fp32,fp8,nf4,int4,svdq (default: all that apply)")
     p.set_defaults(func=run)
@@ -119,8 +122,8 @@ def validate(args) -> None:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.layers and (args.res or args.variants or args.compile is not None or args.profile is not None
-                        or args.compile_mode or args.compile_res):
-        raise ValueError("--res / --variants / --compile* / --profile apply to --model, not --layers")
+                        or args.compile_mode or args.compile_res or args.adaln):
+        raise ValueError("--res / --variants / --compile* / --profile / --adaln apply to --model, not --layers")
     if args.model and (args.tokens or args.shapes):
         raise ValueError("--tokens / --shapes apply to --layers, not --model")
     if args.tokens and min(args.tokens) < 1:
@@ -167,7 +170,7 @@ def run(args) -> int:
         cfg = model.default_config(args.model, device, resolutions=args.res, warmup=args.warmup,
                                    repeats=args.repeats, compile=args.compile, rank=args.rank,
                                    compile_mode=args.compile_mode, compile_resolutions=args.compile_res,
-                                   backends=args.backends, variants=args.variants,
+                                   backends=args.backends, variants=args.variants, adaln=args.adaln,
                                    profile=args.profile if device.type == "cuda" else False)
         result = {"kind": f"model {args.model}", **model.run_model(cfg)}
         stem = f"bench_{device_slug(env)}_{args.model}"

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   svdq quantize --model black-forest-labs/FLUX.1-schnell --out flux-schnell-svdq --steps 4 --guidance-scale 0
   svdq quantize --model stabilityai/stable-diffusion-xl-base-1.0 --out sdxl-svdq --calib-prompts my_prompts.txt
   svdq quantize --model ./my-pipeline --out ./my-pipeline-svdq --data-free        # no calibration run
+  svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --adaln w4a16   # smaller: ~1/3.5 of bf16
 """
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -76,6 +77,9 @@ def add_parser(sub) -> None:
     g.add_argument("--calib-prompts", default=None,
                    help="text file, one calibration prompt per line (default: svdq's 20 built-in prompts)")
     g.add_argument("--data-free", action="store_true", help="skip calibration (no smoothing; low-rank + INT4 only)")
+    p.add_argument("--adaln", choices=("16bit", "w4a16"), default="16bit",
+                   help="AdaLN modulation linears: keep 16-bit (default) or weight-only 4-bit (W4A16; FLUX.1-dev "
+                        "weights 2.1x -> 3.6x smaller than bf16, see docs/models.md)")
     p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
@@ -92,6 +96,7 @@ def run(args) -> int:
     from ..pretrained import load_pipeline
 
     device, dtype = device_and_dtype(args)
+    adaln = getattr(args, "adaln", "16bit")
     prompts = None
     if not args.data_free:  # read the prompts before the (slow) pipeline load: a bad path fails fast
         prompts = read_prompts(args.calib_prompts) if args.calib_prompts else default_prompts()
@@ -103,6 +108,11 @@ def run(args) -> int:
     family = prepare(model)  # fuse shared-input projections (also when data-free)
     if family is None:
         print(f"note: {type(model).__name__} is not a known family (flux / sdxl / pixart): generic layer selection")
+    weight_only = None
+    if adaln == "w4a16":
+        if family is None or not family.adaln:
+            raise ValueError(f"--adaln w4a16: no AdaLN layer patterns known for {type(model).__name__}")
+        weight_only = family.adaln
     calibration = None
     if prompts is not None:
         calibration = svdq.calibrate_pipeline(
@@ -110,11 +120,13 @@ def run(args) -> int:
             **call_kwargs(args, pipe),
         )
     t0 = time.perf_counter()
-    svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method)
+    svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only)
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
     layers = svdq.quantized_layers(model)
+    wo = svdq.weight_only_layers(model)
     print(
-        f"quantized {len(layers)} layers of {type(model).__name__} "
+        f"quantized {len(layers)} layers of {type(model).__name__}"
+        + (f" (+ {len(wo)} AdaLN layers W4A16)" if wo else "") + " "
         f"({'data-free' if calibration is None else f'{len(prompts)} calibration prompts'}) in "
         f"{time.perf_counter() - t0:.1f} s -> {out}"
     )

@@ -149,6 +149,9 @@ class Family:
     exclude: tuple[str, ...]  # fnmatch patterns of nn.Linear names kept 16-bit by default
     fuse: Callable[[nn.Module], int]  # fuses the shared-input groups in place; returns how many were fused
     pipeline_component: str  # the pipeline attribute holding the model ("transformer" / "unet")
+    # The timestep-conditioning modulation linears (AdaLN): 16-bit by default; `svdq.quantize(weight_only=
+    # family.adaln)` / `svdq quantize --adaln w4a16` makes them weight-only 4-bit (W4A16, docs/models.md).
+    adaln: tuple[str, ...] = ()
 
 
 def _fuse_flux(model: nn.Module) -> int:
@@ -201,7 +204,15 @@ _COMMON_EXCLUDE = (
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("flux", ("FluxTransformer2DModel",), _COMMON_EXCLUDE, _fuse_flux, "transformer"),
+        Family(
+            "flux",
+            ("FluxTransformer2DModel",),
+            _COMMON_EXCLUDE,
+            _fuse_flux,
+            "transformer",
+            # double blocks (image / text stream) and single blocks; not norm_out.linear (final layer)
+            adaln=("*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear"),
+        ),
         Family(
             "sdxl",
             ("UNet2DConditionModel",),
@@ -213,8 +224,16 @@ FAMILIES: dict[str, Family] = {
             ),
             _fuse_basic_transformer_blocks,
             "unet",
+            adaln=("*time_emb_proj",),  # SDXL has no AdaLN; the ResNets' timestep projections play its part
         ),
-        Family("pixart", ("PixArtTransformer2DModel",), _COMMON_EXCLUDE, _fuse_basic_transformer_blocks, "transformer"),
+        Family(
+            "pixart",
+            ("PixArtTransformer2DModel",),
+            _COMMON_EXCLUDE,
+            _fuse_basic_transformer_blocks,
+            "transformer",
+            adaln=("adaln_single.linear",),  # the shared AdaLN-single modulation (not its timestep embedder)
+        ),
     )
 }
 
