@@ -210,63 +210,44 @@ def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 def _layer_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQLinear:
     n, k, r = entry["out_features"], entry["in_features"], entry["rank"]
-    kp = padded_k(k)
-    expected = {
-        "qweight": (n, kp // 2),
-        "wscales": (n, kp // GROUP_SIZE),
-        "smooth": (k,),
-        "lora_down": (k, r),
-        "lora_up": (n, r),
-    }
-    if entry["bias"]:
-        expected["bias"] = (n,)
-    for t_name, shape in expected.items():
-        key = f"{name}.{t_name}"
-        if key not in state:
-            raise CheckpointError(f"{path}: missing key {key!r} of quantized layer {name!r}")
-        t = state[key]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
-    qweight = state[f"{name}.qweight"]
-    if qweight.dtype != torch.int8:
-        raise CheckpointError(f"{path}: {name}.qweight has dtype {qweight.dtype}, expected torch.int8")
-    dtype = state[f"{name}.wscales"].dtype
-    for t_name in ("smooth", "lora_down", "lora_up") + (("bias",) if entry["bias"] else ()):
-        t = state[f"{name}.{t_name}"]
-        if t.dtype != dtype:
-            raise CheckpointError(
-                f"{path}: {name}.{t_name} has dtype {t.dtype}, but {name}.wscales has {dtype} (all must match)"
-            )
-    if not dtype.is_floating_point:
-        raise CheckpointError(f"{path}: {name}.wscales has dtype {dtype}, expected a floating dtype")
+    shapes = {"smooth": (k,), "lora_down": (k, r), "lora_up": (n, r)}
+    dtype = _check_layer_tensors(path, name, "quantized", entry, state, shapes)
     return SVDQLinear(k, n, r, entry["bias"], dtype, device)
 
 
 def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQWeightOnlyLinear:
     n, k = entry["out_features"], entry["in_features"]
+    dtype = _check_layer_tensors(path, name, "weight-only", entry, state, {})
+    return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device)
+
+
+def _check_layer_tensors(path: Path, name: str, kind: str, entry: dict, state: dict, extra: dict) -> torch.dtype:
+    """Check one layer's tensors in `state` (presence, shape, dtype) before anything is modified; returns
+    the layer's model dtype D (that of ``wscales``). `extra`: {tensor name: shape} besides the 4-bit ones."""
+    n, k = entry["out_features"], entry["in_features"]
     kp = padded_k(k)
-    expected = {"qweight": (n, kp // 2), "wscales": (n, kp // GROUP_SIZE)}
+    expected = {"qweight": (n, kp // 2), "wscales": (n, kp // GROUP_SIZE), **extra}
     if entry["bias"]:
         expected["bias"] = (n,)
     for t_name, shape in expected.items():
         key = f"{name}.{t_name}"
         if key not in state:
-            raise CheckpointError(f"{path}: missing key {key!r} of weight-only layer {name!r}")
-        t = state[key]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
+            raise CheckpointError(f"{path}: missing key {key!r} of {kind} layer {name!r}")
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(f"{path}: {key!r} has shape {tuple(state[key].shape)}, expected {shape}")
     qweight = state[f"{name}.qweight"]
     if qweight.dtype != torch.int8:
         raise CheckpointError(f"{path}: {name}.qweight has dtype {qweight.dtype}, expected torch.int8")
     dtype = state[f"{name}.wscales"].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{path}: {name}.wscales has dtype {dtype}, expected a floating dtype")
-    if entry["bias"] and state[f"{name}.bias"].dtype != dtype:
-        raise CheckpointError(
-            f"{path}: {name}.bias has dtype {state[f'{name}.bias'].dtype}, but {name}.wscales has {dtype} "
-            "(all must match)"
-        )
-    return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device)
+    for t_name in expected.keys() - {"qweight", "wscales"}:
+        t = state[f"{name}.{t_name}"]
+        if t.dtype != dtype:
+            raise CheckpointError(
+                f"{path}: {name}.{t_name} has dtype {t.dtype}, but {name}.wscales has {dtype} (all must match)"
+            )
+    return dtype
 
 
 def _expected_keys(model: nn.Module, replacements: dict[str, nn.Module]) -> set[str]:
