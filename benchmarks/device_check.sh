@@ -2,8 +2,9 @@
 # benchmarks/device_check.sh — THE one-shot GPU check: build for this GPU, test, memcheck, benchmark.
 #
 # Run from the repository root on the lent GPU machine (docs/device_check.md), e.g. through the device tool:
-#     run(command="bash benchmarks/device_check.sh", timeout_s=540)
-# Every stage is time-boxed (`timeout`) against one overall deadline (SVDQ_CHECK_BUDGET_S, default 500 s) and
+#     bash scripts/fetch_device_wheels.sh      # here, once: diffusers for the model benchmark
+#     run(command="bash benchmarks/device_check.sh", timeout_s=580, carry=[".whl"])
+# Every stage is time-boxed (`timeout`) against one overall deadline (SVDQ_CHECK_BUDGET_S, default 540 s) and
 # the script goes on after a failing stage. Results land in $OUT (default ./out), at most 8 files:
 #     summary.json   each stage's status / exit code / seconds, device, versions, build time
 #     run.log        everything printed by every stage
@@ -11,6 +12,7 @@
 #     junit.xml      pytest results (tests/test_cuda_backend.py + CPU tests that need no diffusers)
 #     memcheck.txt   compute-sanitizer --tool memcheck on a small case of both ops (both MMA paths)
 #     bench.json / bench.md   benchmarks/bench_cuda_layers.py (copy them into benchmarks/results/)
+#     svdq_bench.tgz  `svdq bench --layers` and `--model flux-dev` outputs (JSON, markdown, PNG)
 # Needs: python3 with torch (CUDA), cmake, ninja, pybind11, pytest, nvcc. No network, no diffusers.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,13 +21,19 @@ OUT=${OUT:-$ROOT/out}
 mkdir -p "$OUT"
 LOG=$OUT/run.log
 : >"$LOG"
-BUDGET=${SVDQ_CHECK_BUDGET_S:-500}
+BUDGET=${SVDQ_CHECK_BUDGET_S:-540}
 ARCHS=${SVDQ_CUDA_ARCHS:-90}
 JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 BUILD_DIR=${SVDQ_BUILD_DIR:-$ROOT/build/device_check}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+# Wheels the image lacks (diffusers, for `svdq bench --model`): scripts/fetch_device_wheels.sh puts them in
+# .whl here; carry=[".whl"] brings them. Installed after the repo on the path, so python/svdq stays first.
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/svdq_site "$ROOT"/.whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/svdq_site
+fi
 export ROOT OUT LOG ARCHS JOBS PY BUILD_DIR
 STAGES=$OUT/.stages.tsv
 : >"$STAGES"
@@ -180,6 +188,18 @@ stage memcheck 100 memcheck
 # ---------------------------------------------------------------------------------------------- 5. benchmark
 stage bench 130 $PY benchmarks/bench_cuda_layers.py --iters 30 --warmup 5 --ksplit-sweep 1,2,3,4,6,8 \
   --out "$OUT/bench.json"
+
+# ---------------------------------------------------------------------------------------------- 6. svdq bench
+# The user-facing harness (docs/bench.md): FLUX.1 layers, then one full-size FLUX.1-dev step (synthetic
+# weights, quantized data-free, bf16 / FP8 / svdq, eager and compiled). Its outputs are packed into one file
+# because the device tool returns at most 8 files.
+stage svdq_bench_layers 90 $PY -m svdq bench --layers --out "$OUT/svdq_bench"
+if $PY -c "import diffusers" 2>/dev/null; then
+  stage svdq_bench_model 300 $PY -m svdq bench --model flux-dev --out "$OUT/svdq_bench" --repeats 5
+else
+  log "SKIP svdq_bench_model: diffusers is not importable (run scripts/fetch_device_wheels.sh here, carry .whl)"
+fi
+[ -d "$OUT/svdq_bench" ] && tar -C "$OUT" -czf "$OUT/svdq_bench.tgz" svdq_bench && rm -rf "$OUT/svdq_bench"
 
 # ---------------------------------------------------------------------------------------------- summary
 $PY - "$STAGES" "$OUT/summary.json" "$BUILD_S" "$ARCHS" <<'EOF' 2>&1 | tee -a "$LOG"
