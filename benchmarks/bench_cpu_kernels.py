@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 
 import svdq
 from svdq import _native
+from svdq.bench.env import cpu_name, git_commit
 from svdq.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,23 +48,6 @@ SHAPES = [  # (M tokens, K in, N out): FLUX.1 projections at 1/4 width, 256 toke
     (256, 3072, 768),  # mlp down
 ]
 RANK = 32
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def bench(fn, repeats: int, warmup: int = 2) -> float:
@@ -127,7 +109,7 @@ def run(args) -> dict:
     info = svdq.build_info()
     return dict(
         load_average=" ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "",
-        device=f"cpu: {cpu_model()}",
+        device=f"cpu: {cpu_name()}",
         threads=torch.get_num_threads(),
         cpu_isa=info.get("cpu_isa"),
         torch_version=torch.__version__,
