@@ -12,6 +12,7 @@ Without the extension this module still imports: ``AVAILABLE`` is False, ``build
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -107,7 +108,9 @@ if AVAILABLE:
 # ---- backends ------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _cuda_available() -> bool:
+    # Asked on every layer call (svdq.ops.select_backend): answer once, both facts are fixed for the process.
     return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
 
 
