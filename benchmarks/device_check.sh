@@ -84,6 +84,13 @@ env_info() {
 export -f env_info
 stage env 40 env_info
 
+# ---------------------------------------------------------------------------------------------- 1b. probes
+# Per-issue stage files (benchmarks/device_check.d/): `pre-*.sh` run here, before the build (probes that gate a
+# design: they compile their own code), the others after the memcheck. Each is sourced and calls
+# `stage NAME MAX_SECONDS CMD...`; it writes its results under $OUT/<its name>/ (packed at the end: the device
+# tool returns at most 8 files).
+for f in "$ROOT"/benchmarks/device_check.d/pre-*.sh; do [ -f "$f" ] && . "$f"; done
+
 # ---------------------------------------------------------------------------------------------- 2. build
 # Direct CMake (what setup.py runs), output python/svdq/_C*.so; PYTHONPATH=python picks it up. The fallback
 # is pip's editable install, in case the direct build is what breaks.
@@ -185,6 +192,9 @@ memcheck() {
 export -f memcheck
 stage memcheck 100 memcheck
 
+# ---------------------------------------------------------------------------------------------- 4b. issue stages
+for f in "$ROOT"/benchmarks/device_check.d/[0-9]*.sh; do [ -f "$f" ] && . "$f"; done
+
 # ---------------------------------------------------------------------------------------------- 5. benchmark
 stage bench 130 $PY benchmarks/bench_cuda_layers.py --iters 30 --warmup 5 --ksplit-sweep 1,2,3,4,6,8 \
   --out "$OUT/bench.json"
@@ -202,6 +212,9 @@ fi
 [ -d "$OUT/svdq_bench" ] && tar -C "$OUT" -czf "$OUT/svdq_bench.tgz" svdq_bench && rm -rf "$OUT/svdq_bench"
 
 # ---------------------------------------------------------------------------------------------- summary
+# Pack the per-stage result folders into one file (the device tool returns at most 8 files).
+stage_dirs=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d ! -name svdq_bench -printf '%f\n')
+[ -n "$stage_dirs" ] && tar -C "$OUT" -czf "$OUT/stages.tgz" $stage_dirs && (cd "$OUT" && rm -rf $stage_dirs)
 $PY - "$STAGES" "$OUT/summary.json" "$BUILD_S" "$ARCHS" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, subprocess, sys, datetime
 stages_file, out, build_s, archs = sys.argv[1:5]
