@@ -29,6 +29,16 @@ TORCH_LIBRARY(svdq, m) {
   m.def(
       "w4a4_gemm(Tensor qact, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act,"
       " Tensor lora_up, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // W4A8 (spec §8): smooth x and quantize it to FP8 e4m3 with one fp32 scale per token, plus the low-rank
+  // down projection. -> qact uint8 [M, Kp] (e4m3 bytes), ascales fp32 [M], lora_act fp32 [M, r]
+  m.def(
+      "quantize_act_fp8(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales)"
+      " -> (Tensor qact, Tensor ascales, Tensor lora_act)");
+  // y [M, N] = s_a[m] · Σ_g s_w (a_e4m3 · q_w) + C(lora_act) · lora_upᵀ + bias (spec §8.2); the weights are
+  // the W4A4 ones as returned by prepare_weight.
+  m.def(
+      "w4a8_gemm(Tensor qact, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act,"
+      " Tensor lora_up, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
 
 namespace {

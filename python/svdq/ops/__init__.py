@@ -16,7 +16,7 @@ checkpoint layout into the layout its GEMM reads (identity for the reference and
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -35,10 +35,15 @@ class Backend:
     w4a4_gemm: Callable
     is_available: Callable[[], bool] = lambda: True
     prepare_weight: Callable = lambda qweight, wscales: (qweight, wscales)
+    # W4A8 (spec §8): FP8 e4m3 activations with one scale per token; None where the backend has no kernel.
+    quantize_act_fp8: Callable | None = None
+    w4a8_gemm: Callable | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
-_override = threading.local()
+# Context-local (threads, asyncio tasks and generators each see their own): `use_backend` in one thread or
+# task never changes which backend another one runs.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("svdq_backend", default=None)
 
 
 def register_backend(backend: Backend) -> None:
@@ -53,8 +58,12 @@ register_backend(
         priority=0,
         quantize_act=reference.quantize_act,
         w4a4_gemm=reference.w4a4_gemm,
+        quantize_act_fp8=reference.quantize_act_fp8,
+        w4a8_gemm=reference.w4a8_gemm,
     )
 )
+
+ACT_FORMATS = ("int4", "fp8")
 
 
 def available_backends() -> list[str]:
@@ -64,14 +73,13 @@ def available_backends() -> list[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed code with backend ``name`` (thread-local)."""
+    """Run the enclosed code with backend ``name`` (context-local: other threads and asyncio tasks keep theirs)."""
     _lookup(name)
-    previous = getattr(_override, "name", None)
-    _override.name = name
+    token = _override.set(name)
     try:
         yield
     finally:
-        _override.name = previous
+        _override.reset(token)
 
 
 def _lookup(name: str) -> Backend:
@@ -85,7 +93,7 @@ def _lookup(name: str) -> Backend:
 
 def select_backend(device: torch.device, backend: str | None = None) -> Backend:
     """The backend an op uses for tensors on ``device``: explicit name > ``use_backend`` > fastest."""
-    name = backend or getattr(_override, "name", None)
+    name = backend or _override.get()
     if name is not None:
         chosen = _lookup(name)
         if device.type not in chosen.devices:
@@ -119,14 +127,49 @@ def prepare_weight(qweight, wscales, *, backend=None):
     return select_backend(qweight.device, backend).prepare_weight(qweight, wscales)
 
 
-def svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None):
+def check_act_format(act_format: str) -> str:
+    """``act_format`` validated: "int4" (W4A4, spec §4) or "fp8" (W4A8, spec §8)."""
+    if act_format not in ACT_FORMATS:
+        raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
+    return act_format
+
+
+def _w4a8_ops(be: Backend) -> tuple[Callable, Callable]:
+    if be.quantize_act_fp8 is None or be.w4a8_gemm is None:
+        raise ValueError(
+            f"svdq backend {be.name!r} has no W4A8 kernels (act_format='fp8'); use act_format='int4' or "
+            f"backend 'reference'"
+        )
+    return be.quantize_act_fp8, be.w4a8_gemm
+
+
+def quantize_act_fp8(x, smooth, lora_down, lora_scales=None, *, backend: str | None = None):
+    """W4A8 activations (spec §8.1): ``(qact uint8 [M, Kp] e4m3, ascales fp32 [M], lora_act fp32 [M, r])``."""
+    return _w4a8_ops(select_backend(x.device, backend))[0](x, smooth, lora_down, lora_scales)
+
+
+def w4a8_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, *, backend=None):
+    """W4A8 GEMM (spec §8.2): int4 g64 weights × per-token FP8 activations, low-rank up and bias fused."""
+    return _w4a8_ops(select_backend(qact.device, backend))[1](
+        qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype
+    )
+
+
+def svdq_linear(
+    x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None, act_format="int4"
+):
     """The whole layer: ``y = W4A4(x) + (x · lora_down · scales) · lora_upᵀ + bias`` for x [..., K].
 
-    ``qweight``/``wscales`` must already be in the backend's layout (`prepare_weight`).
+    ``qweight``/``wscales`` must already be in the backend's layout (`prepare_weight`). ``act_format="fp8"``
+    quantizes the activations to FP8 e4m3 per token instead (W4A8, spec §8); the weights are the same.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     be = select_backend(x.device, backend)
-    qact, ascales, lora_act = be.quantize_act(x2, smooth, lora_down, lora_scales)
-    y = be.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+    if check_act_format(act_format) == "fp8":
+        quant, gemm = _w4a8_ops(be)
+    else:
+        quant, gemm = be.quantize_act, be.w4a4_gemm
+    qact, ascales, lora_act = quant(x2, smooth, lora_down, lora_scales)
+    y = gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype)
     return y.reshape(*lead, qweight.shape[0])

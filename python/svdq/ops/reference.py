@@ -114,3 +114,66 @@ def w4a4_gemm(
     if bias is not None:
         acc += bias.to(torch.float32)
     return acc.to(out_dtype)
+
+
+# ---- W4A8: FP8 e4m3 activations, one scale per token (spec §8) -------------------------------------------
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_act_fp8(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spec §8.1. x [M, K] → (qact uint8 [M, Kp] e4m3 bytes, ascales fp32 [M], lora_act fp32 [M, r])."""
+    m, k = x.shape
+    xf = x.to(torch.float32)
+    xhat = xf / smooth.to(torch.float32)
+    xhat = torch.nn.functional.pad(xhat, (0, padded_k(k) - k))
+    amax = xhat.abs().amax(dim=1) if k else torch.zeros(m, dtype=torch.float32, device=x.device)
+    ascales = amax / torch.full_like(amax, FP8_MAX)  # IEEE division (see quantize_groups)
+    s = ascales.unsqueeze(1)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    # x̂/s ≤ 448·(1 + 2⁻²³) rounds to 448, never to NaN; the clamp only documents the saturation.
+    scaled = torch.where(s == 0, torch.zeros_like(xhat), xhat / safe).clamp_(-FP8_MAX, FP8_MAX)
+    qact = scaled.to(torch.float8_e4m3fn).view(torch.uint8)  # round-to-nearest-even
+    lora_act = xf @ lora_down.to(torch.float32)
+    if lora_scales is not None:
+        lora_act = lora_act * lora_scales.to(torch.float32)
+    return qact, ascales, lora_act
+
+
+def fp8_e4m3_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3fn bytes → their exact fp32 values."""
+    return codes.view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def w4a8_gemm(
+    qact: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Spec §8.2. qact uint8 [M, Kp] e4m3, ascales fp32 [M]; weights as w4a4_gemm. Returns y [M, N]."""
+    m, n = qact.shape[0], qweight.shape[0]
+    groups = wscales.shape[1]
+    a = fp8_e4m3_to_float(qact).reshape(m, groups, GROUP_SIZE)
+    qw = unpack_int4(qweight).to(torch.float32).reshape(n, groups, GROUP_SIZE)
+    acc = torch.zeros(m, n, dtype=torch.float32, device=qact.device)
+    sw = wscales.to(torch.float32)
+    for g in range(groups):
+        # P[m, n, g]: the group's dot product is exact in fp64 (spec §8.2), then rounded once to fp32.
+        dots = (a[:, g, :].to(torch.float64) @ qw[:, g, :].to(torch.float64).T).to(torch.float32)
+        acc += sw[:, g].unsqueeze(0) * dots
+    acc = acc * ascales.to(torch.float32).unsqueeze(1)
+    if lora_act.shape[1]:
+        acc += lora_act.to(out_dtype).to(torch.float32) @ lora_up.to(torch.float32).T
+    if bias is not None:
+        acc += bias.to(torch.float32)
+    return acc.to(out_dtype)
