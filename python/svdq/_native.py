@@ -113,6 +113,47 @@ def _cuda_available() -> bool:
     # Asked on every layer call (svdq.ops.select_backend): answer once, both facts are fixed for the process.
     return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
 
+def quantize_act_fp8(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W4A8: x [M, K] → (qact uint8 [M, Kp] e4m3, ascales fp32 [M], lora_act fp32 [M, r]) (spec §8.1)."""
+    return torch.ops.svdq.quantize_act_fp8(x, smooth, lora_down, lora_scales)
+
+
+def w4a8_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype) -> torch.Tensor:
+    """W4A8: y [M, N] in ``out_dtype`` (spec §8.2); qweight/wscales as returned by `prepare_weight`."""
+    return torch.ops.svdq.w4a8_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
+
+
+def _has_op(name: str) -> bool:
+    return AVAILABLE and hasattr(torch.ops.svdq, name)
+
+
+if _has_op("quantize_act_fp8"):
+
+    @torch.library.register_fake("svdq::quantize_act_fp8")
+    def _quantize_act_fp8_fake(x, smooth, lora_down, lora_scales):
+        m, k = x.shape
+        kp = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE * _ops.GROUP_SIZE
+        return (
+            x.new_empty((m, kp), dtype=torch.uint8),
+            x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m, lora_down.shape[1]), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("svdq::w4a8_gemm")
+    def _w4a8_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+        return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+def _w4a8_kernel(device_type: str, name: str):
+    """The native W4A8 op for ``device_type`` when the extension registered one, else None (backend lacks it)."""
+    if not _has_op(name):
+        return None
+    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"svdq::{name}", device_type.upper())
+    return {"quantize_act_fp8": quantize_act_fp8, "w4a8_gemm": w4a8_gemm}[name] if has else None
+
+
 
 if AVAILABLE:
     _ops.register_backend(
@@ -155,4 +196,8 @@ def require_native() -> None:
         raise RuntimeError(
             f"svdq._C is not built or does not load ({IMPORT_ERROR}); build it with "
             "`pip install --no-build-isolation -e .` (docs/building.md)"
+            quantize_act_fp8=_w4a8_kernel("cpu", "quantize_act_fp8"),
+            w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
         )
+                quantize_act_fp8=_w4a8_kernel("cuda", "quantize_act_fp8"),
+                w4a8_gemm=_w4a8_kernel("cuda", "w4a8_gemm"),
