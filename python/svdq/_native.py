@@ -81,38 +81,6 @@ def w4a4_gemm(
     return torch.ops.svdq.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
 
 
-if AVAILABLE:
-
-    @torch.library.register_fake("svdq::quantize_act")
-    def _quantize_act_fake(x, smooth, lora_down, lora_scales):
-        m, k = x.shape
-        groups = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE
-        return (
-            x.new_empty((m, groups * _ops.GROUP_SIZE // 2), dtype=torch.int8),
-            x.new_empty((m, groups), dtype=torch.float32),
-            x.new_empty((m, lora_down.shape[1]), dtype=torch.float32),
-        )
-
-    @torch.library.register_fake("svdq::prepare_weight")
-    def _prepare_weight_fake(qweight, wscales):
-        # Both devices keep qweight's shape [N, Kp/2] and return wscales as fp32 [N, Kp/64] (CUDA's tensors
-        # are views into tile-padded buffers; shapes and dtypes are what a fake must get right).
-        return torch.empty_like(qweight), torch.empty_like(wscales, dtype=torch.float32)
-
-    @torch.library.register_fake("svdq::w4a4_gemm")
-    def _w4a4_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
-        # N from qweight.shape[0] (every device's prepared layout keeps it), M from qact.
-        return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
-
-
-# ---- backends ------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _cuda_available() -> bool:
-    # Asked on every layer call (svdq.ops.select_backend): answer once, both facts are fixed for the process.
-    return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
-
 def quantize_act_fp8(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_scales: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,6 +122,38 @@ def _w4a8_kernel(device_type: str, name: str):
     return {"quantize_act_fp8": quantize_act_fp8, "w4a8_gemm": w4a8_gemm}[name] if has else None
 
 
+if AVAILABLE:
+
+    @torch.library.register_fake("svdq::quantize_act")
+    def _quantize_act_fake(x, smooth, lora_down, lora_scales):
+        m, k = x.shape
+        groups = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE
+        return (
+            x.new_empty((m, groups * _ops.GROUP_SIZE // 2), dtype=torch.int8),
+            x.new_empty((m, groups), dtype=torch.float32),
+            x.new_empty((m, lora_down.shape[1]), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("svdq::prepare_weight")
+    def _prepare_weight_fake(qweight, wscales):
+        # Both devices keep qweight's shape [N, Kp/2] and return wscales as fp32 [N, Kp/64] (CUDA's tensors
+        # are views into tile-padded buffers; shapes and dtypes are what a fake must get right).
+        return torch.empty_like(qweight), torch.empty_like(wscales, dtype=torch.float32)
+
+    @torch.library.register_fake("svdq::w4a4_gemm")
+    def _w4a4_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+        # N from qweight.shape[0] (every device's prepared layout keeps it), M from qact.
+        return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+# ---- backends ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    # Asked on every layer call (svdq.ops.select_backend): answer once, both facts are fixed for the process.
+    return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
+
 
 if AVAILABLE:
     _ops.register_backend(
@@ -164,6 +164,8 @@ if AVAILABLE:
             quantize_act=quantize_act,
             w4a4_gemm=w4a4_gemm,
             prepare_weight=prepare_weight,
+            quantize_act_fp8=_w4a8_kernel("cpu", "quantize_act_fp8"),
+            w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
         )
     )
     if build_info()["cuda"]:
@@ -176,6 +178,8 @@ if AVAILABLE:
                 w4a4_gemm=w4a4_gemm,
                 is_available=_cuda_available,
                 prepare_weight=prepare_weight,
+                quantize_act_fp8=_w4a8_kernel("cuda", "quantize_act_fp8"),
+                w4a8_gemm=_w4a8_kernel("cuda", "w4a8_gemm"),
             )
         )
 
@@ -196,8 +200,4 @@ def require_native() -> None:
         raise RuntimeError(
             f"svdq._C is not built or does not load ({IMPORT_ERROR}); build it with "
             "`pip install --no-build-isolation -e .` (docs/building.md)"
-            quantize_act_fp8=_w4a8_kernel("cpu", "quantize_act_fp8"),
-            w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
         )
-                quantize_act_fp8=_w4a8_kernel("cuda", "quantize_act_fp8"),
-                w4a8_gemm=_w4a8_kernel("cuda", "w4a8_gemm"),
