@@ -75,71 +75,20 @@ def driver_version() -> str:
         return "unknown"
 
 
-INNER = 10  # calls per timed sample (one CUDA graph replay), so launch gaps do not enter the numbers
-TIMING = {"method": "unset"}
+# The timing and the fp8 baseline live in the package (svdq.bench.cuda_timing), shared with `svdq bench --layers`.
+from svdq.bench.cuda_timing import INNER, TIMING  # noqa: E402
 
 
 def time_fn(torch, fn, warmup: int, iters: int) -> float:
-    """Median milliseconds per call of fn(): `iters` samples, each one replay of a CUDA graph holding INNER
-    calls, timed with CUDA events after `warmup` eager calls and one warm replay. Falls back to eager
-    back-to-back calls (events around INNER calls) when graph capture fails."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    graph = None
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # allocations for the capture happen outside it
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(INNER):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        TIMING["method"] = "cuda_graph"
-    except Exception as e:  # noqa: BLE001
-        graph = None
-        TIMING["method"] = f"eager ({type(e).__name__})"
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        if graph is not None:
-            graph.replay()
-        else:
-            for _ in range(INNER):
-                fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / INNER)
-    del graph
-    return statistics.median(times)
+    from svdq.bench.cuda_timing import time_fn as _time_fn
+
+    return _time_fn(fn, warmup, iters)
 
 
 def fp8_variant(torch, x, w):
-    """torch._scaled_mm e4m3 with rowwise scales if this torch/GPU supports it, else tensorwise."""
-    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
-        return None, "no torch._scaled_mm"
-    m, n = x.shape[0], w.shape[0]
-    xf = x.to(torch.float8_e4m3fn)
-    wf = w.to(torch.float8_e4m3fn).t()  # column-major [K, N]
-    try:
-        sa = torch.ones(m, 1, device=x.device, dtype=torch.float32)
-        sb = torch.ones(1, n, device=x.device, dtype=torch.float32)
-        torch._scaled_mm(xf, wf, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-        return (lambda: torch._scaled_mm(xf, wf, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)), "rowwise"
-    except Exception:
-        pass
-    try:
-        one = torch.ones((), device=x.device, dtype=torch.float32)
-        torch._scaled_mm(xf, wf, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-        return (lambda: torch._scaled_mm(xf, wf, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)), "tensorwise"
-    except Exception as e:  # noqa: BLE001
-        return None, f"unsupported: {type(e).__name__}: {str(e)[:120]}"
+    from svdq.bench.cuda_timing import fp8_variant as _fp8_variant
+
+    return _fp8_variant(x, w)
 
 
 def run(args) -> dict:

@@ -27,7 +27,7 @@ def dirs(tmp_path_factory):
 
 def test_quantize_writes_a_loadable_directory(dirs):
     q = dirs["pixart-q"]
-    assert {p.name for p in q.iterdir()} >= {"config.json", "svdq_model.safetensors", "svdq.json"}
+    assert {p.name for p in q.iterdir()} >= {"config.json", "diffusion_pytorch_model.safetensors", "svdq.json"}
     info = json.loads((q / "svdq.json").read_text())
     assert info["family"] == "pixart" and info["class_name"] == "PixArtTransformer2DModel"
     assert info["base"] == str(dirs["pixart"])
@@ -37,7 +37,7 @@ def test_quantize_data_free(dirs, capsys):
     out = dirs["root"] / "flux-q"
     assert cli.main(["quantize", "--model", str(dirs["flux"]), "--out", str(out), "--data-free"]) == 0
     assert "data-free" in capsys.readouterr().out
-    assert (out / "svdq_model.safetensors").is_file()
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_quantize_adaln_w4a16(dirs, capsys):
@@ -112,7 +112,7 @@ def test_errors(dirs, capsys):
     rc = cli.main(["generate", "--model", str(dirs["pixart"]), "--quantized", "svdq-test/no-such-model",
                    "--prompt", "x", "--out", str(dirs["root"] / "x.png")])
     err = capsys.readouterr().err
-    assert rc == 1 and "svdq-test/no-such-model" in err and "svdq_model.safetensors" in err
+    assert rc == 1 and "svdq-test/no-such-model" in err and "diffusion_pytorch_model.safetensors" in err
 
 
 @pytest.mark.parametrize("command", ["quantize", "generate", "eval"])

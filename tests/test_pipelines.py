@@ -90,20 +90,20 @@ def test_calibrate_pipeline_sees_every_step_and_both_cfg_branches():
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing config.json, svdq_model.safetensors, svdq.json"):
+    with pytest.raises(FileNotFoundError, match="missing config.json, diffusion_pytorch_model.safetensors, svdq.json"):
         svdq.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         svdq.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="could not be fetched") as e:
         svdq.from_pretrained("svdq-test/no-such-model", local_files_only=True)
-    assert "svdq_model.safetensors" in str(e.value)  # says what was looked for
+    assert "diffusion_pytorch_model.safetensors" in str(e.value)  # says what was looked for
 
     model = svdq.quantize(tiny.tiny_pixart_transformer(0), progress=False)  # unfused: loads too
     svdq.save_pretrained(model, tmp_path / "pixart")
     with pytest.raises(svdq.CheckpointError, match=r"holds a quantized PixArtTransformer2DModel \(pixart\), but a flux"):
         svdq.from_pretrained(tmp_path / "pixart", expected_family="flux")
-    (tmp_path / "pixart" / "svdq_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing svdq_model.safetensors"):
+    (tmp_path / "pixart" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing diffusion_pytorch_model.safetensors"):
         svdq.from_pretrained(tmp_path / "pixart")
     with pytest.raises(ValueError, match="not quantized"):
         svdq.save_pretrained(tiny.tiny_pixart_transformer(0), tmp_path / "x")

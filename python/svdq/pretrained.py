@@ -6,10 +6,17 @@
 
 Directory layout:
 
-    config.json               the diffusers model config (``_class_name`` names the class)
-    svdq_model.safetensors    the whole quantized model (`svdq.save` format, docs/numerics.md §3)
-    svdq.json                 {"family", "class_name", "svdq_version", "base"}: what it is and (optionally)
-                              the 16-bit pipeline it was quantized from
+    config.json                          the diffusers model config (``_class_name`` names the class;
+                                         ``quantization_config``: {"quant_method": "svdquant", ...})
+    diffusion_pytorch_model.safetensors  the whole quantized model (`svdq.save` format, docs/numerics.md §3);
+                                         directories written before the diffusers quantizer have
+                                         ``svdq_model.safetensors`` (still read)
+    svdq.json                            {"family", "class_name", "svdq_version", "base"}: what it is and
+                                         (optionally) the 16-bit pipeline it was quantized from
+
+It is a normal diffusers model directory: with svdq imported, ``FluxTransformer2DModel.from_pretrained(dir)``
+(or a pipeline whose ``transformer/`` / ``unet/`` it is) loads the same model bit for bit
+(`svdq.integrations.diffusers_quantizer`).
 
 The loaded model is the original diffusers class with `SVDQLinear` layers (and the shared-input fusion of
 `svdq.models`), so pipelines, schedulers, callbacks and `enable_model_cpu_offload` work as with the 16-bit one.
@@ -29,7 +36,10 @@ from .linear import SVDQLinear
 from .models import family_of, get_family
 from .version import __version__
 
-WEIGHTS_NAME = "svdq_model.safetensors"
+# diffusers' own weights name: the directory is a normal diffusers model directory (config.json carries the
+# "svdquant" quantization_config), loadable by FluxTransformer2DModel.from_pretrained & co. once svdq is imported.
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LEGACY_WEIGHTS_NAME = "svdq_model.safetensors"  # what svdq wrote before the diffusers quantizer; still read
 INFO_NAME = "svdq.json"
 CONFIG_NAME = "config.json"
 
@@ -43,6 +53,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
         raise ValueError(f"{type(model).__name__} is not quantized: run svdq.quantize(model, ...) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    from .integrations.diffusers_quantizer import attach
+
+    attach(model)  # config.json gets quantization_config {"quant_method": "svdquant", ...}
     model.save_config(directory)
     save(model, directory / WEIGHTS_NAME)
     family = family_of(model)
@@ -56,9 +69,33 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
     return directory
 
 
+def weights_path(directory: str | os.PathLike) -> Path:
+    """The weights file of a saved quantized model (the diffusers name, or the one svdq wrote before)."""
+    path = Path(directory) / WEIGHTS_NAME
+    return path if path.is_file() or not (Path(directory) / LEGACY_WEIGHTS_NAME).is_file() else Path(directory) / LEGACY_WEIGHTS_NAME
+
+
+def _svdquant_config(directory: Path) -> dict | None:
+    """The config.json of ``directory`` when its quantization_config is svdquant's, else None."""
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config if (config.get("quantization_config") or {}).get("quant_method") == "svdquant" else None
+
+
 def read_info(directory: str | os.PathLike) -> dict:
-    """The ``svdq.json`` of a saved quantized model (CheckpointError when absent)."""
+    """The ``svdq.json`` of a saved quantized model (CheckpointError when absent), or for a directory written by
+    diffusers' save_pretrained (no svdq.json), the same fields derived from its config.json."""
     path = Path(directory) / INFO_NAME
+    config = None if path.is_file() else _svdquant_config(Path(directory))
+    if config is not None:
+        from .models import FAMILIES
+
+        name = config.get("_class_name")
+        family = next((f.name for f in FAMILIES.values() if name in f.classes), None)
+        version = config["quantization_config"].get("svdq_version")
+        return {"family": family, "class_name": name, "svdq_version": version, "base": None}
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an svdq model directory: {INFO_NAME} not found")
     return json.loads(path.read_text())
@@ -69,7 +106,13 @@ def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
     snapshot (downloaded, or found in the local cache). Clear error when neither works."""
     path = Path(dir_or_hub_id)
     if path.is_dir():
-        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INFO_NAME) if not (path / n).is_file()]
+        # svdq.json is optional when config.json says "svdquant" (a directory written by diffusers' own
+        # save_pretrained): the family and class follow from the config.
+        missing = [n for n in (CONFIG_NAME, INFO_NAME) if not (path / n).is_file()]
+        if INFO_NAME in missing and _svdquant_config(path):
+            missing.remove(INFO_NAME)
+        if not (path / WEIGHTS_NAME).is_file() and not (path / LEGACY_WEIGHTS_NAME).is_file():
+            missing.insert(1, WEIGHTS_NAME)
         if missing:
             raise FileNotFoundError(
                 f"{path} is not an svdq model directory (saved by svdq.save_pretrained): missing {', '.join(missing)}"
@@ -81,7 +124,7 @@ def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(s, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, INFO_NAME], **hub_kwargs)
+        local = snapshot_download(s, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME], **hub_kwargs)
     except Exception as e:  # offline, unknown repo, gated, ...: say what was looked for
         raise FileNotFoundError(
             f"svdq model {s!r}: no local directory of that name, and the Hugging Face Hub repo could not be "
@@ -125,10 +168,10 @@ def from_pretrained(
     try:
         with torch.device("meta"):
             model = cls.from_config(config)
-        load(model, directory / WEIGHTS_NAME, device=device)
+        load(model, weights_path(directory), device=device)
     except NotImplementedError:  # "Cannot copy out of meta tensor": a non-persistent buffer (e.g. pos_embed)
         model = cls.from_config(config)
-        load(model, directory / WEIGHTS_NAME, device=device)
+        load(model, weights_path(directory), device=device)
     _match_buffer_dtype(model)
     model.svdq_info = info
     return model.eval()

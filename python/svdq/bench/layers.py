@@ -8,24 +8,21 @@ Variants per shape (M tokens × K → N), all on the same random inputs:
     svdq_unfused      svdq r = 0 plus the low-rank branch as separate 16-bit GEMMs      the fusion ablation
     svdq_r0           svdq without a low-rank branch                                    the 4-bit floor
 
-On a GPU the timings are those of benchmarks/bench_cuda_layers.py (its `time_fn`: CUDA-graph replays timed
-with CUDA events, median) when the checkout has it; otherwise CUDA events around eager calls. On a CPU:
-`time.perf_counter` around each call, median after warm-up (CPU mode: scaled-down shapes).
+On a GPU the timings are those of benchmarks/bench_cuda_layers.py (`svdq.bench.cuda_timing.time_fn`, which
+both use: CUDA-graph replays timed with CUDA events, median). On a CPU: `time.perf_counter` around each call,
+median after warm-up (CPU mode: scaled-down shapes).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import CPU_MODE_NOTE
-from .env import REPO
+from . import CPU_MODE_NOTE, cuda_timing
 
 # FLUX.1: hidden 3072, MLP 12288; M = image tokens + 512 text tokens at 512² (1024 + 512) and 1024² (4096 + 512).
 GPU_SHAPES = ((3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072))  # (K, N): qkv, out, MLP up, MLP down
@@ -65,22 +62,6 @@ def default_config(device: torch.device, **overrides) -> LayerConfig:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _load_cuda_layer_script():
-    """benchmarks/bench_cuda_layers.py as a module (its timing helper and fp8 variant), or None outside a
-    checkout."""
-    path = REPO / "benchmarks" / "bench_cuda_layers.py"
-    if not path.exists():
-        return None
-    name = "svdq_bench_cuda_layers_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def measure(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Milliseconds of each of `repeats` calls of fn() after `warmup` calls: CUDA events on a GPU,
     perf_counter on a CPU."""
@@ -107,11 +88,8 @@ def measure(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
 def _layer_time(fn, cfg: LayerConfig) -> tuple[float, str]:
     """Median ms of fn() and how it was timed."""
     if cfg.device.type == "cuda":
-        script = _load_cuda_layer_script()
-        if script is not None:
-            ms = script.time_fn(torch, fn, cfg.warmup, cfg.repeats)
-            return ms, f"bench_cuda_layers.time_fn ({script.TIMING['method']}, {script.INNER} calls per sample)"
-        return statistics.median(measure(fn, cfg.device, cfg.warmup, cfg.repeats)), "cuda events, eager"
+        ms = cuda_timing.time_fn(fn, cfg.warmup, cfg.repeats)
+        return ms, f"cuda_timing.time_fn ({cuda_timing.TIMING['method']}, {cuda_timing.INNER} calls per sample)"
     return statistics.median(measure(fn, cfg.device, cfg.warmup, cfg.repeats)), "perf_counter, eager"
 
 
@@ -122,10 +100,7 @@ def _fp8(x, w):
     major, minor = torch.cuda.get_device_capability(x.device)
     if (major, minor) < (8, 9):
         return None, f"no FP8 tensor cores on sm_{major}{minor}"
-    script = _load_cuda_layer_script()
-    if script is None:
-        return None, "benchmarks/bench_cuda_layers.py not found (not a source checkout)"
-    return script.fp8_variant(torch, x, w)
+    return cuda_timing.fp8_variant(x, w)
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark

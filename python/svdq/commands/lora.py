@@ -85,8 +85,13 @@ def skeleton(spec: str):
         with torch.device("meta"):  # structure only: no weights are allocated or read
             model = cls.from_config(config)
         quantized = None
-        ckpt = path / "svdq_model.safetensors"
-        if ckpt.is_file():
+        from ..pretrained import LEGACY_WEIGHTS_NAME, weights_path
+
+        ckpt = weights_path(path)
+        svdq_dir = ckpt.name == LEGACY_WEIGHTS_NAME or (
+            (config.get("quantization_config") or {}).get("quant_method") == "svdquant"
+        )
+        if ckpt.is_file() and svdq_dir:  # a 16-bit diffusers directory has the same weights name
             quantized = {e["name"] for e in read_metadata(ckpt)["quantized_layers"]}
         desc = f"{cls.__name__} from {path}" + (" (svdq checkpoint)" if quantized is not None else "")
     family = prepare(model)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,12 +31,27 @@ from torch import nn
 log = logging.getLogger("svdq")
 
 
+class _PartsCache:
+    """One thread's cached fused output: the input it was computed from (identity and version), the output,
+    and which parts have been taken."""
+
+    __slots__ = ("x", "version", "y", "taken")
+
+    def __init__(self, x: torch.Tensor, version: int | None, y: torch.Tensor):
+        self.x, self.version, self.y, self.taken = x, version, y, set()
+
+
 class SharedInputLinear(nn.Module):
     """Several projections of the same input computed by one linear layer (`linear`: nn.Linear or SVDQLinear).
 
-    ``part(i, x)`` returns projection i of ``x``. The first part asked for a given input tensor runs the
-    whole layer; the result is kept until every part has been taken (then dropped), so each input is
+    ``forward(x)`` is the whole fused layer (what diffusers' own fused-projection path calls: FLUX double
+    blocks run ``attn.to_qkv`` / ``attn.to_added_qkv`` this way, no cache involved). ``part(i, x)`` returns
+    projection i of ``x`` for the `ProjectionSlice` stand-ins: the first part asked for a given input tensor
+    runs the whole layer; the result is kept until every part has been taken (then dropped), so each input is
     multiplied once. A different input tensor — or the same one modified in place — recomputes.
+
+    The cache is per thread (a dict keyed by thread id: threads running the same model never see each
+    other's inputs or outputs) and, under torch.compile, lives only inside the traced graph.
     """
 
     def __init__(self, linear: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]):
@@ -46,11 +62,13 @@ class SharedInputLinear(nn.Module):
         self.names = tuple(names)
         self.sizes = tuple(sizes)
         self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        self._caches: dict[int, _PartsCache] = {}
         self._clear()
 
     def _clear(self) -> None:
+        # The traced (torch.compile) cache: module attributes Dynamo can follow. Each compiled call starts and
+        # ends with it cleared (all parts are taken inside one graph), so threads never share a live entry.
         self._x: torch.Tensor | None = None
-        self._x_version: int | None = None
         self._y: torch.Tensor | None = None
         self._taken: set[int] = set()
 
@@ -61,6 +79,9 @@ class SharedInputLinear(nn.Module):
         except RuntimeError:  # inference-mode tensors have no version counter (and cannot be modified)
             return None
 
+    def _slice(self, y: torch.Tensor, index: int) -> torch.Tensor:
+        return y[..., self.offsets[index] : self.offsets[index] + self.sizes[index]]
+
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # Dynamo traces this cache (identity test, attribute and set updates) into one call of the fused
@@ -70,18 +91,38 @@ class SharedInputLinear(nn.Module):
                 self._clear()
                 self._y = self.linear(x)
                 self._x = x
-        elif self._x is not x or self._x_version != self._version(x) or index in self._taken:
-            self._clear()
-            self._y = self.linear(x)
-            self._x, self._x_version = x, self._version(x)
-        y = self._y[..., self.offsets[index] : self.offsets[index] + self.sizes[index]]
-        self._taken.add(index)
-        if len(self._taken) == len(self.sizes):
-            self._clear()
+            y = self._slice(self._y, index)
+            self._taken.add(index)
+            if len(self._taken) == len(self.sizes):
+                self._clear()
+            return y
+        # Eager: one entry per thread. Dict get/set/pop of distinct keys are atomic under the GIL, and an entry
+        # is only ever touched by its own thread.
+        tid = threading.get_ident()
+        entry = self._caches.get(tid)
+        version = self._version(x)
+        if entry is None or entry.x is not x or entry.version != version or index in entry.taken:
+            entry = _PartsCache(x, version, self.linear(x))
+            self._caches[tid] = entry
+        y = self._slice(entry.y, index)
+        entry.taken.add(index)
+        if len(entry.taken) == len(self.sizes):
+            self._caches.pop(tid, None)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_caches"] = {}  # cached activations are per call, never part of a copy or a pickle
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._caches = {}
+        self._clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"parts={dict(zip(self.names, self.sizes))}"
@@ -105,6 +146,29 @@ class ProjectionSlice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.part(self.index, x)
+
+    # nn.Linear's surface, for code that reads it off ``attn.to_q`` (see `SVDQLinear.weight`).
+    @property
+    def weight(self) -> torch.Tensor:
+        from ..linear import weight_standin
+
+        lin = self.fused.linear
+        if isinstance(lin, nn.Linear):  # not quantized yet: the real rows (a view)
+            return lin.weight[self.offset : self.offset + self.out_features]
+        return weight_standin(self.out_features, self.in_features, lin.dtype, lin.device)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.fused.linear.bias
+        return None if b is None else b[self.offset : self.offset + self.out_features]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
     def extra_repr(self) -> str:
         return f"{self.fused.names[self.index]}: rows {self.offset}:{self.offset + self.out_features} of the fused layer"
@@ -154,23 +218,65 @@ class Family:
     adaln: tuple[str, ...] = ()
 
 
+def _fused_projections_noop(*args, **kwargs) -> None:
+    """Stands in for diffusers' ``Attention.fuse_projections`` / ``unfuse_projections`` on an attention whose
+    projections svdq has fused (``model.fuse_qkv_projections()`` must neither concatenate the stand-ins'
+    weights nor delete the quantized fused layer)."""
+
+
+def _own_fusion(attn: nn.Module, diffusers_path: bool) -> None:
+    """Mark ``attn`` as fused by svdq. ``diffusers_path``: its fused layers sit under diffusers' own names
+    (``to_qkv`` / ``to_added_qkv`` / ``to_kv``), so diffusers' fused-projection code path runs them directly
+    (one call of the fused layer, no input cache): FLUX's processor reads ``attn.fused_projections``, the
+    SDXL / PixArt ``Attention`` needs `FusedAttnProcessor2_0` (set when it runs the default processor)."""
+    saved = {k: attn.__dict__[k] for k in ("fused_projections", "_supports_qkv_fusion") if k in attn.__dict__}
+    object.__setattr__(attn, "_svdq_fusion_saved", (saved, getattr(attn, "processor", None)))
+    attn._supports_qkv_fusion = False  # diffusers' AttentionMixin.fuse/unfuse_qkv_projections skip it
+    attn.fuse_projections = _fused_projections_noop  # the older Attention class has no such guard
+    attn.unfuse_projections = _fused_projections_noop
+    if diffusers_path:
+        attn.fused_projections = True
+        processor = getattr(attn, "processor", None)
+        if type(processor).__name__ == "AttnProcessor2_0" and hasattr(attn, "set_processor"):
+            from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+            attn.set_processor(FusedAttnProcessor2_0())
+
+
+def _release_fusion(attn: nn.Module) -> None:
+    """Undo `_own_fusion` (used by `unfuse`)."""
+    saved = attn.__dict__.pop("_svdq_fusion_saved", None)
+    if saved is None:
+        return
+    attrs, processor = saved
+    for k in ("fused_projections", "_supports_qkv_fusion", "fuse_projections", "unfuse_projections"):
+        attn.__dict__.pop(k, None)
+    attn.__dict__.update(attrs)
+    if processor is not None and hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+
+
 def _fuse_flux(model: nn.Module) -> int:
     n = 0
     for block in model.transformer_blocks:
         a = block.attn
-        n += fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
-        n += (
-            fuse_linears(
-                a,
-                "to_added_qkv",
-                {"add_q_proj": (a, "add_q_proj"), "add_k_proj": (a, "add_k_proj"), "add_v_proj": (a, "add_v_proj")},
-            )
-            is not None
+        qkv = fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
+        added = fuse_linears(
+            a,
+            "to_added_qkv",
+            {"add_q_proj": (a, "add_q_proj"), "add_k_proj": (a, "add_k_proj"), "add_v_proj": (a, "add_v_proj")},
         )
+        n += (qkv is not None) + (added is not None)
+        if qkv is not None and added is not None:
+            _own_fusion(a, diffusers_path=True)  # FluxAttnProcessor: attn.to_qkv(x).chunk(3), to_added_qkv(c)
     for block in model.single_transformer_blocks:
         a = block.attn
         parts = {"attn.to_q": (a, "to_q"), "attn.to_k": (a, "to_k"), "attn.to_v": (a, "to_v"), "proj_mlp": (block, "proj_mlp")}
-        n += fuse_linears(block, "to_qkv_mlp", parts) is not None
+        if fuse_linears(block, "to_qkv_mlp", parts) is not None:
+            n += 1
+            # q/k/v and the MLP input share one layer, which diffusers has no fused path for: the
+            # ProjectionSlice stand-ins (per-thread cache) serve the attention processor and proj_mlp.
+            _own_fusion(a, diffusers_path=False)
     return n
 
 
@@ -185,9 +291,12 @@ def _fuse_basic_transformer_blocks(model: nn.Module) -> int:
             if a is None:
                 continue
             if getattr(a, "is_cross_attention", False):  # q reads the image tokens, k/v the text
-                n += fuse_linears(a, "to_kv", {"to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
+                group = fuse_linears(a, "to_kv", {"to_k": (a, "to_k"), "to_v": (a, "to_v")})
             else:
-                n += fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None
+                group = fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
+            if group is not None:
+                n += 1
+                _own_fusion(a, diffusers_path=True)  # FusedAttnProcessor2_0: attn.to_qkv(x) / attn.to_kv(c)
     return n
 
 
@@ -244,10 +353,15 @@ def family_of(model: nn.Module) -> Family | None:
     for family in FAMILIES.values():
         if names.intersection(family.classes):
             return family
-    return None
+    # Any other diffusers transformer, once `generic.analyze` traced it (svdq.calibrate_pipeline does).
+    from .generic import family_from_plan
+
+    return family_from_plan(model)
 
 
 def get_family(name: str) -> Family:
+    if name == "generic":  # per model: its plan comes from a traced forward (svdq.models.generic)
+        return Family("generic", (), (), lambda model: 0, "transformer")
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; svdq supports {sorted(FAMILIES)}")
     return FAMILIES[name]
@@ -302,6 +416,9 @@ def unfuse(model: nn.Module) -> int:
         if origin is None or type(group.linear) is not nn.Linear:
             continue
         owner, fused_name, locations, had_bias = origin
+        for parent, _ in locations:
+            if "_svdq_fusion_saved" in parent.__dict__:
+                _release_fusion(parent)
         w, b = group.linear.weight, group.linear.bias
         for (parent, attr), offset, size, bias in zip(locations, group.offsets, group.sizes, had_bias):
             lin = nn.Linear(w.shape[1], size, bias=bias, device=w.device, dtype=w.dtype)
@@ -320,16 +437,25 @@ FUSED_NAMES = ("to_qkv", "to_kv", "to_added_qkv", "to_qkv_mlp")
 
 def has_fused_layers(layer_names) -> bool:
     """Whether quantized-layer names (a checkpoint's) come from a model fused by `prepare`."""
-    return any(n.endswith(".linear") and n.split(".")[-2] in FUSED_NAMES for n in layer_names)
+    from .generic import named_groups
+
+    names = list(layer_names)
+    return any(n.endswith(".linear") and n.split(".")[-2] in FUSED_NAMES for n in names) or bool(named_groups(names))
 
 
 @contextlib.contextmanager
 def fused_for_checkpoint(model: nn.Module, layer_names):
     """Fuse ``model`` (a 16-bit skeleton) when the checkpoint's layer names say it was fused; if the body
     raises, the fusion is undone, so a failed `svdq.load` leaves the skeleton as it was."""
-    fused_here = has_fused_layers(layer_names) and family_of(model) is not None and not is_fused(model)
+    from . import generic
+
+    hand_mapped = family_of(model) is not None and family_of(model).name != "generic"
+    fused_here = has_fused_layers(layer_names) and not is_fused(model) and (
+        hand_mapped or generic.is_diffusers_model(model)
+    )
     if fused_here:
-        prepare(model)
+        # Hand-mapped families fuse by their own code; any other model by the names (generic groups).
+        prepare(model) if hand_mapped else generic.fuse_named(model, layer_names)
     try:
         yield
     except BaseException:
