@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .gptq import gptq_quantize_weight, smoothed_hessian
 from .ops import reference
 from .ops.reference import RANK_MULTIPLE
 
@@ -59,11 +60,22 @@ def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u[:, :rank] * s[:rank], v[:, :rank].T
 
 
-def decompose(weight: torch.Tensor, rank: int, smooth: torch.Tensor | None = None) -> Decomposition:
+def decompose(
+    weight: torch.Tensor,
+    rank: int,
+    smooth: torch.Tensor | None = None,
+    *,
+    xtx: torch.Tensor | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Decomposition:
     """Quantize one weight [N, K] per docs/numerics.md §2 into the canonical stored tensors.
 
     `rank` is clamped to min(N, K) and then padded with zero columns to a multiple of 16; `smooth` (λ, [K])
     defaults to ones (data-free). The dtype `D` of the stored tensors is `weight.dtype`.
+    xtx: Σ xᵀx [K, K] of the layer's raw calibration inputs → the residual is rounded by GPTQ against the
+    smoothed inputs' Hessian (`svdq.gptq`); ``None`` → round to nearest (§2.4).
+    factors: `top_singular(W·diag(λ), r')` for some r' ≥ rank, already computed for this λ (the per-layer
+    rank search reuses one SVD for every rank it tries); ``None`` → computed here.
     """
     if weight.dim() != 2:
         raise ValueError(f"decompose expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
@@ -89,13 +101,18 @@ def decompose(weight: torch.Tensor, rank: int, smooth: torch.Tensor | None = Non
     lora_up = torch.zeros(n, stored_rank, dtype=dtype, device=w.device)
     residual = w_hat
     if r > 0:
-        l1, l2 = top_singular(w_hat, r)
+        l1, l2 = top_singular(w_hat, r) if factors is None else (factors[0][:, :r], factors[1][:r])
         lora_down[:, :r] = (l2.T / lam.unsqueeze(1)).to(dtype)
         lora_up[:, :r] = l1.to(dtype)
         # Residual against the *rounded* stored branch: the quantizer sees exactly the error it leaves.
         down_hat = lam.unsqueeze(1) * lora_down[:, :r].to(torch.float32)
         residual = w_hat - lora_up[:, :r].to(torch.float32) @ down_hat.T
-    qweight, wscales = reference.quantize_weight(residual, dtype)
+    if xtx is None:
+        qweight, wscales = reference.quantize_weight(residual, dtype)
+    else:
+        if xtx.shape != (k, k):
+            raise ValueError(f"xtx must have shape ({k}, {k}) for a weight {tuple(weight.shape)}, got {tuple(xtx.shape)}")
+        qweight, wscales = gptq_quantize_weight(residual, smoothed_hessian(xtx.to(w.device), lam), dtype)
     return Decomposition(qweight, wscales, lam.to(dtype), lora_down, lora_up)
 
 

@@ -1,0 +1,115 @@
+"""GPTQ rounding of the INT4 residual (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization").
+
+Round-to-nearest (docs/numerics.md §2.4) rounds every weight on its own. GPTQ rounds the columns of the
+smoothed residual R [N, K] one at a time and spreads each column's rounding error over the columns not yet
+rounded, weighted by the inverse Hessian H = X̂ᵀX̂ of the layer's smoothed calibration inputs — so it
+minimizes ‖X̂ (R − R_q)ᵀ‖ (the residual's share of the output error) instead of ‖R − R_q‖.
+
+Only *how the codes and scales are chosen* changes: the result is the stored format of §3 exactly — codes
+−8..7, one scale in the model dtype per row and 64-group, padding columns 0, no reordering (act-order would
+permute columns across groups, which the format cannot express). Each group's scale is chosen when GPTQ
+reaches the group, from the group's values *after* the earlier columns' error was spread onto them
+(`s = D(max|group| / 7)`, the §2.4 formula on the updated values), so the scale covers what is rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.reference import GROUP_SIZE, QMAX, QMIN, pack_int4, padded_k
+
+DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ's default): keeps H invertible
+BLOCK = 128  # columns per lazy-update block (GPTQ's choice); a multiple of GROUP_SIZE so groups never straddle
+MAX_DAMP_TRIES = 6  # each retry multiplies the dampening by 10
+
+
+def smoothed_hessian(xtx: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """Σ x̂ᵀx̂ of the smoothed inputs x̂ = x / λ from the raw Σ xᵀx: diag(1/λ) · XᵀX · diag(1/λ) (fp32).
+
+    The calibration hooks record the raw XᵀX once because λ is chosen after calibration (per α candidate).
+    """
+    inv = 1.0 / smooth.to(device=xtx.device, dtype=torch.float32)
+    return xtx.to(torch.float32) * inv.unsqueeze(0) * inv.unsqueeze(1)
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U with H⁻¹ = Uᵀ U (upper Cholesky factor of the dampened inverse Hessian), as GPTQ uses it."""
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(MAX_DAMP_TRIES):
+        lower, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise ValueError(
+        f"GPTQ: the calibration Hessian ({h.shape[0]}×{h.shape[0]}) is not positive definite even with dampening "
+        f"{damp * 10 ** (MAX_DAMP_TRIES - 1):g}·mean(diag); non-finite calibration inputs?"
+    )
+
+
+def gptq_quantize_weight(
+    residual: torch.Tensor,
+    hessian: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual R fp32 [N, K] + Hessian H [K, K] of its (smoothed) inputs → (qweight int8 [N, Kp/2],
+    wscales `dtype` [N, G]): the stored tensors of docs/numerics.md §3, like `reference.quantize_weight`.
+
+    Input channels the calibration never excited (H[k, k] = 0) get no error compensation and are rounded to
+    nearest from whatever error earlier columns spread onto them (none: their H row is zero).
+    """
+    if residual.dim() != 2:
+        raise ValueError(f"GPTQ expects a 2-D residual [N, K], got shape {tuple(residual.shape)}")
+    n, k = residual.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match the residual's K = {k}")
+    if block % GROUP_SIZE:
+        raise ValueError(f"GPTQ block must be a multiple of {GROUP_SIZE}, got {block}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("GPTQ: the calibration Hessian has non-finite entries (inf/NaN calibration inputs?)")
+    kp = padded_k(k)
+    dev = residual.device
+    w = torch.nn.functional.pad(residual.to(torch.float32), (0, kp - k))
+    h = torch.zeros(kp, kp, dtype=torch.float32, device=dev)
+    h[:k, :k] = hessian.to(device=dev, dtype=torch.float32)
+    # Padding columns and never-excited channels: decoupled unit rows, so no error flows into or out of them
+    # (padding stays exactly 0 → code 0, as §3 requires).
+    dead = torch.diagonal(h) <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h[dead, dead] = 1
+    if bool(dead.all()):
+        h = torch.eye(kp, dtype=torch.float32, device=dev)
+    hinv = _upper_inverse_cholesky(h, damp)
+
+    q = torch.zeros(n, kp, dtype=torch.float32, device=dev)
+    scales = torch.zeros(n, kp // GROUP_SIZE, dtype=dtype, device=dev)
+    for b0 in range(0, kp, block):
+        b1 = min(b0 + block, kp)
+        w1 = w[:, b0:b1].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            j = b0 + i
+            if j % GROUP_SIZE == 0:
+                amax = w1[:, i : i + GROUP_SIZE].abs().amax(dim=1)
+                # Tensor / tensor: IEEE division, as reference.quantize_groups (CUDA scalar division differs).
+                s_d = (amax / torch.full_like(amax, QMAX)).to(dtype)
+                scales[:, j // GROUP_SIZE] = s_d
+                s = s_d.to(torch.float32)
+                zero = s == 0
+                safe = torch.where(zero, torch.ones_like(s), s)
+            col = w1[:, i]
+            qc = torch.round(col / safe)  # round half to even
+            qc = torch.where(zero, torch.zeros_like(qc), qc).clamp_(QMIN, QMAX)
+            q[:, j] = qc
+            e = (col - qc * s) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return pack_int4(q.to(torch.int8)), scales
