@@ -8,9 +8,30 @@ fastest backend available for the tensor's device is used.
 
 A backend is an object with ``name``, ``devices`` (device types it runs on), ``priority`` (higher wins by
 default), ``quantize_act(...)`` and ``w4a4_gemm(...)`` with the signatures of ``svdq.ops.reference``, and
-``prepare_weight(qweight, wscales) -> (qweight', wscales')``: the load-time repack from the canonical
-checkpoint layout into the layout its GEMM reads (identity for the reference and CPU backends). Its
-``w4a4_gemm`` receives prepared weights; its ``qact`` layout is private to the backend's pair of ops.
+``prepare_weight(qweight, wscales) -> (qweight', wscales')``: the repack from the canonical checkpoint layout
+(spec §3) into the layout its GEMM reads, named by ``layout``. The reference and CPU backends read the
+canonical layout itself (``layout="canonical"``, ``prepare_weight`` returns its inputs: the CPU GEMM converts
+the [N, Kp/64] scales to fp32 per call, a transient of 1/16 of the 4-bit weight). The CUDA backend's layout
+``"cuda-g64"`` is group-major with fp32 scales (csrc/cuda/mma_layout.cuh §4). A backend with a non-canonical
+layout also gives ``unprepare_weight(qweight', wscales', dtype) -> (qweight, wscales)``, the exact inverse
+(bit for bit; fp32 scales that came from ``dtype`` round back exactly), in plain torch on any device.
+Its ``w4a4_gemm`` receives prepared weights; its ``qact`` layout is private to the backend's pair of ops.
+
+Storage rules for layers (``SVDQLinear``; weight-only layers follow the same rules):
+
+1. One copy. A layer keeps its 4-bit weights once, in the layout of the backend it runs on, *in place of*
+   the canonical tensors (no cache beside them). Conversions happen when the layer moves (``.to()`` / its
+   ``_apply``), on ``load_state_dict`` and in ``svdq.prepare``; never per call, except when something outside
+   the layer swapped canonical tensors in (accelerate's sequential offload restores them from its state-dict
+   copy): then the call converts into a transient and counts it (``svdq.linear.LAYOUT_STATS``).
+2. ``state_dict()`` (and so ``svdq.save``) always returns the canonical layout: a state-dict hook converts.
+3. Stored tensors are frozen ``nn.Parameter``s (``requires_grad=False``), so offload hooks that move
+   parameters (accelerate, diffusers group offloading) move them too; integer dtypes are fine for them.
+4. A non-canonical layout keeps its fp32 scales bit-cast to int32: the tensors say by themselves that they
+   are not canonical (canonical scales are floating), and ``.to(dtype)`` / ``.half()`` and dtype inference
+   (diffusers' ``model.dtype``: first floating parameter) leave them alone.
+5. Prepared tensors own their storage exactly (no views of larger padded buffers), so a copy (``.to()``,
+   ``clone``, ``deepcopy``, pinned offload copies) keeps every byte the kernel reads.
 """
 
 from __future__ import annotations
@@ -26,6 +47,9 @@ from . import reference
 from .reference import GROUP_SIZE, MAX_RANK, QMAX, QMIN, RANK_MULTIPLE, padded_k  # noqa: F401
 
 
+CANONICAL = "canonical"  # the checkpoint layout (spec §3), read directly by the reference and CPU backends
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -35,6 +59,10 @@ class Backend:
     w4a4_gemm: Callable
     is_available: Callable[[], bool] = lambda: True
     prepare_weight: Callable = lambda qweight, wscales: (qweight, wscales)
+    # Name of the weight layout `prepare_weight` produces; "canonical" means it returns its inputs unchanged.
+    layout: str = CANONICAL
+    # (qweight', wscales' fp32, dtype) -> canonical (qweight, wscales dtype); required unless layout is canonical.
+    unprepare_weight: Callable | None = None
     # W4A8 (spec §8): FP8 e4m3 activations with one scale per token; None where the backend has no kernel.
     quantize_act_fp8: Callable | None = None
     w4a8_gemm: Callable | None = None
@@ -123,8 +151,51 @@ def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtyp
 
 
 def prepare_weight(qweight, wscales, *, backend=None):
-    """Repack canonical ``qweight``/``wscales`` for ``backend``'s GEMM (done once, at load time)."""
+    """Repack canonical ``qweight``/``wscales`` for ``backend``'s GEMM (done once, when a layer moves)."""
     return select_backend(qweight.device, backend).prepare_weight(qweight, wscales)
+
+
+def registered_backend(name: str) -> Backend:
+    """The backend registered as ``name``, available on this machine or not (layouts are plain torch)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"no svdq backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def layout_backend(layout: str) -> Backend:
+    """A registered backend whose weights use ``layout`` (available on this machine or not: the layout
+    conversions are plain torch, so a layer prepared elsewhere can still be converted back)."""
+    for b in _BACKENDS.values():
+        if b.layout == layout:
+            return b
+    raise ValueError(f"no svdq backend uses weight layout {layout!r}; registered: {sorted(_BACKENDS)}")
+
+
+def unprepare_weight(qweight, wscales, layout: str, dtype: torch.dtype):
+    """Prepared ``qweight``/``wscales`` (fp32) in ``layout`` → canonical, scales in ``dtype`` (exact)."""
+    if layout == CANONICAL:
+        return qweight, wscales
+    return layout_backend(layout).unprepare_weight(qweight, wscales, dtype)
+
+
+_act_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("svdq_act_format", default=None)
+
+
+@contextlib.contextmanager
+def use_act_format(act_format: str) -> Iterator[None]:
+    """Run the enclosed code with every `SVDQLinear` quantizing activations as ``act_format`` (per context, as
+    ``use_backend``; wins over the layers' own ``act_format``): "int4" (W4A4) or "fp8" (W4A8, spec §8)."""
+    check_act_format(act_format)
+    token = _act_override.set(act_format)
+    try:
+        yield
+    finally:
+        _act_override.reset(token)
+
+
+def act_format_override() -> str | None:
+    """The ``use_act_format`` in force in this context, or None."""
+    return _act_override.get()
 
 
 def check_act_format(act_format: str) -> str:
