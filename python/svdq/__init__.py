@@ -18,6 +18,11 @@ from .version import __version__
 # Loads svdq._C when it is built, registering the "cpu" / "cuda" backends; imports without it too.
 from ._native import build_info
 
+# diffusers' own from_pretrained / save_pretrained read and write svdq models: quant_method "svdquant".
+from .integrations import diffusers_quantizer as _diffusers_quantizer
+
+_diffusers_quantizer.register()
+
 
 __all__ = [
     "CheckpointError",

@@ -31,6 +31,38 @@ except ImportError as e:  # not built (pure-Python install) or built against ano
     IMPORT_ERROR = e
 
 
+def _fix_hint(error: BaseException | None) -> str:
+    """What to do about a failed ``svdq._C`` import, from the error's text."""
+    text = str(error)
+    if "undefined symbol" in text:
+        return (
+            f"it was most likely built against another torch than the installed {torch.__version__} (pip's build "
+            "isolation does that): rebuild with `pip install --no-build-isolation -e .`"
+        )
+    if "No module named" in text:
+        return "it is not built: build it with `pip install --no-build-isolation -e .` (docs/building.md)"
+    return "rebuild it with `pip install --no-build-isolation -e .` and run `svdq doctor` (docs/building.md)"
+
+
+def _warn_if_missing() -> None:
+    """Warn once per process that the native kernels did not load, with the reason and the fix: without them
+    every layer silently runs the reference backend, about 10x slower. ``SVDQ_NO_NATIVE_WARNING=1`` silences it
+    (pure-Python use on purpose)."""
+    if AVAILABLE or os.environ.get("SVDQ_NO_NATIVE_WARNING") == "1":
+        return
+    import warnings
+
+    warnings.warn(
+        f"svdq: the native extension svdq._C did not load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); every "
+        f"layer runs the slow PyTorch reference backend. Fix: {_fix_hint(IMPORT_ERROR)}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+_warn_if_missing()  # module import runs once per process, so this warns once
+
+
 def build_info() -> dict:
     """What the native extension was built with.
 

@@ -43,6 +43,23 @@ class CheckpointError(ValueError):
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (quantized by `svdq.quantize`) to one `.safetensors` file, atomically."""
     path = Path(path)
+    tensors, meta = contents(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename: an interrupted save never leaves a truncated checkpoint behind.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(CPU tensors, string metadata) of `model` as `save` writes them; diffusers' ``save_pretrained`` writes
+    the same through the svdquant quantizer (`svdq.integrations.diffusers_quantizer`)."""
     from .lora import list_loras
 
     adapters = list_loras(model)
@@ -89,17 +106,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[key] = t.contiguous().cpu().clone() if ptr in seen else t.contiguous().cpu()
         if ptr is not None:
             seen[ptr] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename: an interrupted save never leaves a truncated checkpoint behind.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return tensors, meta
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -198,6 +205,9 @@ def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device 
     model.to(device)
     if "config" in meta:
         model.svdq_config = QuantizeConfig.from_dict(meta["config"])
+    from .integrations.diffusers_quantizer import attach
+
+    attach(model)  # diffusers' save_pretrained / LoRA API work on it (no-op for non-diffusers models)
     return model
 
 

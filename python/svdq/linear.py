@@ -13,6 +13,11 @@ from .ops.reference import GROUP_SIZE, padded_k
 STORED_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
 
 
+def weight_standin(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A NaN [out_features, in_features] tensor holding one element (see `SVDQLinear.weight`)."""
+    return torch.full((), float("nan"), dtype=dtype, device=device).expand(out_features, in_features)
+
+
 class SVDQLinear(nn.Module):
     """y = W4A4(x/λ) + (x · lora_down · lora_scales) · lora_upᵀ + bias.
 
@@ -57,6 +62,20 @@ class SVDQLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.wscales.dtype
 
+    # ---- the nn.Linear surface: what diffusers and user code read off a Linear -----------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """nn.Linear's ``weight`` metadata for code that reads it (diffusers casts inputs to
+        ``to_q.weight.dtype``, checks ``.device`` / ``.shape``): a [out_features, in_features] tensor of the
+        compute dtype on the layer's device. Its values are NaN (one stored element, expanded): the 4-bit weight
+        is not a dense matrix, so arithmetic with this stand-in is loudly wrong instead of silently so, and
+        writes to it raise."""
+        return weight_standin(self.out_features, self.in_features, self.dtype, self.device)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 32, smooth: torch.Tensor | None = None) -> "SVDQLinear":
         """Quantize ``linear`` (data-free when ``smooth`` is None). The rank is padded to a multiple of 16."""
@@ -96,6 +115,16 @@ class SVDQLinear(nn.Module):
                 f"SVDQLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
         backend = ops.select_backend(x.device)
+        if backend.name == "cuda" and self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"SVDQLinear [{self.in_features} -> {self.out_features}] stores {self.dtype}; the CUDA kernels run "
+                "bf16/fp16 layers: convert the model once with model.to(torch.bfloat16) (or torch.float16), e.g. a "
+                "checkpoint quantized in fp32 on a CPU"
+            )
+        if x.numel() == 0:  # M = 0 (any leading dims), as nn.Linear allows: no kernel launch, an empty result
+            return x.new_empty((*x.shape[:-1], self.out_features))
+        # Any stride, as nn.Linear takes (transposed / sliced views): the kernels read dense rows of K.
+        x = x.contiguous()
         qweight, wscales = self._weights_for(backend)
         scales = None if self.rank == 0 else self.lora_scales
         return ops.svdq_linear(

@@ -275,6 +275,9 @@ def quantize(
                         **info}
     model.svdq_report = report
     model.svdq_config = config
+    from .integrations.diffusers_quantizer import attach
+
+    attach(model)  # diffusers' save_pretrained / LoRA API work on it (no-op for non-diffusers models)
     return model
 
 
