@@ -8,7 +8,7 @@ LoRA hot-swap: `load_lora`, `set_lora_strength`, `unload_lora`, `list_loras`.
 from . import ops
 from .calibrate import calibrate_pipeline
 from .checkpoint import CheckpointError, load, read_metadata, save
-from .linear import SVDQLinear
+from .linear import SVDQLinear, set_act_format
 from .pretrained import from_pretrained, save_pretrained
 from .lora import LoraError, list_loras, load_lora, set_lora_strength, unload_lora
 from .quantize import QuantizeConfig, quantize, quantized_layers
@@ -37,6 +37,7 @@ __all__ = [
     "list_loras",
     "load",
     "load_lora",
+    "set_act_format",
     "ops",
     "quantize",
     "quantized_layers",

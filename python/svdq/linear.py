@@ -35,8 +35,12 @@ class SVDQLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        act_format: str = "int4",
     ):
         super().__init__()
+        # How activations are quantized at run time (not stored with the weights: both formats read the same
+        # checkpoint): "int4" = W4A4 (spec §4), "fp8" = W4A8 (spec §8). Per call: `svdq.ops.use_act_format`.
+        self.act_format = ops.check_act_format(act_format)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"SVDQLinear needs positive sizes, got in={in_features} out={out_features}")
         if not dtype.is_floating_point:
@@ -127,8 +131,10 @@ class SVDQLinear(nn.Module):
         x = x.contiguous()
         qweight, wscales = self._weights_for(backend)
         scales = None if self.rank == 0 else self.lora_scales
+        act_format = ops.act_format_override() or self.act_format
         return ops.svdq_linear(
-            x, qweight, wscales, self.smooth, self.lora_down, self.lora_up, self.bias, scales, backend=backend.name
+            x, qweight, wscales, self.smooth, self.lora_down, self.lora_up, self.bias, scales, backend=backend.name,
+            act_format=act_format,
         )
 
     def _weights_for(self, backend: ops.Backend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,4 +164,22 @@ class SVDQLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, dtype={self.dtype}"
+            + (f", act_format={self.act_format}" if self.act_format != "int4" else "")
         )
+
+
+def set_act_format(model: nn.Module, act_format: str, include: str | tuple[str, ...] = "*") -> int:
+    """Set ``act_format`` ("int4" | "fp8") on the `SVDQLinear` layers of ``model`` whose qualified names match
+    an fnmatch pattern of ``include``; returns how many layers were set (0 raises: a pattern that matches
+    nothing is a mistake)."""
+    import fnmatch
+
+    ops.check_act_format(act_format)
+    patterns = (include,) if isinstance(include, str) else tuple(include)
+    hits = [m for name, m in model.named_modules()
+            if isinstance(m, SVDQLinear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not hits:
+        raise ValueError(f"set_act_format: no SVDQLinear layer of the model matches {patterns}")
+    for m in hits:
+        m.act_format = act_format
+    return len(hits)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
 from .linear import SVDQLinear
+from .ops import ACT_FORMATS
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
@@ -59,12 +60,18 @@ class QuantizeConfig:
     calib_tokens: int = 256
     version: int = CONFIG_VERSION
     weight_only: tuple[str, ...] = ()  # added after version 1 shipped: configs without it load as ()
+    # Activation format the layers run with (docs/numerics.md §8); a run-time choice that reads the same weights,
+    # recorded so a checkpoint says how it was meant (and evaluated) to run. Added after version 1 shipped:
+    # configs without it load as "int4".
+    act_format: str = "int4"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
         if self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
@@ -264,6 +271,7 @@ def quantize(
         with torch.no_grad():
             dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config)
         new = SVDQLinear.from_decomposition(dec, linear.bias)
+        new.act_format = config.act_format
         _set_submodule(model, name, new)
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
     for name, linear in wo_layers.items():
