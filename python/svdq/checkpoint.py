@@ -9,16 +9,27 @@ docs/numerics.md §3, every other parameter and buffer as is — and string meta
     rank            the config's low-rank rank
     group_size      "64"
     quantized_layers  JSON list of {"name", "in_features", "out_features", "rank", "bias"}
-    weight_only_layers  JSON list of {"name", "in_features", "out_features", "bias"}: W4A16 layers
-                    (`SVDQWeightOnlyLinear`, spec §7); absent in files written before them = none
+    weight_only_layers  JSON list of {"name", "in_features", "out_features", "bias"[, "zero_point": true]}:
+                    W4A16 layers (`SVDQWeightOnlyLinear`, spec §7; zero-point layers also store ``wzeros``);
+                    absent in files written before them = none; no "zero_point" = symmetric
     config          JSON of the QuantizeConfig (when the model was quantized by svdq.quantize)
+    checksums       JSON {tensor key: "crc32:<8 hex digits>"} of every tensor's bytes as stored; checked
+                    by `load` (``verify=False`` skips it). Files written before it have none (not checked).
+
+`load` is all-or-nothing (docs/reliability.md): the file is read and checked completely — metadata
+(format / config version, unknown config fields), tensor names, shapes, dtypes, checksums, finite scales —
+before the model is touched; the model is then changed in one step that is undone on any exception and
+that Ctrl-C cannot split.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._transaction import deferred_interrupts, model_transaction
 from .linear import STORED_TENSORS, SVDQLinear
 from .ops.reference import GROUP_SIZE, padded_k
 from .quantize import QuantizeConfig, _set_submodule, quantized_layers
@@ -92,6 +104,8 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         "weight_only_layers": json.dumps(
             [
                 {"name": name, "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+                # "zero_point" only when true: files without zero-point layers stay readable by older svdq
+                | ({"zero_point": True} if m.zero_point else {})
                 for name, m in weight_only_layers(model).items()
             ]
         ),
@@ -106,6 +120,7 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         tensors[key] = t.contiguous().cpu().clone() if ptr in seen else t.contiguous().cpu()
         if ptr is not None:
             seen[ptr] = key
+    meta["checksums"] = json.dumps(checksums(tensors))
     return tensors, meta
 
 
@@ -128,38 +143,86 @@ def read_metadata(path: str | os.PathLike) -> dict:
         )
     if meta.get("group_size") != str(GROUP_SIZE):
         raise CheckpointError(f"{path} uses group size {meta.get('group_size')}, svdq supports {GROUP_SIZE}")
-    try:
-        meta["quantized_layers"] = json.loads(meta["quantized_layers"])
-        meta["weight_only_layers"] = json.loads(meta.get("weight_only_layers", "[]"))
-        if "config" in meta:
-            meta["config"] = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt svdq metadata ({e})") from e
+    for field in ("quantized_layers", "weight_only_layers", "config", "checksums"):
+        if field not in meta:
+            if field == "quantized_layers":
+                raise CheckpointError(f"{path}: corrupt svdq metadata (field 'quantized_layers' missing)")
+            continue
+        try:
+            meta[field] = json.loads(meta[field])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: corrupt svdq metadata field {field!r} ({e})") from e
+    meta.setdefault("weight_only_layers", [])
+    for field in ("quantized_layers", "weight_only_layers"):
+        for entry in meta[field]:
+            missing = _LAYER_FIELDS[field] - set(entry) if isinstance(entry, dict) else _LAYER_FIELDS[field]
+            if missing:
+                raise CheckpointError(f"{path}: corrupt svdq metadata: an entry of {field!r} lacks {sorted(missing)}")
+    if "config" in meta:
+        # Parsed here, before any model is touched: a config from a newer svdq fails now, naming the field.
+        try:
+            meta["config"] = QuantizeConfig.from_dict(meta["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: metadata field 'config': {e} (svdq {__version__})") from e
     return meta
 
 
-def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+_LAYER_FIELDS = {
+    "quantized_layers": {"name", "in_features", "out_features", "rank", "bias"},
+    "weight_only_layers": {"name", "in_features", "out_features", "bias"},
+}
+
+
+def _crc32(t: torch.Tensor) -> str:
+    """CRC-32 of a CPU tensor's bytes in memory order (as safetensors stores them)."""
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{key: "crc32:…"} for CPU tensors. zlib releases the GIL, so tensors are hashed on several threads
+    (measured in docs/reliability.md: ~1 GB/s per core)."""
+    keys = list(tensors)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(keys, pool.map(lambda k: _crc32(tensors[k]), keys)))
+
+
+def load(
+    model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True
+) -> nn.Module:
     """Turn the 16-bit skeleton `model` into the quantized model stored at `path`, in place.
 
     The skeleton's `nn.Linear` layers named in the checkpoint are replaced by `SVDQLinear`; then every
     tensor of the file is loaded (tensors take the file's dtype). Missing or unexpected keys, wrong shapes
-    or dtypes raise `CheckpointError` naming them, before the model is modified. Checkpoints with fused
-    shared-input projections (svdq/models) fuse the skeleton first (undone if loading fails).
+    or dtypes, a metadata/config version or field this svdq does not know, a tensor whose checksum does not
+    match (``verify=False`` skips the checksums) and non-finite scales / smoothing raise `CheckpointError`
+    naming file, key and layer, before the model is modified. Checkpoints with fused shared-input projections
+    (svdq/models) fuse the skeleton first (undone if loading fails, also on Ctrl-C).
     """
     from .models import fused_for_checkpoint
 
-    with fused_for_checkpoint(model, [e["name"] for e in read_metadata(path)["quantized_layers"]]):
-        return _load(model, path, device)
-
-
-def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    path = Path(path)
     meta = read_metadata(path)
+    fusion = fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]])
+    with deferred_interrupts():  # fusing is quick; a Ctrl-C inside it would leave some blocks fused
+        fusion.__enter__()
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
+        result = _load(model, Path(path), meta, device, verify)
+    except BaseException:
+        with deferred_interrupts():
+            fusion.__exit__(*sys.exc_info())  # unfuses, then re-raises the exception
+        raise
+    fusion.__exit__(None, None, None)
+    return result
+
+
+def _load(model: nn.Module, path: Path, meta: dict, device, verify: bool) -> nn.Module:
+    try:
+        # Read on the CPU (memory-mapped, no copy), check, then move: the checksums hash the stored bytes.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
+
 
     replacements = {}
     entries = [(e, "quantized", _layer_from_state) for e in meta["quantized_layers"]]
@@ -199,16 +262,52 @@ def _load(model: nn.Module, path: str | os.PathLike, device: str | torch.device 
                 f"{tuple(own_state[key].shape)} in the model"
             )
 
-    for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device)
-    if "config" in meta:
-        model.svdq_config = QuantizeConfig.from_dict(meta["config"])
+    # Structure first (its messages are the most specific), then the bytes, then the values.
+    if verify and "checksums" in meta:
+        _verify_checksums(path, meta["checksums"], state)
+    _check_finite_layers(path, meta, state)
+    state = {k: _aligned(t.to(device)) for k, t in state.items()}
+
+    with model_transaction(model):
+        for name, layer in replacements.items():
+            _set_submodule(model, name, layer)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.to(device)
+        if "config" in meta:
+            model.svdq_config = meta["config"]
     from .integrations.diffusers_quantizer import attach
 
     attach(model)  # diffusers' save_pretrained / LoRA API work on it (no-op for non-diffusers models)
     return model
+
+
+def _verify_checksums(path: Path, expected: dict, state: dict) -> None:
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"{path}: corrupt svdq metadata field 'checksums' (not a JSON object)")
+    unlisted = sorted(state.keys() - expected.keys())
+    if unlisted:  # save() lists every tensor: one without a checksum was added to the file afterwards
+        raise CheckpointError(f"{path}: tensor(s) {_few(unlisted)} have no checksum in the metadata (file modified)")
+    actual = checksums(state)
+    bad = sorted(k for k in state if actual[k] != expected[k])
+    if bad:
+        raise CheckpointError(
+            f"{path}: checksum mismatch in tensor(s) {_few(bad)} (stored {expected[bad[0]]}, read "
+            f"{actual[bad[0]]}): the file is corrupt; re-download or re-save it (verify=False skips the check)"
+        )
+
+
+def _check_finite_layers(path: Path, meta: dict, state: dict) -> None:
+    """NaN / inf in a quantized layer's scales, smoothing, low-rank factors or bias: CheckpointError naming
+    the layer (such a model runs, but every output is NaN or off by orders of magnitude)."""
+    for kind in ("quantized_layers", "weight_only_layers"):
+        for entry in meta[kind]:
+            for t_name in ("wscales", "smooth", "lora_down", "lora_up", "bias"):
+                t = state.get(f"{entry['name']}.{t_name}")
+                if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CheckpointError(
+                        f"{path}: layer {entry['name']!r} has {bad} non-finite value(s) (NaN/inf) in {t_name}"
+                    )
 
 
 def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -228,7 +327,20 @@ def _layer_from_state(path: Path, name: str, entry: dict, state: dict, device) -
 def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQWeightOnlyLinear:
     n, k = entry["out_features"], entry["in_features"]
     dtype = _check_layer_tensors(path, name, "weight-only", entry, state, {})
-    return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device)
+    zero_point = entry.get("zero_point", False)  # absent in files written before zero-point layers
+    if not isinstance(zero_point, bool):
+        raise CheckpointError(f"{path}: corrupt svdq metadata: weight-only layer {name!r} has zero_point={zero_point!r}")
+    key = f"{name}.wzeros"
+    if zero_point:
+        expected = (n, padded_k(k) // GROUP_SIZE)
+        if key not in state:
+            raise CheckpointError(f"{path}: missing key {key!r} of weight-only layer {name!r} (zero_point)")
+        z = state[key]
+        if tuple(z.shape) != expected or z.dtype != torch.uint8:
+            raise CheckpointError(f"{path}: {key!r} is {z.dtype} {tuple(z.shape)}, expected torch.uint8 {expected}")
+        if z.numel() and int(z.max()) > 15:
+            raise CheckpointError(f"{path}: {key!r} holds {int(z.max())}; zero points are 4-bit (0..15)")
+    return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device, zero_point=zero_point)
 
 
 def _check_layer_tensors(path: Path, name: str, kind: str, entry: dict, state: dict, extra: dict) -> torch.dtype:

@@ -25,6 +25,8 @@ encoders.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from . import lora_formats
+from ._transaction import ObjectSnapshot, TensorSnapshot, model_transaction
 from .lora_formats import AdapterWeights, ParsedLora
 from .linear import SVDQLinear
 from .weight_only import SVDQWeightOnlyLinear
@@ -364,9 +367,12 @@ def load_lora(
     """
     target = pipeline if pipeline is not None else model
     denoiser, comps = _components(target)
-    reg = _registry(denoiser, create=True)
+    strength = _check_strength(strength)
+    reg = _registry(denoiser) or _Registry()  # attached to the model only when the adapter is applied
     if name is None:
         name = Path(source).stem if isinstance(source, (str, os.PathLike)) else f"lora_{len(reg.adapters)}"
+    if not isinstance(name, str) or not name:
+        raise LoraError(f"a LoRA name must be a non-empty string, got {name!r}")
     if name in reg.adapters:
         raise LoraError(f"a LoRA named {name!r} is already loaded; unload it or pick another name")
     plan = plan_lora(target, source)
@@ -397,56 +403,79 @@ def load_lora(
                 )
     te_ids = {id(m) for c, comp in comps.items() if c for m in comp.modules()}
     branches = []
-    try:
+    # Everything above only read the model; apply all layers in one step, undone completely on any exception
+    # (also KeyboardInterrupt: Ctrl-C is held until the step is over), svdq._transaction.
+    with _transaction(denoiser, comps, reg):
+        denoiser.__dict__["_svdq_loras"] = reg  # plain attribute: not a module, not in the state dict
         for key, (t, block) in plan.blocks.items():
             br = reg.branches.get(key)
             if br is None:
                 br = reg.branches[key] = _Branch(t.module)
             br.blocks[name] = block
-            br.strengths[name] = float(strength)
+            br.strengths[name] = strength
             branches.append(br)
             br.rebuild()
-    except Exception:
-        for br in branches:
-            br.blocks.pop(name, None)
-            br.strengths.pop(name, None)
-            br.rebuild()
-        raise
-    info = LoraInfo(
-        name=name,
-        strength=float(strength),
+        info = LoraInfo(
+            name=name,
+            strength=strength,
         format=plan.format,
         quantized_layers=sum(br.quantized for br in branches),
         fp16_layers=sum(not br.quantized for br in branches),
-        text_encoder_modules=sum(id(br.module) in te_ids for br in branches),
-        rank=plan.rank,
-        skipped=list(plan.unmatched) + list(plan.text_encoder_skipped),
-    )
-    reg.adapters[name] = _Adapter(info, branches)
+            text_encoder_modules=sum(id(br.module) in te_ids for br in branches),
+            rank=plan.rank,
+            skipped=list(plan.unmatched) + list(plan.text_encoder_skipped),
+        )
+        reg.adapters[name] = _Adapter(info, branches)
     return name
 
 
 def set_lora_strength(model, name: str, strength: float) -> None:
     """Change adapter ``name``'s strength live: rewrites its columns of ``lora_scales`` only."""
+    strength = _check_strength(strength)
     adapter = _get(model, name)
-    for br in adapter.branches:
-        br.set_strength(name, float(strength))
-    adapter.info.strength = float(strength)
+    targets = [br.module.lora_scales if br.quantized else br.scales for br in adapter.branches]
+    with _transaction(_components(model)[0], {}, _registry(_components(model)[0]), tensors=targets):
+        for br in adapter.branches:
+            br.set_strength(name, strength)
+        adapter.info.strength = strength
 
 
 def unload_lora(model, name: str) -> None:
     """Remove adapter ``name``; with no adapter left a layer gets its original tensors back (bit-exact)."""
-    denoiser, _ = _components(model)
     adapter = _get(model, name)
+    denoiser, _ = _components(model)
     reg = _registry(denoiser)
-    for br in adapter.branches:
-        br.blocks.pop(name)
-        br.strengths.pop(name)
-        br.offsets.pop(name, None)
-        br.rebuild()
-        if not br.blocks:
-            reg.branches.pop(id(br.module), None)
-    del reg.adapters[name]
+    modules = {id(br.module): br.module for br in adapter.branches}  # text-encoder layers included
+    with _transaction(denoiser, modules, reg):
+        for br in adapter.branches:
+            br.blocks.pop(name)
+            br.strengths.pop(name)
+            br.offsets.pop(name, None)
+            br.rebuild()
+            if not br.blocks:
+                reg.branches.pop(id(br.module), None)
+        del reg.adapters[name]
+
+
+def _check_strength(strength) -> float:
+    """A finite real number, else LoraError (checked before anything changes)."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) and not (
+        isinstance(strength, torch.Tensor) and strength.numel() == 1 and not strength.is_complex()
+    ):
+        raise LoraError(f"LoRA strength must be a real number, got {strength!r}")
+    value = float(strength)
+    if not math.isfinite(value):
+        raise LoraError(f"LoRA strength must be finite, got {value}")
+    return value
+
+
+def _transaction(denoiser: nn.Module, modules: dict, reg: _Registry | None, tensors=()):
+    """svdq._transaction.model_transaction over the denoiser, the other touched modules and the registry."""
+    extra = [ObjectSnapshot([reg, *reg.adapters.values(), *(a.info for a in reg.adapters.values()),
+                             *reg.branches.values()])] if reg is not None else []
+    extra.append(TensorSnapshot([t for t in tensors if t is not None]))
+    others = [m for m in modules.values() if m is not denoiser]
+    return model_transaction(denoiser, *others, extra=extra)
 
 
 def list_loras(model) -> dict[str, LoraInfo]:

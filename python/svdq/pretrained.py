@@ -24,13 +24,18 @@ The loaded model is the original diffusers class with `SVDQLinear` layers (and t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._transaction import deferred_interrupts
 from .checkpoint import CheckpointError, load, save
 from .linear import SVDQLinear
 from .models import family_of, get_family
@@ -52,12 +57,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
     if getattr(model, "svdq_config", None) is None:
         raise ValueError(f"{type(model).__name__} is not quantized: run svdq.quantize(model, ...) first")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"save_pretrained: {directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
     from .integrations.diffusers_quantizer import attach
 
     attach(model)  # config.json gets quantization_config {"quant_method": "svdquant", ...}
-    model.save_config(directory)
-    save(model, directory / WEIGHTS_NAME)
     family = family_of(model)
     info = {
         "family": family.name if family else None,
@@ -65,8 +70,62 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
         "svdq_version": __version__,
         "base": base,
     }
-    (directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    # Write everything into a temporary sibling, then swap it in: a reader (or a crash, or Ctrl-C) sees the
+    # old directory or the new one, never new weights next to an old svdq.json (docs/reliability.md).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    old = None
+    try:
+        model.save_config(tmp)
+        save(model, tmp / WEIGHTS_NAME)
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if directory.is_dir():  # the user's files next to ours (README.md, …) are carried over
+            for entry in directory.iterdir():
+                if entry.name not in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                    else:
+                        shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        with deferred_interrupts():
+            old = _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _swap_in(new: Path, target: Path) -> Path | None:
+    """Move directory ``new`` to ``target``; returns where the previous ``target`` went (to be removed), or
+    None. Linux: one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames (between them ``target`` is
+    briefly absent — never a mix of old and new files)."""
+    if not target.exists():
+        os.rename(new, target)
+        return None
+    if _rename_exchange(new, target):
+        return new  # now holds the old directory
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    return old
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc without renameat2 (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def weights_path(directory: str | os.PathLike) -> Path:
@@ -98,7 +157,18 @@ def read_info(directory: str | os.PathLike) -> dict:
         return {"family": family, "class_name": name, "svdq_version": version, "base": None}
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an svdq model directory: {INFO_NAME} not found")
-    return json.loads(path.read_text())
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file when it is not one (truncated, …)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the directory is corrupt, save it again") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
@@ -135,20 +205,50 @@ def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
     return resolve(local)
 
 
+# Keywords of diffusers' ModelMixin.from_pretrained that mean something here: passed to the Hub download.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+# Accepted for drop-in compatibility and ignored: they only change how 16-bit weights would be read.
+IGNORED_KWARGS = ("low_cpu_mem_usage", "use_safetensors")
+
+
 def from_pretrained(
     dir_or_hub_id: str | os.PathLike,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     expected_family: str | None = None,
-    **hub_kwargs,
+    torch_dtype: torch.dtype | str | None = None,
+    device_map: str | torch.device | dict | None = None,
+    verify: bool = True,
+    **kwargs,
 ) -> nn.Module:
-    """Load a model written by `save_pretrained` (a directory or a hub id) onto ``device``.
+    """Load a model written by `save_pretrained` (a directory or a hub id) onto ``device`` (default cpu).
 
     expected_family ("flux" / "sdxl" / "pixart"): raise a clear error when the checkpoint is another family
-    (e.g. before handing it to a pipeline of that family).
+    (e.g. before handing it to a pipeline of that family). verify: check the tensors' checksums (`svdq.load`).
+
+    diffusers' keywords: ``torch_dtype`` (or ``dtype``) must be the checkpoint's dtype, or ``"auto"`` — a
+    quantized model's scales are rounded to its dtype, so it is not converted; quantize again in the other
+    dtype. ``device_map``: one device (``"cuda"``, ``{"": "cuda:0"}``), the same as ``device``; per-module
+    placement is not supported. Hub keywords (``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+    ``force_download``, ``proxies``) go to the download; ``low_cpu_mem_usage`` / ``use_safetensors`` are
+    accepted and ignored (svdq always reads safetensors, and never builds 16-bit weights). Any other keyword
+    raises TypeError.
     """
     import diffusers
 
+    if "dtype" in kwargs:  # diffusers' newer name for torch_dtype
+        if torch_dtype is not None:
+            raise TypeError("from_pretrained: pass torch_dtype or dtype, not both")
+        torch_dtype = kwargs.pop("dtype")
+    unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(IGNORED_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"from_pretrained got unexpected keyword argument(s) {unknown}; accepted: device, expected_family, "
+            f"torch_dtype/dtype, device_map, verify, {', '.join(HUB_KWARGS + IGNORED_KWARGS)}"
+        )
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    device = _device_from_map(device, device_map)
+    torch_dtype = _parse_dtype(torch_dtype)
     directory = resolve(dir_or_hub_id, **hub_kwargs)
     info = read_info(directory)
     if expected_family is not None:
@@ -158,23 +258,93 @@ def from_pretrained(
                 f"{directory} holds a quantized {info.get('class_name')} ({info.get('family')}), but a "
                 f"{expected_family} model was expected"
             )
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = _read_json(directory / CONFIG_NAME)
     class_name = config.get("_class_name", info.get("class_name"))
+    if info.get("class_name") not in (None, class_name):
+        raise CheckpointError(
+            f"{directory}: {CONFIG_NAME} describes a {class_name} but {INFO_NAME} a {info.get('class_name')} "
+            f"(files from different saves); save the model again"
+        )
     cls = getattr(diffusers, str(class_name), None)
     if cls is None:
         raise CheckpointError(f"{directory}: config names class {class_name!r}, which diffusers does not have")
+    weights = weights_path(directory)
+    if torch_dtype is not None:
+        file_dtype = _checkpoint_dtype(weights)
+        if file_dtype is not None and file_dtype != torch_dtype:
+            raise ValueError(
+                f"{directory} holds a {file_dtype} quantized model but torch_dtype={torch_dtype} was asked for; a "
+                f"quantized model is not converted (its scales are rounded to its dtype): quantize again in "
+                f"{torch_dtype}, or pass torch_dtype={file_dtype} / 'auto'"
+            )
     # Build the skeleton without allocating or initialising 16-bit weights (every tensor comes from the file);
     # fall back to a normal build if the class keeps non-persistent buffers that the file cannot provide.
     try:
         with torch.device("meta"):
             model = cls.from_config(config)
-        load(model, weights_path(directory), device=device)
+        load(model, weights, device=device, verify=verify)
     except NotImplementedError:  # "Cannot copy out of meta tensor": a non-persistent buffer (e.g. pos_embed)
         model = cls.from_config(config)
-        load(model, weights_path(directory), device=device)
+        load(model, weights, device=device, verify=verify)
     _match_buffer_dtype(model)
     model.svdq_info = info
     return model.eval()
+
+
+def _device_from_map(device, device_map) -> torch.device | str:
+    """The one device to load onto, from ``device`` and diffusers' ``device_map``."""
+    if device_map is None:
+        return "cpu" if device is None else device
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                f"device_map {device_map!r}: svdq loads a quantized model onto one device; per-module placement is "
+                "not supported (use device_map={'': device} or device=; pipe.enable_model_cpu_offload() offloads)"
+            )
+        device_map = device_map[""]
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r}: svdq loads a quantized model onto one device; pass device='cuda' (or "
+            "device_map='cuda')"
+        )
+    try:
+        mapped = torch.device(device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device_map={device_map!r} is not a device ({e})") from e
+    if device is not None and torch.device(device) != mapped:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return mapped
+
+
+def _parse_dtype(torch_dtype) -> torch.dtype | None:
+    if torch_dtype is None or torch_dtype == "auto":
+        return None
+    if isinstance(torch_dtype, str):
+        resolved = getattr(torch, torch_dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype")
+        torch_dtype = resolved
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch dtype or 'auto', got {torch_dtype!r}")
+    return torch_dtype
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The model dtype D of a checkpoint (its first layer's ``wscales``), read from the header only."""
+    from safetensors import safe_open
+
+    from .checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    layers = meta["quantized_layers"] or meta["weight_only_layers"]
+    if not layers:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        name = _SAFETENSORS_DTYPES.get(f.get_slice(f"{layers[0]['name']}.wscales").get_dtype())
+    return name and getattr(torch, name)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def _match_buffer_dtype(model: nn.Module) -> None:

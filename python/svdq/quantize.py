@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
+from ._transaction import model_transaction
 from .linear import SVDQLinear
+from .parallel import gather_input_stats, row_keys
 from .ops import ACT_FORMATS
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
 
 METHODS = ("svdquant", "smoothquant", "naive")
+ROUNDINGS = ("nearest", "gptq")  # how the residual's INT4 codes are chosen (svdq.gptq); same stored format
 CONFIG_VERSION = 1
 
 # Kept 16-bit by default: embeddings and input projections (they see raw, unnormalized inputs and are tiny
@@ -50,6 +54,9 @@ class QuantizeConfig:
     calib_tokens: input rows kept per layer for the search (bounded memory). weight_only: fnmatch patterns of
     layers to make weight-only 4-bit (W4A16, `SVDQWeightOnlyLinear`), chosen among the `nn.Linear` layers that
     include / exclude keep 16-bit (e.g. a family's ``svdq.models.FAMILIES[...].adaln``); default none.
+    rounding: "nearest" (docs/numerics.md §2.4) or "gptq" (`svdq.gptq`: codes chosen against the calibration
+    inputs' Hessian; needs calibration — data-free layers round to nearest; kept per layer only where it
+    lowers the output error on the calibration sample).
     """
 
     rank: int = 32
@@ -60,6 +67,7 @@ class QuantizeConfig:
     calib_tokens: int = 256
     version: int = CONFIG_VERSION
     weight_only: tuple[str, ...] = ()  # added after version 1 shipped: configs without it load as ()
+    rounding: str = "nearest"  # added after version 1 shipped: configs without it load as "nearest"
     # Activation format the layers run with (docs/numerics.md §8); a run-time choice that reads the same weights,
     # recorded so a checkpoint says how it was meant (and evaluated) to run. Added after version 1 shipped:
     # configs without it load as "int4".
@@ -70,6 +78,8 @@ class QuantizeConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.act_format not in ACT_FORMATS:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
         if self.calib_tokens < 1:
@@ -90,10 +100,28 @@ class QuantizeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizeConfig":
+        """The config saved by `to_dict`. A newer version or a field this svdq does not know raises
+        ValueError naming it (a checkpoint written by a newer svdq must not half-load: svdq.load checks this
+        before touching the model)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"quantize config must be a JSON object, got {type(d).__name__}")
         version = d.get("version")
         if version != CONFIG_VERSION:
-            raise ValueError(f"quantize config version {version} is not supported (this svdq reads {CONFIG_VERSION})")
-        return cls(**d)
+            raise ValueError(
+                f"quantize config field 'version' is {version!r}; this svdq reads version {CONFIG_VERSION}"
+                + (" (written by a newer svdq: upgrade svdq)" if isinstance(version, int) and version > CONFIG_VERSION else "")
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"quantize config has field(s) {unknown} that this svdq does not know (config version {version}; "
+                f"known fields: {sorted(known)}); it was probably written by a newer svdq"
+            )
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"quantize config is invalid: {e}") from e
 
 
 def matches(name: str, include: Iterable[str] | None, exclude: Iterable[str]) -> bool:
@@ -133,44 +161,52 @@ class InputStats:
     absmax: torch.Tensor | None = None
     sample: torch.Tensor | None = None  # [≤ capacity, K] on CPU, input dtype
     seen: int = 0
-    keys: torch.Tensor | None = None  # random priorities of the kept rows (reservoir by smallest key)
+    keys: torch.Tensor | None = None  # content keys of the kept rows, ascending (svdq.parallel.row_keys)
+    xtx: torch.Tensor | None = None  # Σ xᵀx over *all* rows, fp32 [K, K] on the input's device (GPTQ only)
 
-    def update(self, x: torch.Tensor, capacity: int, gen: torch.Generator) -> None:
+    def update(self, x: torch.Tensor, capacity: int, xtx: bool = False) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
+        if xtx:  # raw inputs: λ is not chosen yet; svdq.gptq.smoothed_hessian applies it later
+            xf = x.to(torch.float32)
+            self.xtx = xf.T @ xf if self.xtx is None else self.xtx.addmm_(xf.T, xf)
         cur = x.abs().amax(dim=0).to(torch.float32)
         self.absmax = cur if self.absmax is None else torch.maximum(self.absmax, cur)
-        # Weighted-free reservoir: give every row a uniform random key, keep the `capacity` smallest keys.
-        keys = torch.rand(x.shape[0], generator=gen)
-        if x.shape[0] > capacity:
-            keys, idx = keys.topk(capacity, largest=False)
-            rows = x[idx.to(x.device)]
-        else:
-            rows = x
-        rows = rows.to("cpu", copy=True)
-        if self.sample is None:
-            self.sample, self.keys = rows, keys
-        else:
-            all_keys = torch.cat([self.keys, keys])
-            all_rows = torch.cat([self.sample, rows.to(self.sample.dtype)])
-            if all_keys.numel() > capacity:
-                all_keys, idx = all_keys.topk(capacity, largest=False)
-                all_rows = all_rows[idx]
-            self.sample, self.keys = all_rows, all_keys
+        # Bottom-k sample: keep the `capacity` rows with the smallest keys, in key order. The keys hash each
+        # row's bytes (uniform, but not random): the sample does not depend on the order or the split of the
+        # tokens, so ranks of a context-parallel run can merge theirs into one process's (svdq.parallel).
+        keys = row_keys(x).cpu()
+        keys, idx = keys.sort(stable=True)
+        keys, idx = keys[:capacity], idx[:capacity]
+        rows = x[idx.to(x.device)].to("cpu", copy=True)
+        if self.sample is not None:
+            keys = torch.cat([self.keys, keys])
+            rows = torch.cat([self.sample, rows.to(self.sample.dtype)])
+            keys, idx = keys.sort(stable=True)
+            keys, rows = keys[:capacity], rows[idx[:capacity]]
+        self.sample, self.keys = rows, keys
         self.seen += x.shape[0]
 
 
 def collect_input_stats(
-    model: nn.Module, layers: dict[str, nn.Linear], calibration: Callable[[nn.Module], object], capacity: int
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    calibration: Callable[[nn.Module], object],
+    capacity: int,
+    xtx: Iterable[str] = (),
+    process_group=None,
 ) -> dict[str, InputStats]:
-    """Run `calibration(model)` once under no_grad, recording each selected layer's inputs."""
+    """Run `calibration(model)` once under no_grad, recording each selected layer's inputs (and, for the
+    layers named in `xtx`, Σ xᵀx: K²·4 bytes each, for GPTQ). With ``process_group`` (a torch.distributed group,
+    or ``"auto"``: the default group when the model runs under diffusers' context parallelism), the statistics
+    are then merged over its ranks (`svdq.parallel.gather_input_stats`)."""
+    xtx = set(xtx)
     stats = {name: InputStats() for name in layers}
-    gen = torch.Generator().manual_seed(0)
     handles = []
     for name, layer in layers.items():
         def hook(_mod, args, _name=name):
-            stats[_name].update(args[0], capacity, gen)
+            stats[_name].update(args[0], capacity, _name in xtx)
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
@@ -179,6 +215,10 @@ def collect_input_stats(
     finally:
         for h in handles:
             h.remove()
+    if process_group == "auto":
+        process_group = None if getattr(model, "_parallel_config", None) is None else dist.group.WORLD
+    if process_group is not None:
+        gather_input_stats(stats, capacity, process_group)
     unseen = [n for n, s in stats.items() if s.seen == 0]
     if unseen:
         log.warning("calibration never ran %d selected layers (quantized data-free): %s", len(unseen), unseen[:5])
@@ -212,7 +252,18 @@ def quantize_layer(
         err = _score(linear, dec, x)
         if err < best_err:
             best, best_err, best_alpha = dec, err, alpha
-    return best, {"alpha": best_alpha, "rel_error": best_err}
+    info = {"alpha": best_alpha, "rel_error": best_err}
+    if config.rounding == "gptq" and stats.xtx is not None:
+        # α is searched with round-to-nearest (fast); GPTQ then re-rounds the chosen λ's residual and is
+        # kept only where it lowers the error on the sample, so no layer gets worse than "nearest" there.
+        lam = None if best_alpha is None else smoothing_factors(absmax, weight, best_alpha)
+        dec = decompose(weight, rank, lam, xtx=stats.xtx)
+        err = _score(linear, dec, x)
+        info["rel_error_nearest"] = best_err
+        info["rounding"] = "gptq" if err < best_err else "nearest"
+        if err < best_err:
+            best, info["rel_error"] = dec, err
+    return best, info
 
 
 def _score(linear: nn.Linear, dec: Decomposition, x: torch.Tensor) -> float:
@@ -230,8 +281,11 @@ def quantize(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     weight_only: Iterable[str] | None = None,
+    rounding: str = "nearest",
+    act_format: str = "int4",
     progress: bool = True,
     config: QuantizeConfig | None = None,
+    process_group="auto",
 ) -> nn.Module:
     """Replace the selected `nn.Linear` layers of `model` with `SVDQLinear`, in place; returns `model`.
 
@@ -241,7 +295,10 @@ def quantize(
     ``exclude=None`` keeps the defaults (embeddings, AdaLN modulation and final projections stay 16-bit).
     weight_only: fnmatch patterns of layers (among those kept 16-bit) made weight-only 4-bit instead
     (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
-    ``None`` → none.
+    ``None`` → none. rounding: "nearest" | "gptq" (`QuantizeConfig.rounding`).
+    process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
+    rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
+    runs under diffusers' context parallelism, else none; ``None`` = none.
     Per-layer results (chosen α, relative output error on the calibration sample) end up in
     ``model.svdq_report`` and the config in ``model.svdq_config``.
     """
@@ -256,6 +313,8 @@ def quantize(
             include=None if include is None else tuple(include),
             exclude=(family.exclude if family else DEFAULT_EXCLUDE) if exclude is None else tuple(exclude),
             weight_only=() if weight_only is None else weight_only,
+            rounding=rounding,
+            act_format=act_format,
         )
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
@@ -263,30 +322,55 @@ def quantize(
         log.warning("svdq.quantize: weight_only=%s matched no 16-bit nn.Linear", config.weight_only)
     if not layers:
         log.warning("svdq.quantize: no nn.Linear matched include=%s exclude=%s", config.include, config.exclude)
+    # Check every selected layer before the slow part: a non-finite weight fails here, naming the layer
+    # (otherwise the SVD fails deep inside LAPACK, with no layer name, after minutes of work).
+    for name, linear in {**layers, **wo_layers}.items():
+        _check_finite(name, {"weight": linear.weight, "bias": linear.bias})
     stats = None
     if calibration is not None:  # naive ignores the statistics for λ but still reports its error
-        stats = collect_input_stats(model, {**layers, **wo_layers}, calibration, config.calib_tokens)
-    report = dict(getattr(model, "svdq_report", {}) or {})
+        hessian_layers = layers if config.rounding == "gptq" and config.method != "naive" else ()
+        stats = collect_input_stats(model, {**layers, **wo_layers}, calibration, config.calib_tokens, hessian_layers,
+                                    process_group)
+    # Build every new layer first, without touching the model; then swap them all in one step
+    # (svdq._transaction: all or nothing, also on Ctrl-C).
+    new_layers, report = {}, dict(getattr(model, "svdq_report", {}) or {})
     for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
         with torch.no_grad():
             dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config)
-        new = SVDQLinear.from_decomposition(dec, linear.bias)
+        _check_finite(name, {"smooth": dec.smooth, "wscales": dec.wscales, "lora_down": dec.lora_down,
+                             "lora_up": dec.lora_up})
+        new = new_layers[name] = SVDQLinear.from_decomposition(dec, linear.bias)
         new.act_format = config.act_format
-        _set_submodule(model, name, new)
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
     for name, linear in wo_layers.items():
         with torch.no_grad():
-            new = SVDQWeightOnlyLinear.from_linear(linear)
+            new = new_layers[name] = SVDQWeightOnlyLinear.from_linear(linear)
             info = _weight_only_info(linear, new, None if stats is None else stats.pop(name))
-        _set_submodule(model, name, new)
+        _check_finite(name, {"wscales": new.wscales})
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "precision": "w4a16",
                         **info}
-    model.svdq_report = report
-    model.svdq_config = config
+    with model_transaction(model):
+        for name, new in new_layers.items():
+            _set_submodule(model, name, new)
+        model.svdq_report = report
+        model.svdq_config = config
     from .integrations.diffusers_quantizer import attach
 
     attach(model)  # diffusers' save_pretrained / LoRA API work on it (no-op for non-diffusers models)
     return model
+
+
+def _check_finite(layer: str, tensors: dict) -> None:
+    """ValueError naming the layer and tensor when one holds NaN or ±inf."""
+    for what, t in tensors.items():
+        if t is None:
+            continue
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"svdq.quantize: layer {layer!r} has {bad} non-finite value(s) (NaN/inf) in its {what} "
+                f"{tuple(t.shape)}; the model was not changed"
+            )
 
 
 def _weight_only_info(linear: nn.Linear, layer: SVDQWeightOnlyLinear, stats: InputStats | None) -> dict:

@@ -78,8 +78,13 @@ def run(args) -> int:
 
     if args.size % 16 or args.size < 16:
         raise ValueError(f"--size must be a positive multiple of 16, got {args.size}")
+    from .quantize import check_output_dir, check_positive
+
+    check_positive(args, "--steps", "--calib-prompts")
+    if args.rank < 0:
+        raise ValueError(f"--rank must be >= 0, got {args.rank}")
     diffusers_logging.set_verbosity_error()
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .generate import generate_image
-from .quantize import add_common_pipeline_args, call_kwargs, device_and_dtype
+from .quantize import add_common_pipeline_args, call_kwargs, check_output_dir, check_positive, device_and_dtype
 
 EXAMPLES = """examples:
   svdq eval --model black-forest-labs/FLUX.1-schnell --quantized flux-schnell-svdq \\
@@ -136,12 +136,13 @@ def run(args) -> int:
     from ..models import pipeline_component
     from ..pretrained import from_pretrained, load_pipeline, read_info, resolve
 
+    check_positive(args, "--steps", "--limit", "--height", "--width", "--max-sequence-length")
     device, dtype = device_and_dtype(args)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
     if args.limit is not None:
-        prompts = prompts[: max(1, args.limit)]
+        prompts = prompts[: args.limit]
     resolve(args.quantized)  # fail before the slow part when the quantized model is missing
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .quantize import add_common_pipeline_args, call_kwargs, device_and_dtype
+from .quantize import add_common_pipeline_args, call_kwargs, check_output_file, check_positive, device_and_dtype
 
 EXAMPLES = """examples:
   svdq generate --model black-forest-labs/FLUX.1-schnell --quantized flux-schnell-svdq \\
@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--out", default="svdq.png", help="output image path (default: svdq.png)")
+    p.add_argument("--act-format", choices=("int4", "fp8"), default=None,
+                   help="activation format of the quantized layers: int4 (W4A4) or fp8 (W4A8, docs/numerics.md §8) "
+                        "(default: what the checkpoint's config records, else int4)")
     add_common_pipeline_args(p)
     p.set_defaults(func=run)
 
@@ -107,11 +110,23 @@ def run(args) -> int:
 
     from ..pretrained import load_pipeline
 
+    check_positive(args, "--steps", "--height", "--width", "--max-sequence-length")
     device, dtype = device_and_dtype(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must be an image path (.png/.jpg/.webp), got {out}")
+    check_output_file(out)
     pipe = load_pipeline(args.model, args.quantized, device=device, torch_dtype=dtype)
+    if args.quantized:
+        import svdq
+
+        from ..models import pipeline_model
+
+        model = pipeline_model(pipe)
+        fmt = args.act_format or getattr(getattr(model, "svdq_config", None), "act_format", "int4")
+        svdq.set_act_format(model, fmt)
+    elif args.act_format:
+        raise ValueError("--act-format applies to a quantized model: pass --quantized too")
     pipe.set_progress_bar_config(desc="denoising")
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +135,7 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     what, mib = peak_memory(device)
-    kind = "W4A4 (svdq)" if args.quantized else "16-bit"
+    kind = f"W4A{8 if fmt == 'fp8' else 4} (svdq)" if args.quantized else "16-bit"
     if times:
         steady = times[1:] or times
         print(f"{kind}: {len(times)} steps, {1000 * sum(steady) / len(steady):.1f} ms/step "

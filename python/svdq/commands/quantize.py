@@ -9,6 +9,7 @@ projections fused, see docs/models.md) and writes a directory loadable with `svd
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 EXAMPLES = """examples:
@@ -31,6 +32,49 @@ def add_common_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 text tokens (FLUX / PixArt pipelines; default: the pipeline's)")
+
+
+def check_positive(args, *options: str) -> None:
+    """ValueError naming the option when a given count (steps, sizes, …) is < 1: before any work starts."""
+    for opt in options:
+        value = getattr(args, opt.lstrip("-").replace("-", "_"), None)
+        if value is not None and value < 1:
+            raise ValueError(f"{opt} must be >= 1, got {value}")
+
+
+def check_output_dir(path, option: str = "--out"):
+    """Fail before the work starts when directory ``path`` cannot be written (an existing file, a file on
+    the way, a read-only parent). Returns it as a Path; nothing is created."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: exists and is not a directory")
+    _check_writable_ancestor(path if path.exists() else path.parent, option, path)
+    return path
+
+
+def check_output_file(path, option: str = "--out"):
+    """As `check_output_dir`, for a file to be written (it may exist; it must not be a directory)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory, expected a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: exists and is not writable")
+    _check_writable_ancestor(path.parent, option, path)
+    return path
+
+
+def _check_writable_ancestor(directory, option: str, path) -> None:
+    d = directory
+    while not d.exists():  # the nearest existing ancestor must be a writable directory
+        d = d.parent
+    if not d.is_dir():
+        raise ValueError(f"{option} {path}: {d} is a file, not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: directory {d} is not writable")
 
 
 def device_and_dtype(args):
@@ -77,6 +121,9 @@ def add_parser(sub) -> None:
     g.add_argument("--calib-prompts", default=None,
                    help="text file, one calibration prompt per line (default: svdq's 20 built-in prompts)")
     g.add_argument("--data-free", action="store_true", help="skip calibration (no smoothing; low-rank + INT4 only)")
+    p.add_argument("--act-format", choices=("int4", "fp8"), default="int4",
+                   help="activation format the layers run with and the checkpoint records: int4 (W4A4) or fp8 "
+                        "(W4A8, docs/numerics.md §8; same 4-bit weights) (default: int4)")
     p.add_argument("--adaln", choices=("16bit", "w4a16"), default="16bit",
                    help="AdaLN modulation linears: keep 16-bit (default) or weight-only 4-bit (W4A16; FLUX.1-dev "
                         "weights 2.1x -> 3.6x smaller than bf16, see docs/models.md)")
@@ -95,13 +142,19 @@ def run(args) -> int:
     from ..models import pipeline_model, prepare
     from ..pretrained import load_pipeline
 
+    # Arguments and the output directory are checked before the (slow) pipeline load and calibration.
+    check_positive(args, "--steps", "--num-calib-prompts", "--batch-size", "--height", "--width",
+                   "--max-sequence-length")
+    if args.rank < 0:
+        raise ValueError(f"--rank must be >= 0, got {args.rank}")
+    check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     adaln = getattr(args, "adaln", "16bit")
     prompts = None
     if not args.data_free:  # read the prompts before the (slow) pipeline load: a bad path fails fast
         prompts = read_prompts(args.calib_prompts) if args.calib_prompts else default_prompts()
         if args.num_calib_prompts is not None:
-            prompts = prompts[: max(1, args.num_calib_prompts)]
+            prompts = prompts[: args.num_calib_prompts]
     print(f"loading {args.model} ({dtype}, {device}) ...")
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
     model = pipeline_model(pipe)
@@ -120,7 +173,8 @@ def run(args) -> int:
             **call_kwargs(args, pipe),
         )
     t0 = time.perf_counter()
-    svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only)
+    svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
+                  act_format=getattr(args, "act_format", "int4"))
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
     layers = svdq.quantized_layers(model)
     wo = svdq.weight_only_layers(model)
