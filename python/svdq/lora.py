@@ -72,6 +72,7 @@ class _Block:
     down: torch.Tensor
     up: torch.Tensor
     unit_scale: torch.Tensor  # fp32 [c]
+    up_mask: torch.Tensor | None = None  # fused layers: 1 where `up` holds a part's B (gradient mask), else None
 
 
 class _Branch:
@@ -83,6 +84,10 @@ class _Branch:
         self.strengths: dict[str, float] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         self.quantized = isinstance(module, SVDQLinear)
+        # Adapters being trained (`lora_parameters`): computed by `train_hook` from their leaf tensors on every
+        # call, so gradients reach them and optimizer steps take effect; the others are fused into the branch.
+        self.trainable: dict[str, None] = {}
+        self.train_hook = None
         if self.quantized:
             self.base = (module.lora_down, module.lora_up, module.lora_scales)
         else:
@@ -99,15 +104,21 @@ class _Branch:
     def rebuild(self) -> None:
         """Concatenate base + blocks into the layer's branch (or restore the base when no block is left)."""
         m = self.module
+        if self.trainable and self.train_hook is None:
+            self.train_hook = m.register_forward_hook(self._train_hook)
+        elif not self.trainable and self.train_hook is not None:
+            self.train_hook.remove()
+            self.train_hook = None
+        frozen = [(name, b) for name, b in self.blocks.items() if name not in self.trainable]
         if self.quantized:
             device = m.lora_down.device  # the branch's device (follows model.to(); 4-bit tensors may be elsewhere)
-            if not self.blocks:
+            if not frozen:
                 down, up, scales = (t.to(device) for t in self.base)
                 m.set_lowrank(down, up, scales)
                 return
             down, up, scales, start = [self.base[0].to(device)], [self.base[1].to(device)], [self.base[2].to(device)], self.base_rank
         else:
-            if not self.blocks:
+            if not frozen:
                 if self.hook is not None:
                     self.hook.remove()
                 self.hook = None
@@ -116,7 +127,7 @@ class _Branch:
             device = _weight_device(m)
             down, up, scales, start = [], [], [], 0
         self.offsets = {}
-        for name, b in self.blocks.items():
+        for name, b in frozen:
             c = b.down.shape[1]
             down.append(b.down.to(device))
             up.append(b.up.to(device))
@@ -133,10 +144,22 @@ class _Branch:
 
     def set_strength(self, name: str, strength: float) -> None:
         self.strengths[name] = strength
+        if name in self.trainable:  # read by train_hook on every call
+            return
         start, end = self.offsets[name]
         target = self.module.lora_scales if self.quantized else self.scales
         with torch.no_grad():
             target[start:end].copy_(self.blocks[name].unit_scale.to(target.device) * strength)
+
+    def _train_hook(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        # The fused branch's arithmetic (spec §4.1–4.2), as differentiable torch ops on the adapters' leaves.
+        x = args[0]
+        for name in self.trainable:
+            b = self.blocks[name]
+            scale = b.unit_scale.to(x.device) * self.strengths[name]
+            act = (x.to(torch.float32) @ b.down.to(torch.float32)) * scale
+            out = out + act.to(out.dtype) @ b.up.to(out.dtype).T
+        return out
 
     def _forward_hook(self, module: nn.Linear, args, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -335,12 +358,14 @@ def _make_block(parts: list[tuple[_Target, AdapterWeights]], device=None) -> _Bl
         up = torch.cat([members0[0][2].to(**cast), torch.zeros(n, pad, **cast)], 1)
         return _Block(down, up, unit)
     up = torch.zeros(n, cols + pad, **cast)
+    mask = torch.zeros(n, cols + pad, dtype=torch.bool, device=device)
     c = 0
     for a, members in groups:
         for r0, r1, b in members:
             up[r0:r1, c : c + a.rank] = b.to(**cast)
+            mask[r0:r1, c : c + a.rank] = True
         c += a.rank
-    return _Block(down, up, unit)
+    return _Block(down, up, unit, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,10 +476,56 @@ def unload_lora(model, name: str) -> None:
             br.blocks.pop(name)
             br.strengths.pop(name)
             br.offsets.pop(name, None)
+            br.trainable.pop(name, None)
             br.rebuild()
             if not br.blocks:
                 reg.branches.pop(id(br.module), None)
         del reg.adapters[name]
+
+
+def lora_parameters(model, name: str) -> list[torch.Tensor]:
+    """Make adapter ``name`` trainable on a quantized (or 16-bit) model and return its factors — QLoRA-style
+    training of LoRA adapters on a 4-bit model.
+
+    Each of its blocks (per physical layer: down [K, c], up [N, c]) becomes a pair of leaf tensors with
+    ``requires_grad=True`` — pass them to an optimizer. While trainable, the adapter runs as a side branch
+    (a forward hook with the fused branch's arithmetic, spec §4.1–4.2) so that updated values are used on the
+    next call; the 4-bit layer's backward (svdq.ops.autograd) carries gradients to its input. Zero padding
+    columns (scale 0) get zero gradients; on fused layers only each part's own rows of ``up`` are trained
+    (a gradient mask). `freeze_lora` fuses it back into the branch. Create the parameters after moving the
+    model to its device (they stay where they are created). Returns [down, up, down, up, …].
+    """
+    adapter = _get(model, name)
+    denoiser, _ = _components(model)
+    reg = _registry(denoiser)
+    params = []
+    with _transaction(denoiser, {id(br.module): br.module for br in adapter.branches}, reg):
+        for br in adapter.branches:
+            b = br.blocks[name]
+            if name not in br.trainable:
+                b.down = b.down.detach().clone().requires_grad_(True)
+                b.up = b.up.detach().clone().requires_grad_(True)
+                if b.up_mask is not None:
+                    b.up.register_hook(lambda grad, mask=b.up_mask: grad * mask.to(grad.device))
+                br.trainable[name] = None
+                br.rebuild()
+            params += [b.down, b.up]
+    return params
+
+
+def freeze_lora(model, name: str) -> None:
+    """End training of adapter ``name``: its current factors (detached) are fused into the layers' branches
+    again, as `load_lora` puts them (bit-exact with loading those factors)."""
+    adapter = _get(model, name)
+    denoiser, _ = _components(model)
+    reg = _registry(denoiser)
+    with _transaction(denoiser, {id(br.module): br.module for br in adapter.branches}, reg):
+        for br in adapter.branches:
+            if name in br.trainable:
+                b = br.blocks[name]
+                b.down, b.up = b.down.detach(), b.up.detach()
+                del br.trainable[name]
+                br.rebuild()
 
 
 def _check_strength(strength) -> float:
@@ -472,7 +543,8 @@ def _check_strength(strength) -> float:
 def _transaction(denoiser: nn.Module, modules: dict, reg: _Registry | None, tensors=()):
     """svdq._transaction.model_transaction over the denoiser, the other touched modules and the registry."""
     extra = [ObjectSnapshot([reg, *reg.adapters.values(), *(a.info for a in reg.adapters.values()),
-                             *reg.branches.values()])] if reg is not None else []
+                             *reg.branches.values(), *(b for br in reg.branches.values() for b in br.blocks.values())])
+             ] if reg is not None else []
     extra.append(TensorSnapshot([t for t in tensors if t is not None]))
     others = [m for m in modules.values() if m is not denoiser]
     return model_transaction(denoiser, *others, extra=extra)

@@ -140,6 +140,7 @@ def quantize_act(x, smooth, lora_down, lora_scales=None, *, backend: str | None 
 
     Returns ``(qact int8 [M, Kp/2], ascales fp32 [M, Kp/64], lora_act fp32 [M, r])`` (spec §4.1).
     """
+    check_input(x, "quantize_act")
     return select_backend(x.device, backend).quantize_act(x, smooth, lora_down, lora_scales)
 
 
@@ -216,6 +217,7 @@ def _w4a8_ops(be: Backend) -> tuple[Callable, Callable]:
 
 def quantize_act_fp8(x, smooth, lora_down, lora_scales=None, *, backend: str | None = None):
     """W4A8 activations (spec §8.1): ``(qact uint8 [M, Kp] e4m3, ascales fp32 [M], lora_act fp32 [M, r])``."""
+    check_input(x, "quantize_act_fp8")
     return _w4a8_ops(select_backend(x.device, backend))[0](x, smooth, lora_down, lora_scales)
 
 
@@ -226,6 +228,22 @@ def w4a8_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtyp
     )
 
 
+def check_input(x, what: str = "svdq") -> None:
+    """Inputs every backend takes: a tensor of at least 1 dimension in fp32 / bf16 / fp16 (spec §4.3).
+    Anything else is a clear ValueError here, not a backend-specific failure or integer garbage."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{what}: the input is a 0-dim tensor; expected [..., K] (at least 1 dimension)")
+    if x.dtype not in INPUT_DTYPES:
+        raise ValueError(
+            f"{what}: input dtype {x.dtype} is not supported; inputs are float32, bfloat16 or float16 (spec §4.3)"
+        )
+
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def svdq_linear(
     x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None, act_format="int4"
 ):
@@ -234,6 +252,7 @@ def svdq_linear(
     ``qweight``/``wscales`` must already be in the backend's layout (`prepare_weight`). ``act_format="fp8"``
     quantizes the activations to FP8 e4m3 per token instead (W4A8, spec §8); the weights are the same.
     """
+    check_input(x, "svdq_linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     be = select_backend(x.device, backend)
