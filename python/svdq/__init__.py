@@ -5,12 +5,12 @@ diffusers pipelines: `calibrate_pipeline`, `save_pretrained`, `from_pretrained` 
 LoRA hot-swap: `load_lora`, `set_lora_strength`, `unload_lora`, `list_loras`.
 """
 
-from . import ops
+from . import ops, parallel
 from .calibrate import calibrate_pipeline
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .linear import SVDQLinear, set_act_format
 from .pretrained import from_pretrained, save_pretrained
-from .lora import LoraError, list_loras, load_lora, set_lora_strength, unload_lora
+from .lora import LoraError, freeze_lora, list_loras, load_lora, lora_parameters, set_lora_strength, unload_lora
 from .quantize import QuantizeConfig, quantize, quantized_layers
 from .weight_only import SVDQWeightOnlyLinear, weight_only_layers
 from .version import __version__
@@ -37,6 +37,8 @@ __all__ = [
     "list_loras",
     "load",
     "load_lora",
+    "lora_parameters",
+    "freeze_lora",
     "set_act_format",
     "ops",
     "quantize",

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
+from .gptq import layers_within_memory
 from ._transaction import model_transaction
 from .linear import SVDQLinear
 from .parallel import gather_input_stats, row_keys
@@ -54,9 +55,10 @@ class QuantizeConfig:
     calib_tokens: input rows kept per layer for the search (bounded memory). weight_only: fnmatch patterns of
     layers to make weight-only 4-bit (W4A16, `SVDQWeightOnlyLinear`), chosen among the `nn.Linear` layers that
     include / exclude keep 16-bit (e.g. a family's ``svdq.models.FAMILIES[...].adaln``); default none.
-    rounding: "nearest" (docs/numerics.md §2.4) or "gptq" (`svdq.gptq`: codes chosen against the calibration
-    inputs' Hessian; needs calibration — data-free layers round to nearest; kept per layer only where it
-    lowers the output error on the calibration sample).
+    rounding: "gptq" (default; `svdq.gptq`: codes chosen against the calibration inputs' Hessian — needs
+    calibration, data-free layers round to nearest; kept per layer only where it lowers the output error on the
+    calibration sample; the Hessians take K²·4 bytes per layer during calibration, see
+    `svdq.gptq.layers_within_memory`) or "nearest" (docs/numerics.md §2.4).
     """
 
     rank: int = 32
@@ -67,7 +69,7 @@ class QuantizeConfig:
     calib_tokens: int = 256
     version: int = CONFIG_VERSION
     weight_only: tuple[str, ...] = ()  # added after version 1 shipped: configs without it load as ()
-    rounding: str = "nearest"  # added after version 1 shipped: configs without it load as "nearest"
+    rounding: str = "gptq"  # added after version 1 shipped: configs without it load as "nearest" (from_dict)
     # Activation format the layers run with (docs/numerics.md §8); a run-time choice that reads the same weights,
     # recorded so a checkpoint says how it was meant (and evaluated) to run. Added after version 1 shipped:
     # configs without it load as "int4".
@@ -118,6 +120,8 @@ class QuantizeConfig:
                 f"quantize config has field(s) {unknown} that this svdq does not know (config version {version}; "
                 f"known fields: {sorted(known)}); it was probably written by a newer svdq"
             )
+        if "rounding" not in d:  # written before GPTQ existed: its codes were rounded to nearest
+            d = {**d, "rounding": "nearest"}
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
@@ -253,7 +257,9 @@ def quantize_layer(
         if err < best_err:
             best, best_err, best_alpha = dec, err, alpha
     info = {"alpha": best_alpha, "rel_error": best_err}
-    if config.rounding == "gptq" and stats.xtx is not None:
+    if config.rounding == "gptq" and stats.xtx is None:
+        info["rounding"] = "nearest"  # no Hessian: over the memory budget (svdq.gptq.layers_within_memory)
+    elif config.rounding == "gptq":
         # α is searched with round-to-nearest (fast); GPTQ then re-rounds the chosen λ's residual and is
         # kept only where it lowers the error on the sample, so no layer gets worse than "nearest" there.
         lam = None if best_alpha is None else smoothing_factors(absmax, weight, best_alpha)
@@ -281,7 +287,7 @@ def quantize(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     weight_only: Iterable[str] | None = None,
-    rounding: str = "nearest",
+    rounding: str = "gptq",
     act_format: str = "int4",
     progress: bool = True,
     config: QuantizeConfig | None = None,
@@ -295,7 +301,7 @@ def quantize(
     ``exclude=None`` keeps the defaults (embeddings, AdaLN modulation and final projections stay 16-bit).
     weight_only: fnmatch patterns of layers (among those kept 16-bit) made weight-only 4-bit instead
     (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
-    ``None`` → none. rounding: "nearest" | "gptq" (`QuantizeConfig.rounding`).
+    ``None`` → none. rounding: "gptq" (default) | "nearest" (`QuantizeConfig.rounding`).
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
@@ -328,7 +334,7 @@ def quantize(
         _check_finite(name, {"weight": linear.weight, "bias": linear.bias})
     stats = None
     if calibration is not None:  # naive ignores the statistics for λ but still reports its error
-        hessian_layers = layers if config.rounding == "gptq" and config.method != "naive" else ()
+        hessian_layers = layers_within_memory(layers) if config.rounding == "gptq" and config.method != "naive" else ()
         stats = collect_input_stats(model, {**layers, **wo_layers}, calibration, config.calib_tokens, hessian_layers,
                                     process_group)
     # Build every new layer first, without touching the model; then swap them all in one step
