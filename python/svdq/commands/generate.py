@@ -116,7 +116,10 @@ def run(args) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must be an image path (.png/.jpg/.webp), got {out}")
     check_output_file(out)
+    if args.act_format and not args.quantized:  # before the (slow) pipeline load
+        raise ValueError("--act-format applies to a quantized model: pass --quantized too")
     pipe = load_pipeline(args.model, args.quantized, device=device, torch_dtype=dtype)
+    fmt = None
     if args.quantized:
         import svdq
 
@@ -125,8 +128,6 @@ def run(args) -> int:
         model = pipeline_model(pipe)
         fmt = args.act_format or getattr(getattr(model, "svdq_config", None), "act_format", "int4")
         svdq.set_act_format(model, fmt)
-    elif args.act_format:
-        raise ValueError("--act-format applies to a quantized model: pass --quantized too")
     pipe.set_progress_bar_config(desc="denoising")
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

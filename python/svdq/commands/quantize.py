@@ -117,6 +117,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default: 32)")
     p.add_argument("--method", choices=("svdquant", "smoothquant", "naive"), default="svdquant",
                    help="quantization method (default: svdquant)")
+    p.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
+                   help="how the residual's 4-bit codes are chosen: gptq (against the calibration inputs' Hessian; "
+                        "data-free layers round to nearest) or nearest (default: gptq)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--calib-prompts", default=None,
                    help="text file, one calibration prompt per line (default: svdq's 20 built-in prompts)")
@@ -174,7 +177,7 @@ def run(args) -> int:
         )
     t0 = time.perf_counter()
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
-                  act_format=getattr(args, "act_format", "int4"))
+                  act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"))
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
     layers = svdq.quantized_layers(model)
     wo = svdq.weight_only_layers(model)
