@@ -113,3 +113,52 @@ def gptq_quantize_weight(
             err1[:, i] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
     return pack_int4(q.to(torch.int8)), scales
+
+
+def hessian_bytes(in_features: int) -> int:
+    """Memory of one layer's Σ xᵀx accumulator (fp32 [K, K])."""
+    return 4 * in_features * in_features
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (CUDA: the driver's count; CPU: available physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): do not limit
+        return 1 << 62
+
+
+def layers_within_memory(layers: dict, budget: int | None = None) -> list[str]:
+    """Names of the layers whose Hessian accumulators fit `budget` bytes (default: half the memory free on
+    the device of the first layer's weight, where calibration inputs arrive), smallest K first so that the
+    most layers get GPTQ. The rest round to nearest; a warning names how many and the memory missing.
+
+    Why a guard: a full-size FLUX.1-dev needs ≈ 64 GB of fp32 Hessians for all its layers at once (the
+    K = 12288 / 15360 projections dominate); without it the default rounding would make calibrating such a
+    model fail on an 80 GB GPU where round-to-nearest succeeds.
+    """
+    import logging
+
+    if not layers:
+        return []
+    if budget is None:
+        budget = free_memory(next(iter(layers.values())).weight.device) // 2
+    chosen, used = [], 0
+    for name, layer in sorted(layers.items(), key=lambda kv: kv[1].in_features):
+        need = hessian_bytes(layer.in_features)
+        if used + need > budget:
+            continue
+        chosen.append(name)
+        used += need
+    if len(chosen) < len(layers):
+        total = sum(hessian_bytes(m.in_features) for m in layers.values())
+        logging.getLogger("svdq").warning(
+            "svdq.quantize: GPTQ Hessians for all %d layers need %.1f GB, more than the %.1f GB budget (half the "
+            "free memory); %d layers (the widest inputs) round to nearest instead (svdq_report[...]['rounding'])",
+            len(layers), total / 1e9, budget / 1e9, len(layers) - len(chosen),
+        )
+    return chosen
