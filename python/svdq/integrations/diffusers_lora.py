@@ -62,9 +62,39 @@ def _state(model: nn.Module) -> _State:
 
 def install(model: nn.Module) -> None:
     """Route diffusers' model-level LoRA methods of ``model`` to svdq (idempotent)."""
+    _state(model)
     for name in METHODS:
         model.__dict__[name] = types.MethodType(globals()[f"_{name}"], model)
     _sync_peft_config(model)
+    _patch_flux_loader()
+
+
+def is_routed(model) -> bool:
+    return isinstance(model, nn.Module) and "_svdq_diffusers_lora" in model.__dict__
+
+
+def _patch_flux_loader() -> None:
+    """FluxLoraLoaderMixin.load_lora_weights first calls ``_maybe_expand_lora_state_dict``, which looks up
+    ``<module>.weight`` in the transformer's state dict for every LoRA module (to widen Control-LoRA inputs):
+    svdq's 4-bit layers and fused-projection stand-ins have no such entry (KeyError). On svdq models it is
+    skipped: their adapters need no expansion (Control LoRAs that widen ``x_embedder`` are not supported there).
+    Other models go through diffusers' own code unchanged."""
+    try:
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    except ImportError:
+        return
+    current = FluxLoraLoaderMixin.__dict__.get("_maybe_expand_lora_state_dict")
+    if current is None or getattr(current.__func__, "_svdq_patched", False):
+        return
+    original = current.__func__
+
+    def _maybe_expand_lora_state_dict(cls, transformer, lora_state_dict):
+        if is_routed(transformer):
+            return lora_state_dict
+        return original(cls, transformer, lora_state_dict)
+
+    _maybe_expand_lora_state_dict._svdq_patched = True
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(_maybe_expand_lora_state_dict)
 
 
 def _apply(model: nn.Module) -> None:

@@ -191,7 +191,8 @@ class SVDQuantizer(DiffusersQuantizer):
                     entry["in_features"], entry["out_features"], entry["rank"], entry["bias"], dtype, "meta"
                 )
             else:
-                layer = SVDQWeightOnlyLinear(entry["in_features"], entry["out_features"], entry["bias"], dtype, "meta")
+                layer = SVDQWeightOnlyLinear(entry["in_features"], entry["out_features"], entry["bias"], dtype, "meta",
+                                             zero_point=entry.get("zero_point", False) is True)
             _set_submodule(model, name, layer)
         expected = set(model.state_dict().keys())
         missing, unexpected = sorted(expected - self._loaded_keys), sorted(self._loaded_keys - expected)
@@ -234,6 +235,9 @@ class SVDQuantizer(DiffusersQuantizer):
         if left:
             raise CheckpointError(f"{self._files[0]}: tensors not loaded into {type(model).__name__}: {left[:5]}")
         _realign(model)
+        from ..pretrained import _match_buffer_dtype
+
+        _match_buffer_dtype(model)  # non-saved buffers (PixArt's pos_embed) in the model's dtype, as saved
         for m in model.modules():
             if isinstance(m, SVDQLinear):
                 m._settle() if hasattr(m, "_settle") else None  # the layout of the backend of its device
