@@ -99,6 +99,53 @@ def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.
     return torch.ops.svdq.prepare_weight(qweight, wscales)
 
 
+# ---- the CUDA GEMM's weight layout, in torch (svdq.ops: layouts and the storage rules) ------------------
+
+CUDA_LAYOUT = "cuda-g64"
+
+
+def _check_canonical(op: str, qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[int, int]:
+    if qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] % (_ops.GROUP_SIZE // 2):
+        raise ValueError(f"{op}: qweight must be int8 [N, Kp/2] with Kp a multiple of 64, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    n, groups = qweight.shape[0], qweight.shape[1] // (_ops.GROUP_SIZE // 2)
+    if tuple(wscales.shape) != (n, groups) or wscales.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: wscales must be bfloat16/float16 [N, Kp/64] = [{n}, {groups}] for the CUDA "
+                         f"layout, got {wscales.dtype} {tuple(wscales.shape)}")
+    return n, groups
+
+
+def cuda_prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical → the CUDA GEMM's layout (csrc/cuda/mma_layout.cuh §4): qweight group-major [G][N][32 B] kept
+    as int8 [N, Kp/2], wscales fp32 [G][N] kept as [N, Kp/64]. CUDA tensors go through the native repack op;
+    tensors elsewhere (weights waiting on the CPU for an offload hook to carry them) get the same bytes from
+    torch, so that they travel prepared and the GPU never repacks them."""
+    if qweight.is_cuda:
+        return prepare_weight(qweight, wscales)
+    n, groups = _check_canonical("svdq cuda_prepare_weight", qweight, wscales)
+    rb = _ops.GROUP_SIZE // 2  # bytes per row and group
+    q = qweight.reshape(n, groups, rb).transpose(0, 1).contiguous().view(n, groups * rb)
+    s = wscales.to(torch.float32).t().contiguous().view(n, groups)
+    return q, s
+
+
+def cuda_unprepare_weight(
+    qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA layout → canonical, bit for bit (the fp32 scales came from ``dtype``, so they round back
+    exactly). Plain torch on any device: a layer prepared on a GPU can be saved or moved to the CPU backend."""
+    n, half = qweight.shape
+    rb = _ops.GROUP_SIZE // 2
+    groups = half // rb
+    if qweight.dtype != torch.int8 or tuple(wscales.shape) != (n, groups) or wscales.dtype != torch.float32:
+        raise ValueError(f"svdq cuda_unprepare_weight: expected int8 [N, Kp/2] and fp32 [N, Kp/64] in the CUDA "
+                         f"layout, got {qweight.dtype} {tuple(qweight.shape)}, {wscales.dtype} "
+                         f"{tuple(wscales.shape)}")
+    q = qweight.reshape(groups, n, rb).transpose(0, 1).contiguous().view(n, half)
+    s = wscales.reshape(groups, n).t().to(dtype).contiguous()
+    return q, s
+
+
 def w4a4_gemm(
     qact: torch.Tensor,
     ascales: torch.Tensor,
@@ -168,8 +215,8 @@ if AVAILABLE:
 
     @torch.library.register_fake("svdq::prepare_weight")
     def _prepare_weight_fake(qweight, wscales):
-        # Both devices keep qweight's shape [N, Kp/2] and return wscales as fp32 [N, Kp/64] (CUDA's tensors
-        # are views into tile-padded buffers; shapes and dtypes are what a fake must get right).
+        # Both devices keep qweight's shape [N, Kp/2] and return wscales as fp32 [N, Kp/64] (CUDA's are exactly
+        # N * Kp/2 and N * Kp/64 * 4 bytes, no padding rows; shapes and dtypes are what a fake must get right).
         return torch.empty_like(qweight), torch.empty_like(wscales, dtype=torch.float32)
 
     @torch.library.register_fake("svdq::w4a4_gemm")
@@ -195,7 +242,9 @@ if AVAILABLE:
             priority=10,
             quantize_act=quantize_act,
             w4a4_gemm=w4a4_gemm,
-            prepare_weight=prepare_weight,
+            # The CPU GEMM reads the canonical layout and converts the scales to fp32 per call (a transient of
+            # N * Kp/64 * 4 bytes): no prepared copy, so a CPU layer holds its weights once (svdq.ops rule 1).
+            # The svdq::prepare_weight op (a checked copy) stays for direct callers of the kernels.
             quantize_act_fp8=_w4a8_kernel("cpu", "quantize_act_fp8"),
             w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
         )
@@ -209,7 +258,9 @@ if AVAILABLE:
                 quantize_act=quantize_act,
                 w4a4_gemm=w4a4_gemm,
                 is_available=_cuda_available,
-                prepare_weight=prepare_weight,
+                prepare_weight=cuda_prepare_weight,
+                layout=CUDA_LAYOUT,
+                unprepare_weight=cuda_unprepare_weight,
                 quantize_act_fp8=_w4a8_kernel("cuda", "quantize_act_fp8"),
                 w4a8_gemm=_w4a8_kernel("cuda", "w4a8_gemm"),
             )

@@ -6,11 +6,30 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import autograd
 from .decompose import Decomposition, decompose
 from .ops.reference import GROUP_SIZE, padded_k
 
-# Buffers in the canonical checkpoint layout (spec §3), in the order they are saved.
+# Tensors in the canonical checkpoint layout (spec §3), in the order they are saved.
 STORED_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
+
+# Weight-layout conversions since import (tests and benchmarks read and reset it): "convert" = a layer's
+# resident weights rewritten in another backend's layout (on a move, a load, `prepare_layout`, or the first call
+# after one); "transient" = a call that had to convert into a temporary because something outside the layer
+# swapped canonical tensors in (accelerate's sequential offload restores them from its state-dict copy).
+LAYOUT_STATS = {"convert": 0, "transient": 0}
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    # Parameters, not buffers: offload hooks (accelerate, diffusers group offloading) move parameters.
+    return nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _canonical_state_dict(module: "SVDQLinear", state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the checkpoint layout whatever layout the layer computes from (ops rule 2)."""
+    if module.layout != ops.CANONICAL:
+        qweight, wscales = module.canonical_weights()
+        state_dict[prefix + "qweight"], state_dict[prefix + "wscales"] = qweight, wscales
 
 
 def weight_standin(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -21,10 +40,13 @@ def weight_standin(out_features: int, in_features: int, dtype: torch.dtype, devi
 class SVDQLinear(nn.Module):
     """y = W4A4(x/λ) + (x · lora_down · lora_scales) · lora_upᵀ + bias.
 
-    Buffers (canonical layout, spec §3): ``qweight`` int8 [N, Kp/2], ``wscales`` [N, Kp/64], ``smooth`` [K],
-    ``lora_down`` [K, r], ``lora_up`` [N, r], ``bias`` [N] (or None). ``lora_scales`` fp32 [r] is the per-rank
-    strength of the low-rank branch (ones for the SVD part; LoRA adapters set their own); it is not saved.
-    The backend (``svdq.ops``) is picked per call from the input's device.
+    Stored tensors (frozen ``nn.Parameter``s; ``state_dict`` gives the canonical layout, spec §3): ``qweight``
+    int8 [N, Kp/2], ``wscales`` [N, Kp/64], ``smooth`` [K], ``lora_down`` [K, r], ``lora_up`` [N, r], ``bias``
+    [N] (or None). ``lora_scales`` fp32 [r] (a buffer, not saved) is the per-rank strength of the low-rank
+    branch (ones for the SVD part; LoRA adapters set their own).
+    The backend (``svdq.ops``) is picked per call from the input's device. ``qweight``/``wscales`` are held
+    once, in the layout of the backend that runs them (``layout``; the storage rules in ``svdq.ops``): on the
+    CPU the canonical tensors themselves, on CUDA the GEMM's layout (converted when the layer moves there).
     """
 
     def __init__(
@@ -49,14 +71,16 @@ class SVDQLinear(nn.Module):
         self.out_features = out_features
         kp = padded_k(in_features)
         f = dict(dtype=dtype, device=device)
-        self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
-        self.register_buffer("wscales", torch.zeros(out_features, kp // GROUP_SIZE, **f))
-        self.register_buffer("smooth", torch.ones(in_features, **f))
-        self.register_buffer("lora_down", torch.zeros(in_features, rank, **f))
-        self.register_buffer("lora_up", torch.zeros(out_features, rank, **f))
-        self.register_buffer("bias", torch.zeros(out_features, **f) if bias else None)
+        self.qweight = _frozen(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
+        self.wscales = _frozen(torch.zeros(out_features, kp // GROUP_SIZE, **f))
+        self.smooth = _frozen(torch.ones(in_features, **f))
+        self.lora_down = _frozen(torch.zeros(in_features, rank, **f))
+        self.lora_up = _frozen(torch.zeros(out_features, rank, **f))
+        self.bias = _frozen(torch.zeros(out_features, **f)) if bias else None
         self.register_buffer("lora_scales", torch.ones(rank, dtype=torch.float32, device=device), persistent=False)
-        self._prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Which backend layout qweight/wscales are in when not canonical (see `layout`).
+        self._layout = ops.CANONICAL
+        self.register_state_dict_post_hook(_canonical_state_dict)
 
     @property
     def rank(self) -> int:
@@ -64,7 +88,15 @@ class SVDQLinear(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wscales.dtype
+        # smooth is always in the model dtype (wscales is not once prepared: fp32 bits, ops rule 4).
+        return self.smooth.dtype
+
+    @property
+    def layout(self) -> str:
+        """The layout of the resident ``qweight``/``wscales``: ``"canonical"`` or a backend's (``"cuda-g64"``).
+        Read from the tensors (canonical scales are floating, prepared ones int32 bits), so tensors that a hook
+        swapped in behind the layer's back are never misread."""
+        return ops.CANONICAL if self.wscales.is_floating_point() else self._layout
 
     # ---- the nn.Linear surface: what diffusers and user code read off a Linear -----------------------------
     @property
@@ -97,6 +129,7 @@ class SVDQLinear(nn.Module):
                 getattr(layer, name).copy_(getattr(dec, name))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
+        layer._settle()
         return layer
 
     def set_lowrank(self, lora_down: torch.Tensor, lora_up: torch.Tensor, lora_scales: torch.Tensor) -> None:
@@ -109,11 +142,12 @@ class SVDQLinear(nn.Module):
             )
         if lora_scales.shape != (r,):
             raise ValueError(f"lora_scales must have shape ({r},), got {tuple(lora_scales.shape)}")
-        self.lora_down = lora_down.to(self.dtype).contiguous()
-        self.lora_up = lora_up.to(self.dtype).contiguous()
+        self.lora_down = _frozen(lora_down.to(self.dtype).contiguous())
+        self.lora_up = _frozen(lora_up.to(self.dtype).contiguous())
         self.lora_scales = lora_scales.to(torch.float32).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops.check_input(x, f"SVDQLinear [{self.in_features} -> {self.out_features}]")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"SVDQLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
@@ -132,29 +166,114 @@ class SVDQLinear(nn.Module):
         qweight, wscales = self._weights_for(backend)
         scales = None if self.rank == 0 else self.lora_scales
         act_format = ops.act_format_override() or self.act_format
+        if autograd.needs_grad(x, self.smooth, self.lora_down, self.lora_up, self.bias, scales):
+            # Training / input gradients: the same forward, plus a backward (svdq.ops.autograd, spec §9).
+            return autograd.svdq_linear(
+                x, self.smooth, self.lora_down, self.lora_up, self.bias, scales,
+                forward_fn=lambda x_, s, d, u, b, sc: ops.svdq_linear(
+                    x_, qweight, wscales, s, d, u, b, sc, backend=backend.name, act_format=act_format),
+                weights_fn=self.canonical_weights, qweight=self.qweight, wscales=self.wscales,
+            )
         return ops.svdq_linear(
             x, qweight, wscales, self.smooth, self.lora_down, self.lora_up, self.bias, scales, backend=backend.name,
             act_format=act_format,
         )
 
     def _weights_for(self, backend: ops.Backend) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 4-bit weights in ``backend``'s layout, repacked once per backend and device."""
-        cached = self._prepared.get(backend.name)
-        if cached is None or cached[0].device != self.qweight.device:
-            cached = backend.prepare_weight(self.qweight, self.wscales)
-            self._prepared[backend.name] = cached
-        return cached
+        """The 4-bit weights in ``backend``'s layout, as its GEMM takes them (prepared scales as fp32)."""
+        held = self.layout
+        if held == backend.layout:
+            if held == ops.CANONICAL:
+                return self.qweight, self.wscales
+            return self.qweight, self.wscales.view(torch.float32)
+        # Another layout than this backend's: the first call after a switch of backend, or canonical tensors
+        # swapped in by a hook. Keep the conversion (one copy) unless hooks own this layer's tensors (they
+        # would restore or coerce them) or torch.compile is tracing (no module mutation in a graph).
+        qweight, wscales = self.canonical_weights()
+        if backend.layout != ops.CANONICAL:
+            qweight, wscales = backend.prepare_weight(qweight, wscales)
+        if torch.compiler.is_compiling():
+            return qweight, wscales
+        if hasattr(self, "_hf_hook") or hasattr(self, "_diffusers_hook"):
+            LAYOUT_STATS["transient"] += 1
+            return qweight, wscales
+        self._store(qweight, wscales, backend.layout)
+        LAYOUT_STATS["convert"] += 1
+        return qweight, wscales
+
+    def canonical_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(qweight, wscales)`` in the canonical layout (spec §3), converted when the layer holds another one."""
+        qweight, wscales = self.qweight.detach(), self.wscales.detach()
+        if self.layout == ops.CANONICAL:
+            return qweight, wscales
+        return ops.unprepare_weight(qweight, wscales.view(torch.float32), self._layout, self.dtype)
+
+    def prepare_layout(self, layout: str) -> None:
+        """Hold the weights in ``layout`` (``"canonical"`` or a backend's), wherever they are: e.g. the CUDA
+        layout on the CPU before an offload hook takes its copies, so that they travel prepared."""
+        if self.qweight.device.type == "meta" or self.layout == layout:
+            return
+        qweight, wscales = self.canonical_weights()
+        if layout != ops.CANONICAL:
+            qweight, wscales = ops.layout_backend(layout).prepare_weight(qweight, wscales)
+        self._store(qweight, wscales, layout)
+        LAYOUT_STATS["convert"] += 1
+
+    def _store(self, qweight: torch.Tensor, wscales: torch.Tensor, layout: str) -> None:
+        """Replace the resident weights (in place: the Parameter objects stay, hooks keyed on them still work)."""
+        if layout != ops.CANONICAL:
+            wscales = wscales.view(torch.int32)  # ops rule 4
+            for name, t in (("qweight", qweight), ("wscales", wscales)):
+                if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    raise RuntimeError(
+                        f"SVDQLinear [{self.in_features} -> {self.out_features}]: the {layout} layout's {name} "
+                        f"{tuple(t.shape)} is a view of a larger buffer; a copy would drop bytes the kernel "
+                        "reads (svdq.ops rule 5)"
+                    )
+        with torch.no_grad():
+            self.qweight.data = qweight
+            self.wscales.data = wscales
+        self._layout = layout
+
+    def _settle(self) -> None:
+        """Hold the weights in the layout of the backend that runs them on their device (done on moves and
+        loads, so calls never convert). On the CPU a prepared layout is kept: offloaded weights wait there for
+        their accelerator, and a CPU call converts once should it run there."""
+        device = self.qweight.device
+        if device.type == "meta" or (device.type == "cpu" and self.layout != ops.CANONICAL):
+            return
+        try:
+            backend = ops.select_backend(device)
+        except ValueError:  # no backend runs on this device (or `use_backend` names one for another device)
+            return
+        if backend.layout == self.layout:
+            return
+        try:
+            self.prepare_layout(backend.layout)
+        except ValueError:
+            # A layout the backend cannot build for this layer (fp32 scales on CUDA): stay canonical; forward
+            # raises the clear error should the layer run there.
+            pass
 
     def _apply(self, fn, recurse=True):
-        self._prepared = {}
+        dtype = self.dtype
         result = super()._apply(fn, recurse)
-        # `.to(dtype)` converts every floating buffer; the per-rank strengths are fp32 by spec (§4.1).
+        # `.to(dtype)` converts every floating tensor; the per-rank strengths are fp32 by spec (§4.1).
         self.lora_scales = self.lora_scales.to(torch.float32)
+        if self.layout != ops.CANONICAL and self.dtype != dtype:
+            # `.to(dtype)` left the int32 scale bits alone: round them as it rounds canonical scales.
+            qweight, wscales = ops.unprepare_weight(
+                self.qweight.detach(), self.wscales.detach().view(torch.float32), self._layout, dtype
+            )
+            self._store(qweight, wscales.to(self.dtype), ops.CANONICAL)
+        self._settle()
         return result
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._prepared = {}
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The incoming tensors are canonical: load them into canonical tensors, then settle for the device.
+        self.prepare_layout(ops.CANONICAL)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._settle()
 
     def weight_bytes(self) -> int:
         """Bytes of the stored weights (4-bit + scales + smoothing + low-rank + bias)."""
@@ -166,6 +285,21 @@ class SVDQLinear(nn.Module):
             f"bias={self.bias is not None}, dtype={self.dtype}"
             + (f", act_format={self.act_format}" if self.act_format != "int4" else "")
         )
+
+
+def prepare_layout(model: nn.Module, backend: str) -> int:
+    """Hold the weights of every `SVDQLinear` in ``model`` in the layout of backend ``backend`` (e.g.
+    ``"cuda"``), in place and wherever they are now; returns how many layers changed.
+
+    For offloading: a model loaded on the CPU holds the canonical layout, and the hooks that carry weights to
+    the GPU (diffusers group offloading, accelerate) take their copies from it; preparing first makes them
+    carry the GPU's layout, so no step repacks. ``model.to("cuda")`` needs no call (layers convert on arrival)."""
+    layout = ops.registered_backend(backend).layout
+    layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
+    changed = sum(m.layout != layout for m in layers)
+    for m in layers:
+        m.prepare_layout(layout)
+    return changed
 
 
 def set_act_format(model: nn.Module, act_format: str, include: str | tuple[str, ...] = "*") -> int:

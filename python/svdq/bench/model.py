@@ -358,6 +358,32 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage reachable from ``model``'s modules: parameters, buffers and any
+    tensor kept in a module attribute (also inside dicts, lists and tuples: caches such as a repacked copy of
+    the weights). Meta tensors hold nothing. The CPU counterpart of the CUDA allocator's figure (issue 12)."""
+    storages: dict[tuple, int] = {}
+
+    def visit(obj, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            for u in _leaves(obj):
+                if u.device.type != "meta":
+                    st = u.untyped_storage()
+                    storages[(u.device, st.data_ptr())] = max(storages.get((u.device, st.data_ptr()), 0), st.nbytes())
+        elif depth < 4 and isinstance(obj, dict):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif depth < 4 and isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                visit(v, depth + 1)
+
+    for m in model.modules():
+        for name, v in vars(m).items():
+            if name != "_modules":
+                visit(v, 0)
+    return sum(storages.values())
+
+
 def _leaves(t: torch.Tensor):
     """Plain tensors inside a tensor subclass (torchao's packed weights), else the tensor itself."""
     flatten = getattr(t, "__tensor_flatten__", None)
