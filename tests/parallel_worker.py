@@ -25,6 +25,14 @@ IMAGE_TOKENS, TEXT_TOKENS = 32, 8
 ALPHAS = (0.3, 0.5, 0.7)  # a short smoothing grid: the test compares choices, and CI time is scarce
 
 
+DEVICE = os.environ.get("SVDQ_PARALLEL_DEVICE", "cpu")  # "cuda": the GPU check (benchmarks/device_check.d)
+DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16  # svdq's CUDA kernels take bf16/fp16
+
+
+def tiny_model():
+    return tiny_flux_transformer(seed=0, dtype=DTYPE).to(DEVICE)
+
+
 def flux_inputs(model, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     c = model.config
@@ -42,11 +50,11 @@ def flux_inputs(model, seed: int) -> dict:
     )
     if c.guidance_embeds:
         inputs["guidance"] = torch.tensor([3.5])
-    return inputs
+    return {k: v.to(DEVICE, DTYPE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def quantized_model():
-    model = tiny_flux_transformer(seed=0)
+    model = tiny_model()
     prepare(model)  # fused projections: one W4A4 GEMM per shared input, as svdq ships FLUX.1
     inputs = [flux_inputs(model, s) for s in (1, 2)]
     config = svdq.QuantizeConfig(alphas=ALPHAS)
@@ -61,18 +69,23 @@ def flatten(result: dict) -> dict[str, torch.Tensor]:
     flat = {}
     for key, value in result.items():
         for sub, t in (value.items() if isinstance(value, dict) else [("", value)]):
-            flat[f"{key}/{sub}" if sub else key] = torch.from_numpy(t.detach().cpu().numpy().copy())
+            flat[f"{key}/{sub}" if sub else key] = torch.from_numpy(t.detach().float().cpu().numpy().copy())
     return flat
 
 
 def main() -> int:
     out_dir = os.environ["SVDQ_PARALLEL_OUT"]
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":  # NCCL needs a GPU per rank; ranks sharing one GPU talk through gloo
+        one_gpu_each = torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"])
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        dist.init_process_group("nccl" if one_gpu_each else "gloo")
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"world": torch.tensor(world)}
     try:
         with torch.no_grad():
-            x = flux_inputs(tiny_flux_transformer(seed=0), seed=7)
+            x = flux_inputs(tiny_model(), seed=7)
             quantized = quantized_model()
             for mode in ("ulysses", "ring"):
                 model = copy.deepcopy(quantized)
@@ -82,21 +95,21 @@ def main() -> int:
                 result[f"{mode}_parallel"] = model(**x)[0]
 
         # Calibration under context parallelism: each rank's layers see 1/world of the tokens.
-        calib = [flux_inputs(tiny_flux_transformer(seed=0), s) for s in (1, 2)]
+        calib = [flux_inputs(tiny_model(), s) for s in (1, 2)]
 
         def calibrate(m):
             for i in calib:
                 m(**i)
 
         config = svdq.QuantizeConfig(alphas=ALPHAS)
-        single = tiny_flux_transformer(seed=0)
+        single = tiny_model()
         prepare(single)
         svdq.quantize(single, calibration=calibrate, progress=False, process_group=None, config=config)
-        sharded = tiny_flux_transformer(seed=0)
+        sharded = tiny_model()
         prepare(sharded)
         svdq.parallel.enable_context_parallel(sharded, ulysses=world)
         svdq.quantize(sharded, calibration=calibrate, progress=False, config=config)  # "auto": merged over the CP ranks
-        unmerged = tiny_flux_transformer(seed=0)  # the broken variant: each rank calibrates on its shard only
+        unmerged = tiny_model()  # the broken variant: each rank calibrates on its shard only
         prepare(unmerged)
         svdq.parallel.enable_context_parallel(unmerged, ulysses=world)
         svdq.quantize(unmerged, calibration=calibrate, progress=False, process_group=None, config=config)

@@ -93,3 +93,33 @@ def test_every_rank_quantized_the_same_model(ranks):
     a, b = ranks
     for name in a["smooth_parallel"]:
         assert torch.equal(a["smooth_parallel"][name], b["smooth_parallel"][name]), name
+
+
+def test_generate_cli_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m svdq generate --ulysses 2` writes one image (rank 0), the one a single
+    process writes up to attention's rounding; a degree that does not match the world size is one error line."""
+    import numpy as np
+    from PIL import Image
+
+    from svdq import cli, tiny
+
+    tiny.tiny_flux_full_pipeline(0).save_pretrained(tmp_path / "flux")
+    assert cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(tmp_path / "q"), "--data-free"]) == 0
+    args = ["generate", "--model", str(tmp_path / "flux"), "--quantized", str(tmp_path / "q"), "--prompt", "a fox",
+            "--steps", "2", "--height", "32", "--width", "32"]
+    assert cli.main([*args, "--out", str(tmp_path / "one.png")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "svdq"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*torchrun, *args, "--ulysses", "2", "--out", str(tmp_path / "two.png")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 only
+    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.float32)
+    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.float32)
+    assert one.shape == two.shape and np.abs(one - two).max() <= 2, np.abs(one - two).max()
+
+    bad = subprocess.run([*torchrun, *args, "--ulysses", "3", "--out", str(tmp_path / "bad.png")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error: ulysses (3) × ring (1) = 3 must equal the world size 2" in bad.stderr
+    # each rank printed one error line and no traceback (the launcher's own report of failed ranks follows)
+    assert "/svdq/" not in bad.stderr and not (tmp_path / "bad.png").exists()

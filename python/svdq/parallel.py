@@ -276,3 +276,42 @@ def merge_samples(per_rank: list[tuple[torch.Tensor, torch.Tensor]], capacity: i
         if len(out_keys) == capacity:
             break
     return torch.stack(out_keys), torch.stack(out_rows)
+
+
+# ---- launching ------------------------------------------------------------------------------------------
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun launch (its environment names a rank and a world)."""
+    import os
+
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@contextlib.contextmanager
+def distributed_session(device: str):
+    """The process group of a torchrun launch for the duration of a command: NCCL when ``device`` is CUDA
+    (each rank on GPU ``LOCAL_RANK``), gloo on the CPU; on the way out, always a barrier and
+    ``destroy_process_group`` so no rank is left waiting. Yields this rank."""
+    import os
+
+    if not launched_by_torchrun():
+        raise RuntimeError(
+            "context parallelism needs one process per rank: launch with `torchrun --nproc-per-node N svdq ...` "
+            "(or python -m torch.distributed.run)"
+        )
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"rank {os.environ['RANK']} has LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
+                "GPU(s): use --nproc-per-node ≤ the number of GPUs"
+            )
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

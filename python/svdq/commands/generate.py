@@ -15,6 +15,8 @@ EXAMPLES = """examples:
   svdq generate --model black-forest-labs/FLUX.1-schnell --quantized flux-schnell-svdq \\
       --prompt "a red fox in the snow" --steps 4 --seed 0 --out fox.png
   svdq generate --model ./tiny-sdxl --prompt "a cat" --steps 8 --out cat-16bit.png   # 16-bit baseline
+  torchrun --nproc-per-node 2 -m svdq generate --model black-forest-labs/FLUX.1-dev --quantized flux-dev-svdq \
+      --prompt "a lighthouse at dusk" --ulysses 2 --out lighthouse.png          # 2 GPUs, context parallel
 """
 
 
@@ -36,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--act-format", choices=("int4", "fp8"), default=None,
                    help="activation format of the quantized layers: int4 (W4A4) or fp8 (W4A8, docs/numerics.md §8) "
                         "(default: what the checkpoint's config records, else int4)")
+    p.add_argument("--ulysses", type=int, default=1,
+                   help="context parallelism: Ulysses degree (launch with torchrun --nproc-per-node ulysses×ring; "
+                        "docs/parallel.md)")
+    p.add_argument("--ring", type=int, default=1, help="context parallelism: ring-attention degree (docs/parallel.md)")
     add_common_pipeline_args(p)
     p.set_defaults(func=run)
 
@@ -104,14 +110,25 @@ def generate_image(pipe, prompt: str, seed: int, steps: int | None, kwargs: dict
 
 
 def run(args) -> int:
+    import contextlib
+
+    from ..parallel import distributed_session
+
+    check_positive(args, "--steps", "--height", "--width", "--max-sequence-length", "--ulysses", "--ring")
+    device, dtype = device_and_dtype(args)
+    if args.ulysses * args.ring == 1:
+        return _generate(args, device, dtype, rank=0)
+    with distributed_session(device) as rank:  # one process per rank (torchrun); rank 0 writes the image
+        return _generate(args, device, dtype, rank)
+
+
+def _generate(args, device, dtype, rank: int) -> int:
     from pathlib import Path
 
     import torch
 
     from ..pretrained import load_pipeline
 
-    check_positive(args, "--steps", "--height", "--width", "--max-sequence-length")
-    device, dtype = device_and_dtype(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must be an image path (.png/.jpg/.webp), got {out}")
@@ -128,11 +145,19 @@ def run(args) -> int:
         model = pipeline_model(pipe)
         fmt = args.act_format or getattr(getattr(model, "svdq_config", None), "act_format", "int4")
         svdq.set_act_format(model, fmt)
-    pipe.set_progress_bar_config(desc="denoising")
+    if args.ulysses * args.ring > 1:
+        import svdq.parallel
+
+        from ..models import pipeline_model
+
+        svdq.parallel.enable_context_parallel(pipeline_model(pipe), ulysses=args.ulysses, ring=args.ring)
+    pipe.set_progress_bar_config(desc="denoising", disable=rank != 0)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     image, times = generate_image(pipe, args.prompt, args.seed, args.steps, call_kwargs(args, pipe), device,
                                   args.negative_prompt)
+    if rank != 0:  # every rank computed the same image
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     what, mib = peak_memory(device)
