@@ -194,12 +194,27 @@ class SVDQLinear(nn.Module):
             qweight, wscales = backend.prepare_weight(qweight, wscales)
         if torch.compiler.is_compiling():
             return qweight, wscales
-        if hasattr(self, "_hf_hook") or hasattr(self, "_diffusers_hook"):
+        if self._accelerate_offloads():
             LAYOUT_STATS["transient"] += 1
             return qweight, wscales
         self._store(qweight, wscales, backend.layout)
         LAYOUT_STATS["convert"] += 1
         return qweight, wscales
+
+    def _accelerate_offloads(self) -> bool:
+        """Whether an accelerate hook offloads this layer's tensors: it restores them before each call from its
+        copy of the state dict (canonical), coerced to the dtype each tensor had when the hook was attached, so
+        the layer must stay canonical under it (conversions are per-call transients). diffusers' hooks move the
+        tensors the layer holds (`param.data = ...`) and are fine with a kept conversion."""
+        hook = getattr(self, "_hf_hook", None)
+        return hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+    def __setattr__(self, name, value):
+        if name == "_old_forward" and "_parameters" in self.__dict__:
+            # accelerate's add_hook_to_module sets `_old_forward` right before the hook's init_hook records the
+            # tensors (their dtype included, see `_accelerate_offloads`): be canonical by then.
+            self.prepare_layout(ops.CANONICAL)
+        super().__setattr__(name, value)
 
     def canonical_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(qweight, wscales)`` in the canonical layout (spec §3), converted when the layer holds another one."""
