@@ -22,6 +22,12 @@ TORCH_LIBRARY(svdq, m) {
   m.def(
       "quantize_act(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales)"
       " -> (Tensor qact, Tensor ascales, Tensor lora_act)");
+  // quantize_act with the INT4 codes written as float8_e4m3fn bytes (exact), for the Hopper FP8 GEMM path:
+  // -> qact uint8 [M, Kp], ascales fp32 [M, Kp/64], lora_act fp32 [M, r] — the same codes, scales and
+  // lora_act as quantize_act.
+  m.def(
+      "quantize_act_e4m3(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales)"
+      " -> (Tensor qact, Tensor ascales, Tensor lora_act)");
   // Load-time repack of the canonical qweight int8 [N, Kp/2] / wscales [N, Kp/64] into the layout this
   // device's GEMM reads; the result keeps N as its leading dimension (the fake infers N from it).
   m.def("prepare_weight(Tensor qweight, Tensor wscales) -> (Tensor, Tensor)");

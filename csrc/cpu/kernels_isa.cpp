@@ -31,6 +31,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #if defined(SVDQ_ISA_avx512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -158,10 +159,13 @@ void quantize_row(const float* xr, const float* smooth, int64_t G, int8_t* qout,
       const uint32_t b = f32_bits(xh[k]) & 0x7fffffffu;
       amax_bits = b > amax_bits ? b : amax_bits;
     }
-    const float s = f32_from_bits(amax_bits) / 7.0f;
+    // A NaN or ±Inf x̂ (bits >= 0x7F800000 sort above every finite |x̂|) makes the group's scale NaN and its
+    // codes 0: every output of the row is then NaN in the GEMM (spec §4.1, non-finite input).
+    const bool finite = amax_bits < 0x7f800000u;
+    const float s = finite ? f32_from_bits(amax_bits) / 7.0f : std::numeric_limits<float>::quiet_NaN();
     sout[g] = s;
     uint8_t* out = reinterpret_cast<uint8_t*>(qout) + g * (kGroup / 2);
-    if (s == 0.0f) {
+    if (s == 0.0f || !finite) {
       std::memset(out, 0, kGroup / 2);
       continue;
     }

@@ -188,6 +188,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   return {qact, ascales, lora_act};
 }
 
+// quantize_act, then each INT4 code as its float8_e4m3fn byte (the CUDA kernel writes them directly).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_e4m3(const at::Tensor& x, const at::Tensor& smooth,
+                                                                 const at::Tensor& lora_down,
+                                                                 const std::optional<at::Tensor>& lora_scales) {
+  auto [qact, ascales, lora_act] = quantize_act(x, smooth, lora_down, lora_scales);
+  static const uint8_t kE4m3[16] = {0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E,
+                                    0xD0, 0xCE, 0xCC, 0xCA, 0xC8, 0xC4, 0xC0, 0xB8};  // codes 0..7, -8..-1
+  const int64_t M = qact.size(0), half = qact.size(1);
+  auto out = at::empty({M, 2 * half}, qact.options().dtype(at::kByte));
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(qact.data_ptr<int8_t>());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, M * half, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      dst[2 * i] = kE4m3[src[i] & 0xF];
+      dst[2 * i + 1] = kE4m3[src[i] >> 4];
+    }
+  });
+  return {out, ascales, lora_act};
+}
+
 std::tuple<at::Tensor, at::Tensor> prepare_weight(const at::Tensor& qweight,   // [N, Kp/2] int8
                                                   const at::Tensor& wscales) {  // [N, Kp/64]
   // The CPU GEMM reads the canonical qweight (it repacks 32-column panels on the fly, see kernels_isa.cpp),
@@ -294,6 +314,7 @@ std::string set_isa(const std::string& name) {
 
 TORCH_LIBRARY_IMPL(svdq, CPU, m) {
   m.impl("quantize_act", &svdq::cpu::quantize_act);
+  m.impl("quantize_act_e4m3", &svdq::cpu::quantize_act_e4m3);
   m.impl("prepare_weight", &svdq::cpu::prepare_weight);
   m.impl("w4a4_gemm", &svdq::cpu::w4a4_gemm);
 }

@@ -53,6 +53,14 @@ constexpr int kSmemBytes = kSmemLoraUp + kLoraUpBytes;               // 61440 (<
 // an integer I with |I| < 2^22 added is, read as a float, exactly 1.5 * 2^23 + I.
 constexpr uint32_t kMagicI = 0x4B400000u;
 constexpr float kMagicF = 12582912.0f;
+// The int8 path's MMA returns 256·I (both operands are 16·q). Starting it at 0x47400000 (= float 1.5·2^15,
+// ulp 2^-8) makes the result read as the float 1.5·2^15 + I exactly (256·|I| <= 2^20 stays inside the
+// mantissa), so the 1/256 costs nothing: no FMUL per scale, no pre-folded scale tensor (issue 11). Both paths
+// then promote with the same two FFMAs against their own constant.
+constexpr uint32_t kMagicI8 = 0x47400000u;
+constexpr float kMagicF8 = 49152.0f;
+constexpr uint32_t magic_bits(int path) { return path == 1 ? kMagicI8 : kMagicI; }
+constexpr float magic_value(int path) { return path == 1 ? kMagicF8 : kMagicF; }
 
 // ------------------------------------------------------------------------------------------------
 // 1. PTX ISA fragment maps (PTX ISA "Matrix Fragments for mma.m16n8k*"). Each returns the (row, col) of

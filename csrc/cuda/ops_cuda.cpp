@@ -90,11 +90,13 @@ cuda::MmaPath choose_path(int cc_major, int cc_minor) {
 // svdq::quantize_act(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales)
 //     -> (Tensor qact, Tensor ascales, Tensor lora_act)
 // ------------------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x,        // [M, K] bf16/fp16
+// e4m3 = true: svdq::quantize_act_e4m3 — the same kernel writes qact as uint8 [M, Kp] e4m3 bytes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_impl(const at::Tensor& x,        // [M, K] bf16/fp16
                                                                  const at::Tensor& smooth,   // [K]
                                                                  const at::Tensor& lora_down,  // [K, r] x.dtype
-                                                                 const std::optional<at::Tensor>& lora_scales) {  // [r] fp32
-  constexpr const char* op = "svdq::quantize_act (CUDA)";
+                                                                 const std::optional<at::Tensor>& lora_scales,  // [r] fp32
+                                                                 bool e4m3) {
+  const char* op = e4m3 ? "svdq::quantize_act_e4m3 (CUDA)" : "svdq::quantize_act (CUDA)";
   TORCH_CHECK(x.is_cuda(), op, ": ", describe("x", x), " must be a CUDA tensor");
   const at::Device dev = x.device();
   check_cuda(op, "smooth", smooth, dev);
@@ -130,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t kp = padded_k(K), groups = kp / kGroup;
   const auto opts = x.options();
-  at::Tensor qact = at::empty({M, kp / 2}, opts.dtype(at::kChar));
+  at::Tensor qact = e4m3 ? at::empty({M, kp}, opts.dtype(at::kByte)) : at::empty({M, kp / 2}, opts.dtype(at::kChar));
   at::Tensor ascales = at::empty({M, groups}, opts.dtype(at::kFloat));
   at::Tensor lora_act = at::empty({M, r}, opts.dtype(at::kFloat));
   if (M == 0) return {qact, ascales, lora_act};
@@ -156,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   p.lora_down = r > 0 ? down.data_ptr() : nullptr;
   p.r = (int)r;
   p.lora_scales = scales.defined() ? scales.data_ptr<float>() : nullptr;
-  p.qact = qact.data_ptr<int8_t>();
+  p.qact = static_cast<int8_t*>(qact.data_ptr());
+  p.e4m3 = e4m3;
   p.ascales = ascales.data_ptr<float>();
   p.lora_act = r > 0 ? lora_act.data_ptr<float>() : nullptr;
   p.workspace = ws.defined() ? ws.data_ptr<float>() : nullptr;
@@ -168,6 +171,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
               c10::toString(x.scalar_type()), ", smooth dtype ", c10::toString(lam.scalar_type()), ", on ",
               dev.str());
   return {qact, ascales, lora_act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
+                                                                 const at::Tensor& lora_down,
+                                                                 const std::optional<at::Tensor>& lora_scales) {
+  return quantize_act_impl(x, smooth, lora_down, lora_scales, false);
+}
+
+// svdq::quantize_act_e4m3: qact uint8 [M, Kp], each INT4 code as its float8_e4m3fn byte (exact).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_e4m3_cuda(const at::Tensor& x, const at::Tensor& smooth,
+                                                                      const at::Tensor& lora_down,
+                                                                      const std::optional<at::Tensor>& lora_scales) {
+  return quantize_act_impl(x, smooth, lora_down, lora_scales, true);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -339,6 +355,7 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& qact,      // [M, Kp/2] int8 (quanti
 
 TORCH_LIBRARY_IMPL(svdq, CUDA, m) {
   m.impl("quantize_act", &svdq::quantize_act_cuda);
+  m.impl("quantize_act_e4m3", &svdq::quantize_act_e4m3_cuda);
   m.impl("prepare_weight", &svdq::prepare_weight_cuda);
   m.impl("w4a4_gemm", &svdq::w4a4_gemm_cuda);
 }

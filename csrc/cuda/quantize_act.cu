@@ -66,6 +66,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 // The sm_75 pass compiles the MMA helpers but the FMA fallback does not call them.
 #pragma nv_diag_suppress 177
 
@@ -157,6 +159,7 @@ struct KernelArgs {
   float* workspace;
   int steps, steps_per_split, ksplit;
   bool smooth_fp32, x_vec, smooth_vec, ld_vec;
+  bool recip_allowed;  // x̂ by the corrected reciprocal (div_by_recip); false: IEEE '/' (fp16 x with fp32 λ)
 };
 
 // ---- per-thread register state of one step ----
@@ -167,45 +170,93 @@ struct StepRegs {
   uint4 ld[LPT > 0 ? LPT : 1];   // lora_down chunks
 };
 
+struct F8 {
+  float v[8];
+};
+
+// Element-wise loads for a K tail or an unaligned x / lora_down (out of line: never on the hot path of an
+// aligned model, and keeps the loop's SASS countable).
+// λ of columns col..col+7 one by one (K tail or unaligned smooth); 1 beyond K (x is 0 there: x̂ = 0).
+template <typename T>
+__device__ __noinline__ F8 load_lam_slow(const void* smooth, bool fp32, int64_t col, int64_t K) {
+  F8 l;
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    l.v[e] = col + e >= K ? 1.0f : fp32 ? reinterpret_cast<const float*>(smooth)[col + e] : Cvt<T>::one(smooth, col + e);
+  return l;
+}
+__device__ __noinline__ uint4 load8_slow(const uint16_t* src, int64_t n) {
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    if (e < n) w[e / 2] |= (uint32_t)src[e] << (16 * (e % 2));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Per-thread addressing, computed once per CTA (the loop only adds constant strides: no 64-bit index
+// products re-done per step and chunk). Chunk i of the thread is row row0 + tid/16 + 16 i, columns col8*8..+7
+// of the step.
+struct Cursor {
+  const uint16_t* x;     // x of chunk 0 at step 0
+  int64_t x_rows16;      // 16 rows of x, in elements
+  int8_t* q;             // qact word/bytes of chunk 0 at step 0
+  int64_t q_rows16;      // 16 rows of qact, in bytes
+  float* sa;             // ascales of chunk 0, group 0 of the step's first 64 columns (+ col8/8)
+  int64_t sa_rows16;     // 16 rows of ascales, in floats
+  unsigned rows_ok;      // bit i: chunk i's row < M
+};
+
+template <bool E4M3>
+__device__ __forceinline__ Cursor make_cursor(const KernelArgs& a, int64_t row0) {
+  const int tid = threadIdx.x;
+  const int col8 = tid % kChunksPerRow;
+  const int64_t row = row0 + tid / kChunksPerRow;
+  Cursor c;
+  c.x = reinterpret_cast<const uint16_t*>(a.x) + row * a.ldx + col8 * 8;
+  c.x_rows16 = 16 * a.ldx;
+  const int64_t qrow = E4M3 ? 2 * a.kp_half : a.kp_half;
+  c.q = a.qact + (E4M3 ? qact_e4m3_offset(row, 0, col8, qrow) : qact_word_offset(row, 0, col8, qrow));
+  c.q_rows16 = 16 * qrow;
+  c.sa = a.ascales + row * a.groups + col8 / 8;
+  c.sa_rows16 = 16 * a.groups;
+  c.rows_ok = 0;
+#pragma unroll
+  for (int i = 0; i < kChunksPerThread; ++i) c.rows_ok |= (row + 16 * i < a.M ? 1u : 0u) << i;
+  static_assert(kThreads / kChunksPerRow == 16, "chunk i of a thread is 16 rows below chunk i-1");
+  return c;
+}
+
 template <typename T, int RC>
 __device__ __forceinline__ void load_step(StepRegs<RC * kBK / 8 / kThreads>& s, const KernelArgs& a,
-                                          int64_t row0, int step, int rank0) {
+                                          const Cursor& cur, int step, int rank0) {
   constexpr int LPT = RC * kBK / 8 / kThreads;
   const int tid = threadIdx.x;
   const int col8 = tid % kChunksPerRow;
   const int64_t col = (int64_t)step * kBK + col8 * 8;
+  const bool vec = a.x_vec && col + 8 <= a.K;
+  const uint16_t* xs = cur.x + (int64_t)step * kBK;
 #pragma unroll
   for (int i = 0; i < kChunksPerThread; ++i) {
-    const int64_t row = row0 + chunk_row(tid, i);
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < a.M) {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(a.x) + row * a.ldx + col;
-      if (a.x_vec && col + 8 <= a.K) {
+    const uint16_t* src = xs + i * cur.x_rows16;
+    if (cur.rows_ok & (1u << i)) {
+      if (vec) {
         v = __ldg(reinterpret_cast<const uint4*>(src));
       } else {
-        uint32_t w[4] = {0, 0, 0, 0};
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          if (col + e < a.K) w[e / 2] |= (uint32_t)src[e] << (16 * (e % 2));
-        v = make_uint4(w[0], w[1], w[2], w[3]);
+        v = load8_slow(src, a.K - col);
       }
     }
     s.x[i] = v;
   }
   // λ for columns col..col+7 (1 beyond K: x is 0 there, so x̂ = 0).
-  if (a.smooth_fp32) {
-    const float* lp = reinterpret_cast<const float*>(a.smooth) + col;
-    if (a.smooth_vec && col + 8 <= a.K) {
+  if (a.smooth_vec && col + 8 <= a.K) {
+    if (a.smooth_fp32) {
+      const float* lp = reinterpret_cast<const float*>(a.smooth) + col;
       float4 p0 = __ldg(reinterpret_cast<const float4*>(lp));
       float4 p1 = __ldg(reinterpret_cast<const float4*>(lp) + 1);
       s.lam[0] = p0.x; s.lam[1] = p0.y; s.lam[2] = p0.z; s.lam[3] = p0.w;
       s.lam[4] = p1.x; s.lam[5] = p1.y; s.lam[6] = p1.z; s.lam[7] = p1.w;
     } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s.lam[e] = col + e < a.K ? lp[e] : 1.0f;
-    }
-  } else {
-    if (a.smooth_vec && col + 8 <= a.K) {
       uint4 v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(a.smooth) + col));
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -213,10 +264,11 @@ __device__ __forceinline__ void load_step(StepRegs<RC * kBK / 8 / kThreads>& s, 
         s.lam[2 * e] = Cvt<T>::lo(w[e]);
         s.lam[2 * e + 1] = Cvt<T>::hi(w[e]);
       }
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s.lam[e] = col + e < a.K ? Cvt<T>::one(a.smooth, col + e) : 1.0f;
     }
+  } else {
+    const F8 l = load_lam_slow<T>(a.smooth, a.smooth_fp32, col, a.K);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s.lam[e] = l.v[e];
   }
   // lora_down slice: rows step*128 .. +127, ranks rank0 .. rank0 + RC - 1, as 16-byte chunks.
   if constexpr (RC > 0) {
@@ -232,10 +284,7 @@ __device__ __forceinline__ void load_step(StepRegs<RC * kBK / 8 / kThreads>& s, 
         if (a.ld_vec) {
           v = __ldg(reinterpret_cast<const uint4*>(src));
         } else {
-          uint32_t w[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) w[e / 2] |= (uint32_t)src[e] << (16 * (e % 2));  // r % 16 == 0
-          v = make_uint4(w[0], w[1], w[2], w[3]);
+          v = load8_slow(src, 8);  // r % 16 == 0: whole chunks
         }
       }
       s.ld[i] = v;
@@ -243,46 +292,161 @@ __device__ __forceinline__ void load_step(StepRegs<RC * kBK / 8 / kThreads>& s, 
   }
 }
 
-// Quantize this thread's 4 chunks of the step and write qact / ascales.
-template <typename T, int LPT>
-__device__ __forceinline__ void quantize_step(const StepRegs<LPT>& s, const KernelArgs& a, int64_t row0,
+// The two rare paths, out of line: the loop body stays the fast path (no convergence region per element, a
+// short I-cache footprint) and its SASS can be counted statically (tests/test_sass_budgets.py).
+struct Q8 {
+  uint32_t packed;
+  float sa;
+  F8 rv;
+};
+// Whole group with IEEE divisions (amax outside [2^-80, 2^120], NaN/Inf included). All 8 lanes of the
+// group call it together (the condition is a function of the shuffled amax), so gmask is exact.
+__device__ __noinline__ Q8 quant_group_exact(F8 xv, F8 lam, unsigned gmask) {
+  F8 xh;
+  Q8 q;
+  float amax = xhat8(xv.v, lam.v, lam.v, false, xh.v);
+  amax = amax_nan(amax, __shfl_xor_sync(gmask, amax, 1));
+  amax = amax_nan(amax, __shfl_xor_sync(gmask, amax, 2));
+  amax = amax_nan(amax, __shfl_xor_sync(gmask, amax, 4));
+  q.sa = act_scale(amax);
+  q.packed = quant8_ref(xh.v, q.sa, q.rv.v);
+  return q;
+}
+// x̂ with IEEE divisions for a lane whose λ fail recip_ok (zero, subnormal, huge, Inf/NaN) or when the
+// reciprocal is not proven for the dtypes (fp16 x with fp32 λ).
+__device__ __noinline__ F8 xhat_ieee(F8 xv, F8 lam) {
+  F8 xh;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) xh.v[e] = xv.v[e] / lam.v[e];
+  return xh;
+}
+// IEEE RN(1/λ) of 8 fp32 smoothing factors (rcp16_rn is proven for 16-bit λ only).
+__device__ __noinline__ F8 rcp_ieee8(F8 lam) {
+  F8 r;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) r.v[e] = __frcp_rn(lam.v[e]);
+  return r;
+}
+// One lane's 8 elements after a near-tie on the fast path (~1e-5 per element): the spec's divisions.
+__device__ __noinline__ Q8 quant_lane_exact(F8 xh, float sa) {
+  Q8 q;
+  q.sa = sa;
+  q.packed = quant8_ref(xh.v, sa, q.rv.v);
+  return q;
+}
+
+// Quantize this thread's 4 chunks of the step and write qact / ascales. E4M3: qact holds one float8_e4m3fn
+// byte per element ([M, Kp], the code as an exact e4m3 value) instead of two nibbles per byte.
+//
+// Per element on the fast path (SASS budget in tests/test_sass_budgets.py): convert 1, x̂ = x/λ by the
+// corrected reciprocal 3, |max| 1, round by the magic constant + near-tie test 5, pack ~1.5. Per 8 elements
+// (one lane's share of a (row, group)): 3 SHFL + s_a and RN(1/s_a) + the two rarely-taken exact branches.
+// Per step: 8 IEEE reciprocals of λ (shared by the thread's 4 rows).
+template <typename T, int LPT, bool E4M3>
+__device__ __forceinline__ void quantize_step(const StepRegs<LPT>& s, const KernelArgs& a, const Cursor& cur,
                                               int step) {
   const int tid = threadIdx.x;
   const int col8 = tid % kChunksPerRow;
   const int64_t group = (int64_t)step * kGroupsPerStep + col8 / 8;
+  // the 8 lanes of one (row, group) are lanes 8j..8j+7 of the warp (kChunksPerRow = 16, warp = 2 rows)
+  const unsigned gmask = 0xFFu << (threadIdx.x & 24);
+  float rcp[8];
+  bool use_recip = a.recip_allowed;
+  if (a.smooth_fp32) {  // uniform; general fp32 λ need the IEEE reciprocal
+    F8 la;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) la.v[e] = s.lam[e];
+    const F8 r = rcp_ieee8(la);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rcp[e] = r.v[e];
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rcp[e] = rcp16_rn(s.lam[e]);  // == RN(1/λ) for 16-bit λ (host-proven)
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) use_recip = use_recip && recip_ok(s.lam[e]);
 #pragma unroll
   for (int i = 0; i < kChunksPerThread; ++i) {
-    const int64_t row = row0 + chunk_row(tid, i);
     const uint32_t w[4] = {s.x[i].x, s.x[i].y, s.x[i].z, s.x[i].w};
-    float xh[8];
-    float amax = 0.f;
+    float xv[8], xh[8], rv[8];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      xh[2 * e] = Cvt<T>::lo(w[e]) / s.lam[2 * e];  // IEEE division (no fast-math)
-      xh[2 * e + 1] = Cvt<T>::hi(w[e]) / s.lam[2 * e + 1];
+      xv[2 * e] = Cvt<T>::lo(w[e]);
+      xv[2 * e + 1] = Cvt<T>::hi(w[e]);
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(xh[e]));
-    // The 8 lanes of one (row, group) are lanes 8j..8j+7 of the warp (kChunksPerRow = 16, warp = 2 rows).
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-    const float sa = act_scale(amax);
-    const bool exact = group_needs_exact(sa);
-    const float inv = exact ? 0.f : 1.0f / sa;
-    uint32_t nib[8];
+    for (int e = 0; e < 8; ++e) xh[e] = div_by_recip(xv[e], s.lam[e], rcp[e]);
+    if (!use_recip) {  // per lane and step; never for bf16/fp16 models with ordinary smoothing factors
+      F8 xa, la;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) nib[e] = quant_nibble(xh[e], sa, inv, exact);
-    const uint32_t packed = pack8(nib);
-    if (row < a.M && group < a.groups) {
-      *reinterpret_cast<uint32_t*>(a.qact + qact_word_offset(row, step, col8, a.kp_half)) = packed;
-      if (col8 % 8 == 0) a.ascales[row * a.groups + group] = sa;
+      for (int e = 0; e < 8; ++e) {
+        xa.v[e] = xv[e];
+        la.v[e] = s.lam[e];
+      }
+      const F8 xi = xhat_ieee(xa, la);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xh[e] = xi.v[e];
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = amax_nan(amax, xh[e]);
+    amax = amax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = amax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    amax = amax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+    float sa;
+    uint32_t packed;
+    if (group_needs_exact(amax)) {  // uniform over the 8 lanes of the group: rare (tiny / huge / NaN / Inf)
+      F8 xa, la;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        xa.v[e] = xv[e];
+        la.v[e] = s.lam[e];
+      }
+      const Q8 q = quant_group_exact(xa, la, gmask);
+      sa = q.sa;
+      packed = q.packed;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) rv[e] = q.rv.v[e];
+    } else {
+      sa = act_scale_fast(amax);  // == amax / 7 in this range (host-proven)
+      bool near = false;
+      packed = quant8_fast(xh, rcp_approx(sa), near, rv);
+      if (near) {
+        F8 xa;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xa.v[e] = xh[e];
+        const Q8 q = quant_lane_exact(xa, sa);
+        packed = q.packed;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) rv[e] = q.rv.v[e];
+      }
+    }
+    if ((cur.rows_ok & (1u << i)) && group < a.groups) {
+      if constexpr (E4M3) {
+        uint32_t b[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+          uint16_t lo, hi;  // cvt packs (first operand → upper byte)
+          asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(rv[4 * h + 1]), "f"(rv[4 * h]));
+          asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(rv[4 * h + 3]), "f"(rv[4 * h + 2]));
+          b[h] = (uint32_t)lo | ((uint32_t)hi << 16);
+#else
+          b[h] = e4m3_of_int_float(rv[4 * h]) | e4m3_of_int_float(rv[4 * h + 1]) << 8 |
+                 e4m3_of_int_float(rv[4 * h + 2]) << 16 | e4m3_of_int_float(rv[4 * h + 3]) << 24;
+#endif
+        }
+        *reinterpret_cast<uint2*>(cur.q + i * cur.q_rows16 + (int64_t)step * kBK) = make_uint2(b[0], b[1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(cur.q + i * cur.q_rows16 + (int64_t)step * (kBK / 2)) = packed;
+      }
+      if (col8 % 8 == 0) cur.sa[i * cur.sa_rows16 + (int64_t)step * kGroupsPerStep] = sa;
     }
   }
 }
 
 // Main kernel. RC = ranks per CTA (0: no low-rank branch).
-template <typename T, int RC>
+template <typename T, int RC, bool E4M3>
 __global__ void __launch_bounds__(kThreads, RC == 64 ? 1 : 2) quantize_act_kernel(const KernelArgs a) {
   constexpr int LPT = RC * kBK / 8 / kThreads;
   constexpr int kLsStride = RC + 8;  // elements per ls row (16 B padding)
@@ -306,12 +470,13 @@ __global__ void __launch_bounds__(kThreads, RC == 64 ? 1 : 2) quantize_act_kerne
 #pragma unroll
   for (int j = 0; j < (NTW > 0 ? NTW : 1); ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
+  const Cursor cs = make_cursor<E4M3>(a, row0);
   StepRegs<LPT> cur, nxt;
-  if (step_begin < step_end) load_step<T, RC>(cur, a, row0, step_begin, rank0);
+  if (step_begin < step_end) load_step<T, RC>(cur, a, cs, step_begin, rank0);
 
   for (int step = step_begin; step < step_end; ++step) {
-    if (step + 1 < step_end) load_step<T, RC>(nxt, a, row0, step + 1, rank0);  // in flight during this step
-    if (do_quant) quantize_step<T, LPT>(cur, a, row0, step);
+    if (step + 1 < step_end) load_step<T, RC>(nxt, a, cs, step + 1, rank0);  // in flight during this step
+    if (do_quant) quantize_step<T, LPT, E4M3>(cur, a, cs, step);
     if constexpr (RC > 0) {
       // registers → shared memory
 #pragma unroll
@@ -408,7 +573,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* __restr
 template <typename T, int RC>
 int occupancy_per_sm() {
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quantize_act_kernel<T, RC>, kThreads, 0) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quantize_act_kernel<T, RC, false>, kThreads, 0) != cudaSuccess ||
       n < 1) {
     (void)cudaGetLastError();
     n = 1;
@@ -431,10 +596,14 @@ int resident_slots(int rank_chunk) {
     sms = 132;
   }
   // bf16 and fp16 instantiations have identical resources; ask the bf16 one.
+#if defined(SVDQ_SASS_BUDGET_BUILD)
+  int occ = idx == 0 ? occupancy_per_sm<__nv_bfloat16, 0>() : occupancy_per_sm<__nv_bfloat16, 32>();
+#else
   int occ = idx == 0 ? occupancy_per_sm<__nv_bfloat16, 0>()
           : idx == 1 ? occupancy_per_sm<__nv_bfloat16, 16>()
           : idx == 2 ? occupancy_per_sm<__nv_bfloat16, 32>()
                      : occupancy_per_sm<__nv_bfloat16, 64>();
+#endif
   const int slots = sms * occ;
   if (dev >= 0 && dev < 64) cached[dev][idx] = slots;
   return slots;
@@ -445,17 +614,42 @@ QuantPlan plan_for(int64_t M, int64_t K, int r, int ksplit_override) {
   return make_plan(M, K, r, resident_slots(rc), ksplit_override);
 }
 
-template <typename T>
+// SASS budgets (tests/test_sass_budgets.py compiles this file for the arch and counts the hot step loop of the
+// kernel: the loop body minus the out-of-line rare paths, divided by the 32 elements a thread quantizes per
+// step). Format: SASS-BUDGET sm_<arch> <mangled-name substring> <per-element|per-warp-group> <max>.
+// Measured when set (nvcc 13.0, 2026-11-30): 24.75 / 27.9 / 24.3. Where they go (r = 0, per element): x/λ 3
+// (corrected reciprocal), convert 1, |max| 1, round + near-tie 5, pack ~2, per-8-lane-group work ~2 (3 SHFL +
+// max, s_a by the 3-op /7, MUFU.RCP, 2 range checks, near test, store), per-step loads + 8 reciprocals of λ
+// + their range checks ~8 (64-bit addressing recomputed per step). The old kernel: ~41 (docs/kernels.md §10.3).
+// SASS-BUDGET sm_90 quantize_act_kernelI13__nv_bfloat16Li0ELb0E per-element 26.0
+// SASS-BUDGET sm_90 quantize_act_kernelI13__nv_bfloat16Li32ELb0E per-element 29.5
+// SASS-BUDGET sm_90 quantize_act_kernelI13__nv_bfloat16Li0ELb1E per-element 26.0
+// (r = 32 adds per element ~3: the xs/ls shared-memory stores, 16 HMMA + 24 LDSM per step, 2 barriers.)
+//
+// SVDQ_SASS_BUDGET_BUILD (the budget test only): instantiate just the budgeted kernels, so that the test
+// compiles one architecture in seconds instead of all 16 instantiations.
+template <typename T, bool E4M3>
 cudaError_t launch_typed(const KernelArgs& a, const QuantPlan& p, cudaStream_t stream) {
+#if defined(SVDQ_SASS_BUDGET_BUILD)
+  if constexpr (!std::is_same<T, __nv_bfloat16>::value) {
+    return cudaErrorInvalidValue;
+  } else {
+    dim3 grid(p.row_tiles, p.ksplit, p.rank_chunks);
+    if (p.rank_chunk == 0) quantize_act_kernel<T, 0, E4M3><<<grid, kThreads, 0, stream>>>(a);
+    else quantize_act_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+#else
   dim3 grid(p.row_tiles, p.ksplit, p.rank_chunks);
   switch (p.rank_chunk) {
-    case 0: quantize_act_kernel<T, 0><<<grid, kThreads, 0, stream>>>(a); break;
-    case 16: quantize_act_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a); break;
-    case 32: quantize_act_kernel<T, 32><<<grid, kThreads, 0, stream>>>(a); break;
-    case 64: quantize_act_kernel<T, 64><<<grid, kThreads, 0, stream>>>(a); break;
+    case 0: quantize_act_kernel<T, 0, E4M3><<<grid, kThreads, 0, stream>>>(a); break;
+    case 16: quantize_act_kernel<T, 16, E4M3><<<grid, kThreads, 0, stream>>>(a); break;
+    case 32: quantize_act_kernel<T, 32, E4M3><<<grid, kThreads, 0, stream>>>(a); break;
+    case 64: quantize_act_kernel<T, 64, E4M3><<<grid, kThreads, 0, stream>>>(a); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace
@@ -498,6 +692,8 @@ cudaError_t launch_quantize_act(const QuantizeActParams& p, cudaStream_t stream)
   a.steps_per_split = plan.steps_per_split;
   a.ksplit = p.r > 0 ? plan.ksplit : 1;
   a.smooth_fp32 = p.smooth_fp32;
+  // The corrected-reciprocal division is proven for bf16 x with any λ and fp16 x with fp16 λ (host test).
+  a.recip_allowed = !(p.smooth_fp32 && p.dtype == ActDtype::kFP16);
   a.x_vec = (reinterpret_cast<uintptr_t>(p.x) % 16 == 0) && (p.ldx % 8 == 0);
   a.smooth_vec = reinterpret_cast<uintptr_t>(p.smooth) % 16 == 0;
   a.ld_vec = p.r > 0 && reinterpret_cast<uintptr_t>(p.lora_down) % 16 == 0;
@@ -507,8 +703,11 @@ cudaError_t launch_quantize_act(const QuantizeActParams& p, cudaStream_t stream)
     lp.rank_chunk = 0;
     lp.rank_chunks = 1;
   }
-  cudaError_t err = p.dtype == ActDtype::kBF16 ? launch_typed<__nv_bfloat16>(a, lp, stream)
-                                               : launch_typed<__half>(a, lp, stream);
+  const bool bf = p.dtype == ActDtype::kBF16;
+  cudaError_t err = p.e4m3 ? (bf ? launch_typed<__nv_bfloat16, true>(a, lp, stream)
+                                 : launch_typed<__half, true>(a, lp, stream))
+                           : (bf ? launch_typed<__nv_bfloat16, false>(a, lp, stream)
+                                 : launch_typed<__half, false>(a, lp, stream));
   if (err != cudaSuccess) return err;
   if (p.r > 0 && a.ksplit > 1) {
     const int64_t mr = p.M * p.r;

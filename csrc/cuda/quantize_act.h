@@ -28,7 +28,9 @@ struct QuantizeActParams {
   int r = 0;                        // rank: 0 or a multiple of 16, <= 512
   const float* lora_scales = nullptr;  // [r] fp32, or null (= all ones)
   // Outputs
-  int8_t* qact = nullptr;      // [M, Kp/2] canonical packed INT4 (low nibble = even k), contiguous
+  int8_t* qact = nullptr;      // [M, Kp/2] canonical packed INT4 (low nibble = even k), contiguous;
+                               // e4m3: uint8 [M, Kp], each code as a float8_e4m3fn byte (exact)
+  bool e4m3 = false;           // qact format: false = packed INT4, true = e4m3 bytes (same codes, same ascales)
   float* ascales = nullptr;    // [M, Kp/64] fp32, contiguous
   float* lora_act = nullptr;   // [M, r] fp32, contiguous (may be null when r == 0)
   // Scratch: quantize_act_workspace_bytes(...) bytes (fp32 split-K partials); null allowed when that is 0.

@@ -54,6 +54,24 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pre
   *reinterpret_cast<uint32_t*>(smem) = pred ? *reinterpret_cast<const uint32_t*>(gmem) : 0u;
 #endif
 }
+// The same two copies with a shared-memory address already in the .shared window (the hoisted loader keeps
+// it in a register instead of converting a generic pointer every group).
+__device__ __forceinline__ void cp_async16_s(uint32_t saddr, const void* gmem, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(pred ? 16 : 0));
+#else
+  extern __shared__ __align__(128) uint8_t smem[];
+  cp_async16(smem + (saddr - smem_u32(smem)), gmem, pred);
+#endif
+}
+__device__ __forceinline__ void cp_async4_s(uint32_t saddr, const void* gmem, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr), "l"(gmem), "r"(pred ? 4 : 0));
+#else
+  extern __shared__ __align__(128) uint8_t smem[];
+  cp_async4(smem + (saddr - smem_u32(smem)), gmem, pred);
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
@@ -223,25 +241,47 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(const W4A4GemmPa
       for (int j = 0; j < kNT; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
-    const int magic[4] = {int(kMagicI), int(kMagicI), int(kMagicI), int(kMagicI)};
-    // int8 path: both operands are 16 * q, the mma returns 256 * I; fold 1/256 into s_w (exact).
-    constexpr float kWScale = PATH == int(MmaPath::kInt8) ? 1.0f / 256.0f : 1.0f;
+    // int8 path: both operands are 16 * q and the mma returns 256 * I; its own magic constant (1.5 * 2^15,
+    // ulp 2^-8) reads that as 1.5 * 2^15 + I, so neither path multiplies by 1/256 (mma_layout.cuh).
+    constexpr int kMagicBits = int(PATH == int(MmaPath::kInt8) ? kMagicI8 : kMagicI);  // = magic_bits(PATH)
+    constexpr float kMagicVal = PATH == int(MmaPath::kInt8) ? kMagicF8 : kMagicF;
+    const int magic[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
 
     // Per-lane fragment source rows/chunks for ldmatrix (constant over the k-loop).
     int a_row, a_chunk, b_row, b_chunk;
     ldsm_a_src(lane, &a_row, &a_chunk);
     ldsm_b_src(lane, &b_row, &b_chunk);
 
+    // Hoisted loader (issue 11): the next stage's global sources and shared destinations live in registers and
+    // advance by constant strides, instead of being rebuilt from the kernel parameters every group (the
+    // compiler rematerialized 60 address instructions per warp and group when they were derived in the loop).
+    const uint8_t* a_next = a_src + (kStages - 1) * kRowBytes;
+    const uint8_t* b_next = b_src + int64_t(kStages - 1) * N * kRowBytes;
+    const int64_t b_step = int64_t(N) * kRowBytes;
+    const bool s_is_a = tid < kBM;
+    const float* s_next = s_is_a ? sa_src + (kStages - 1) : sw_src + int64_t(kStages - 1) * N;
+    const int s_step = s_is_a ? 1 : N;
+    const bool s_ok = s_is_a ? sa_ok : sw_ok;
+    const uint32_t smem0 = smem_u32(smem);
+    const uint32_t a_dst = smem0 + kSmemA + ld_dst, b_dst = smem0 + kSmemB + ld_dst;
+    const uint32_t s_dst = smem0 + (s_is_a ? kSmemSA : kSmemSW) + s_idx * 4;
+    uint32_t slot_off = (kStages - 1) * kStageBytes;  // slot of group g + kStages - 1
+
     for (int g = 0; g < G; ++g) {
       // Stage g has landed once at most kStages-2 newer groups are pending; the barrier also tells every
       // warp that slot (g-1) % kStages is free, so it can be refilled with stage g + kStages - 1 right away.
       cp_async_wait<kStages - 2>();
       __syncthreads();
-      {
-        const int gn = g + kStages - 1;
-        if (gn < G) load_stage(gn % kStages, gn);
-        cp_async_commit();
+      if (g + kStages - 1 < G) {
+        cp_async16_s(a_dst + slot_off, a_next, a_ok);
+        cp_async16_s(b_dst + slot_off, b_next, b_ok);
+        cp_async4_s(s_dst + slot_off, s_next, s_ok);
       }
+      cp_async_commit();  // always (possibly empty): keeps the wait_group arithmetic uniform
+      a_next += kRowBytes;
+      b_next += b_step;
+      s_next += s_step;
+      slot_off = slot_off == (kStages - 1) * kStageBytes ? 0 : slot_off + kStageBytes;
       const uint8_t* st = smem + (g % kStages) * kStageBytes;
 
       uint32_t a[kMT][4], b[kNT][2];
@@ -306,8 +346,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(const W4A4GemmPa
       for (int j = 0; j < kNT; ++j)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          sw[j][c] = s_sw[wn * kWN + j * 8 + frag_c_m16n8(lane, c).col] * kWScale;
-          swc[j][c] = -kMagicF * sw[j][c];
+          sw[j][c] = s_sw[wn * kWN + j * 8 + frag_c_m16n8(lane, c).col];
+          swc[j][c] = -kMagicVal * sw[j][c];
         }
 #pragma unroll
       for (int i = 0; i < kMT; ++i)
@@ -408,6 +448,15 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(const W4A4GemmPa
         }
   }
 }
+
+// SASS budgets of the k-loop, per warp and 64-group (tests/test_sass_budgets.py: the loop holding the IMMAs,
+// statically counted from the cubin; format as in quantize_act.cu). Measured when set (nvcc 13.0,
+// 2026-11-30): int8/sm_90 310 (was 357 before the hoisted loader and the int8 magic constant), int4/sm_89 219
+// (was 252). Where they go (int8): 32 IMMA + 6 LDSM + 72 unpack (48 LOP3 `& 0xf0f0f0f0` + 24 shifts) +
+// 128 promotion FFMA + 8 FMUL (−magic·s_w) + 15 scale LDS + ~45 loader / loop / barrier; int4: no unpack,
+// 16 IMMA. The promotion (2 FFMA per accumulator) is the floor of this design: ~175 / ~150.
+// SASS-BUDGET sm_90 w4a4_gemm_kernelI13__nv_bfloat16Li1E per-warp-group 320
+// SASS-BUDGET sm_89 w4a4_gemm_kernelI13__nv_bfloat16Li0E per-warp-group 228
 
 // The instantiations, all of them: {bf16, fp16} x {kInt4, kInt8}. R == 0 is a run-time branch.
 using KernelFn = void (*)(const W4A4GemmParams);

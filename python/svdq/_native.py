@@ -193,6 +193,27 @@ if _has_op("quantize_act_fp8"):
         return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
+def quantize_act_e4m3(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_act` with the INT4 codes as float8_e4m3fn bytes: (qact uint8 [M, Kp], ascales fp32 [M, Kp/64],
+    lora_act fp32 [M, r]) — the same codes and scales (the Hopper FP8 GEMM's A operand)."""
+    return torch.ops.svdq.quantize_act_e4m3(x, smooth, lora_down, lora_scales)
+
+
+if _has_op("quantize_act_e4m3"):
+
+    @torch.library.register_fake("svdq::quantize_act_e4m3")
+    def _quantize_act_e4m3_fake(x, smooth, lora_down, lora_scales):
+        m, k = x.shape
+        kp = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE * _ops.GROUP_SIZE
+        return (
+            x.new_empty((m, kp), dtype=torch.uint8),
+            x.new_empty((m, kp // _ops.GROUP_SIZE), dtype=torch.float32),
+            x.new_empty((m, lora_down.shape[1]), dtype=torch.float32),
+        )
+
+
 def _w4a8_kernel(device_type: str, name: str):
     """The native W4A8 op for ``device_type`` when the extension registered one, else None (backend lacks it)."""
     if not _has_op(name):

@@ -424,8 +424,7 @@ static std::vector<float> simulate_kernel(const Problem& p, int path, bool sm75)
 
   std::vector<float> out(size_t(M) * N, NAN);
   std::vector<uint8_t> smem(kSmemBytes);
-  const float kWScale = path == 1 ? 1.0f / 256.0f : 1.0f;
-  const int magic_v = int(kMagicI);
+  const int magic_v = int(magic_bits(path));
   for (int by = 0; by * kBM < M; ++by)
     for (int bx = 0; bx * kBN < N; ++bx) {
       const int m0 = by * kBM, n0 = bx * kBN;
@@ -547,8 +546,8 @@ static std::vector<float> simulate_kernel(const Problem& p, int path, bool sm75)
               for (int j = 0; j < kNT; ++j)
                 for (int r = 0; r < 4; ++r) {
                   const float sa = s_sa[wm * kWM + i * 16 + frag_c_m16n8(lane, 2 * (r >> 1)).row];
-                  const float sw = s_sw[wn * kWN + j * 8 + frag_c_m16n8(lane, r & 1).col] * kWScale;
-                  const float swc = -kMagicF * sw;
+                  const float sw = s_sw[wn * kWN + j * 8 + frag_c_m16n8(lane, r & 1).col];
+                  const float swc = -magic_value(path) * sw;
                   const float t = std::fmaf(as_float(iacc[i][j][lane][r]), sw, swc);
                   acc[warp][i][j][lane][r] = std::fmaf(t, sa, acc[warp][i][j][lane][r]);
                 }
@@ -668,7 +667,33 @@ static void test_negative_control() {
   CHECK(bad_ok < 128, "negative control not detected");
 }
 
+// Both magic constants, exhaustively over every group sum |I| <= 4096 and a sweep of scales with <= 11
+// significant bits (bf16/fp16 origin): the int32 MMA result read as a float is magic + I exactly, and the
+// promotion fma(D, s_w, -magic*s_w) is RN(I * s_w) (one rounding, as the spec's product).
+static void test_magic_promotion() {
+  int bad = 0;
+  const float sws[] = {1.0f, 0.0078125f, 3.1415926e-3f, 1.7e-5f, 0.3f, 65504.0f, 1e-30f};
+  for (int path = 0; path < 2; ++path) {
+    const int step = path == 1 ? 256 : 1;  // the int8 MMA returns 256 * I
+    for (int I = -4096; I <= 4096; ++I) {
+      const uint32_t bits = magic_bits(path) + uint32_t(step * I);
+      const float d = as_float(int(bits));
+      if (d != magic_value(path) + float(I)) ++bad;
+      for (float sw0 : sws) {
+        // round the scale to 11 significant bits, like a bf16/fp16 value widened to fp32
+        int e;
+        const float m = std::frexp(sw0, &e);
+        const float sw = std::ldexp(std::nearbyint(std::ldexp(m, 11)), e - 11);
+        const float t = std::fmaf(d, sw, -magic_value(path) * sw);
+        if (t != float(double(I) * double(sw))) ++bad;
+      }
+    }
+  }
+  CHECK(bad == 0, "magic-number promotion wrong in %d cases", bad);
+}
+
 int main() {
+  test_magic_promotion();
   test_fragment_maps();
   test_swizzles();
   test_repack_map();

@@ -51,14 +51,19 @@ def quantize_groups(values: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     if kp % GROUP_SIZE:
         raise ValueError(f"quantize_groups needs Kp % {GROUP_SIZE} == 0, got {kp}")
     groups = values.reshape(rows, kp // GROUP_SIZE, GROUP_SIZE)
-    amax = groups.abs().amax(dim=-1)
+    amax = groups.abs().amax(dim=-1)  # NaN if the group holds a NaN (torch.amax propagates it)
     # Tensor / tensor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which is not
     # the IEEE division the spec (and every kernel) uses — 1 ulp off in about half the groups (H200, measured).
-    scales = (amax / torch.full_like(amax, QMAX)).to(scale_dtype)
+    scales = amax / torch.full_like(amax, QMAX)
+    # Spec §4.1, non-finite input: a NaN or ±Inf in the group gives scale NaN and codes 0, so that every
+    # output the group feeds is NaN (NaN · anything = NaN), as nn.Linear would give.
+    finite = torch.isfinite(amax)
+    scales = torch.where(finite, scales, torch.full_like(scales, float("nan"))).to(scale_dtype)
     s = scales.to(torch.float32).unsqueeze(-1)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
+    dead = (s == 0) | ~finite.unsqueeze(-1)
+    safe = torch.where(dead, torch.ones_like(s), s)
     q = torch.round(groups / safe)  # torch.round is round-half-to-even
-    q = torch.where(s == 0, torch.zeros_like(q), q).clamp_(QMIN, QMAX)
+    q = torch.where(dead, torch.zeros_like(q), q).clamp_(QMIN, QMAX)
     return q.reshape(rows, kp).to(torch.int8), scales
 
 
@@ -86,6 +91,34 @@ def quantize_act(
     if lora_scales is not None:
         lora_act = lora_act * lora_scales.to(torch.float32)
     return pack_int4(q), ascales, lora_act
+
+
+# float8_e4m3fn bytes of the INT4 codes -8..7, indexed by the code's low nibble (exact: |q| <= 8 needs 3 bits).
+_E4M3_OF_NIBBLE = torch.tensor(
+    [0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E, 0xD0, 0xCE, 0xCC, 0xCA, 0xC8, 0xC4, 0xC0, 0xB8], dtype=torch.uint8
+)
+
+
+def int4_codes_to_e4m3(qact: torch.Tensor) -> torch.Tensor:
+    """Packed INT4 int8 [M, Kp/2] → the same codes as float8_e4m3fn bytes, uint8 [M, Kp] (exact)."""
+    b = qact.view(torch.uint8).to(torch.int64)
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+    return _E4M3_OF_NIBBLE.to(qact.device)[nib]
+
+
+def quantize_act_e4m3(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_act` with the INT4 codes written as float8_e4m3fn bytes (the Hopper FP8 GEMM's A operand).
+
+    x [M, K] → (qact uint8 [M, Kp] (code q as the e4m3 value q, exact), ascales fp32 [M, G], lora_act fp32
+    [M, r]); codes, scales and lora_act are exactly those of `quantize_act` (spec §4.1).
+    """
+    qact, ascales, lora_act = quantize_act(x, smooth, lora_down, lora_scales)
+    return int4_codes_to_e4m3(qact), ascales, lora_act
 
 
 def w4a4_gemm(
