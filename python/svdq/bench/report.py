@@ -70,12 +70,15 @@ def markdown(result: dict) -> str:
                           f"({q['model_weight_ratio_adaln_w4a16']:.2f}×); {q['adaln_layers']} AdaLN linears "
                           f"{_mib(q['adaln_bytes_16bit'])} → {_mib(q['adaln_bytes_w4a16'])} MiB. Timed rows: AdaLN "
                           f"{q['adaln']} (`--adaln`).", ""]
-        lines += ["| variant | backend | mode | res | ms | × 16-bit eager | × same mode | peak MiB | weights MiB "
-                  "| GEMM / qact / attn / other | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            if q.get("resident_after_load_bytes"):
+                lines += [f"Measured after quantization ({q['resident_how']}): **{_mib(q['resident_after_load_bytes'])} "
+                          f"MiB** resident, {q['resident_over_state_dict']:.3f}× the state dict.", ""]
+        lines += ["| variant | backend | mode | res | ms | × 16-bit eager | × same mode | loaded MiB | peak MiB "
+                  "| state-dict MiB | GEMM / qact / attn / other | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
             if r.get("status") != "ok":
                 lines.append(f"| {r['variant']} | {r.get('backend') or '–'} | {r.get('mode', '–')} | "
-                             f"{r.get('res', '–')} | {r['status']} | | | | | | {r.get('note', '')} |")
+                             f"{r.get('res', '–')} | {r['status']} | | | | | | | {r.get('note', '')} |")
                 continue
             note = r.get("note", "")
             if r.get("dynamo"):
@@ -89,12 +92,17 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['variant']} | {r.get('backend') or '–'} | {r['mode']} | {r['res']}² | {r['median_ms']:.1f} | "
                 f"{r.get('speedup_vs_baseline', 0):.2f}× | {r.get('speedup_vs_baseline_same_mode', 0):.2f}× | "
-                f"{_mib(r.get('peak_mem_bytes'))} | {_mib(r['weight_bytes'])} | {split} | {note} |")
+                f"{_mib(r.get('loaded_bytes'))} | {_mib(r.get('peak_mem_bytes'))} | {_mib(r['weight_bytes'])} | "
+                f"{split} | {note} |")
         if result.get("targets"):
             lines += ["", "Targets (FLUX 1024²): " + "; ".join(
                 f"{k}: {v['value']} → {'PASS' if v['pass'] else 'FAIL'}" for k, v in result["targets"].items())]
         lines += ["", "\"× 16-bit eager\" is against the baseline row: bf16 eager on a GPU, fp32 eager in CPU mode. "
-                  "Weights: parameters + buffers of the whole denoiser (layers kept 16-bit included)."]
+                  "Memory is measured, the state dict summed: \"loaded\" = `torch.cuda.memory_allocated()` after the "
+                  "variant was set up, before any input (on the CPU: every tensor storage reachable from the model); "
+                  "\"peak\" = `torch.cuda.max_memory_allocated()` during one step; \"state-dict\" = parameters + "
+                  "buffers of the whole denoiser as saved (layers kept 16-bit included). FP8/NF4/INT4 rows swap layers "
+                  "and keep the bf16 originals for the next variant, so their loaded/peak include those."]
     for n in result.get("notes", []):
         lines += ["", f"Note: {n}"]
     return "\n".join(lines) + "\n"
@@ -114,7 +122,7 @@ def chart(result: dict, path: Path) -> None:
 
     rows = [r for r in result["rows"] if r.get("status") == "ok" and "speedup_vs_baseline" in r]
     font = ImageFont.load_default()
-    bar_h, gap, left, right, top = 16, 4, 330, 170, 70
+    bar_h, gap, left, right, top = 16, 4, 330, 330, 70
     width = 1100
     height = top + len(rows) * (bar_h + gap) + 40
     img = Image.new("RGB", (width, max(height, 140)), "white")
@@ -122,7 +130,8 @@ def chart(result: dict, path: Path) -> None:
     e = result["env"]
     title = f"svdq bench {result['kind']} - {e['device']} - torch {e['torch']} - commit {e['git_commit'][:10]}"
     d.text((10, 8), title, fill="black", font=font)
-    d.text((10, 24), "bar: speedup vs the 16-bit baseline (1.0 = baseline); label: median ms", fill="black", font=font)
+    d.text((10, 24), "bar: speedup vs the 16-bit baseline (1.0 = baseline); label: median ms, measured memory "
+           "(loaded: allocator after load; peak: max allocated in a step)", fill="black", font=font)
     if e.get("mode") == "cpu":
         d.text((10, 40), CPU_MODE_NOTE.upper(), fill=(200, 0, 0), font=font)
     vmax = max([r["speedup_vs_baseline"] for r in rows] + [1.0]) * 1.05
@@ -135,7 +144,9 @@ def chart(result: dict, path: Path) -> None:
         w = max(1, int(r["speedup_vs_baseline"] * scale))
         color = colors.get(r["variant"].split("[")[0], (40, 140, 70) if r["variant"].startswith("svdq") else (60, 60, 160))
         d.rectangle([left, y, left + w, y + bar_h], fill=color)
-        d.text((left + w + 6, y + 2), f"{r['speedup_vs_baseline']:.2f}x  {r['median_ms']:.3g} ms", fill="black",
+        mem = "".join(f"  {k} {r[key] / 2**30:.2f} GiB" for k, key in (("loaded", "loaded_bytes"),
+                                                                       ("peak", "peak_mem_bytes")) if r.get(key))
+        d.text((left + w + 6, y + 2), f"{r['speedup_vs_baseline']:.2f}x  {r['median_ms']:.3g} ms{mem}", fill="black",
                font=font)
     x1 = left + int(scale)
     d.line([x1, top - 6, x1, top + len(rows) * (bar_h + gap)], fill=(200, 0, 0), width=1)
