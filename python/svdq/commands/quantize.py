@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   svdq quantize --model stabilityai/stable-diffusion-xl-base-1.0 --out sdxl-svdq --calib-prompts my_prompts.txt
   svdq quantize --model ./my-pipeline --out ./my-pipeline-svdq --data-free        # no calibration run
   svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --adaln w4a16   # smaller: ~1/3.5 of bf16
+  svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --text-encoder w4a16   # + 4-bit T5-XXL
 """
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -130,6 +131,10 @@ def add_parser(sub) -> None:
     p.add_argument("--adaln", choices=("16bit", "w4a16"), default="16bit",
                    help="AdaLN modulation linears: keep 16-bit (default) or weight-only 4-bit (W4A16; FLUX.1-dev "
                         "weights 2.1x -> 3.6x smaller than bf16, see docs/models.md)")
+    p.add_argument("--text-encoder", choices=("16bit", "w4a16"), default="16bit",
+                   help="large text encoders (T5: FLUX.1's text_encoder_2, PixArt's, SD3's; others >= 0.3 B "
+                        "parameters): keep 16-bit (default) or weight-only 4-bit (W4A16), saved under "
+                        "OUT/text_encoders/ (svdq.load_text_encoders)")
     p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
@@ -153,6 +158,7 @@ def run(args) -> int:
     check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     adaln = getattr(args, "adaln", "16bit")
+    text_encoder = getattr(args, "text_encoder", "16bit")
     prompts = None
     if not args.data_free:  # read the prompts before the (slow) pipeline load: a bad path fails fast
         prompts = read_prompts(args.calib_prompts) if args.calib_prompts else default_prompts()
@@ -169,6 +175,12 @@ def run(args) -> int:
         if family is None or not family.adaln:
             raise ValueError(f"--adaln w4a16: no AdaLN layer patterns known for {type(model).__name__}")
         weight_only = family.adaln
+    if text_encoder == "w4a16":
+        from ..weight_only import large_text_encoders
+
+        if not large_text_encoders(pipe):  # before the (slow) calibration and quantization
+            raise ValueError(f"--text-encoder w4a16: {type(pipe).__name__} has no T5 text encoder and none of "
+                             ">= 0.3 B parameters")
     calibration = None
     if prompts is not None:
         calibration = svdq.calibrate_pipeline(
@@ -179,6 +191,13 @@ def run(args) -> int:
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
                   act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"))
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
+    if getattr(args, "text_encoder", "16bit") == "w4a16":
+        # After the calibration run (it needs the 16-bit encoders' embeddings) and the denoiser's save.
+        from ..weight_only import quantize_pipeline_text_encoders, save_text_encoders
+
+        encoders = quantize_pipeline_text_encoders(pipe)
+        save_text_encoders(pipe, out, encoders)
+        print(f"text encoder(s) W4A16: {', '.join(encoders)} -> {out}")
     layers = svdq.quantized_layers(model)
     wo = svdq.weight_only_layers(model)
     print(
