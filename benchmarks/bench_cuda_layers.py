@@ -13,6 +13,10 @@ the same inputs (random data, never zeros):
     gemm_only       w4a4_gemm alone (r = 32, pre-quantized input)
     qact_only       quantize_act alone (r = 32), with GB/s against a D2D copy measured in this run
     lowrank_unfused (x @ down) @ up + y: what the fused branch replaces
+    qact_e4m3       quantize_act_e4m3 alone (r = 32): the codes as e4m3 bytes (Hopper FP8 path's operand)
+    gemm_only_int4  w4a4_gemm with SVDQ_FORCE_INT4_MMA=1 (--int4-path; emulated and slow on sm_90)
+
+--compare OLD.json prints each variant's speed-up over an earlier result file (same shapes).
 
 and reports TFLOP/s (2·M·N·K), ratios against bf16 and the fused branch's overhead over r = 0.
 Writes JSON (device, torch, CUDA, driver, date, git commit, all numbers) and prints a markdown table.
@@ -45,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--ksplit-sweep", default="", help="e.g. '1,2,3,4,6,8': also time quantize_act per K-split")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/cuda_layers_<gpu>_<date>.json)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: print the plan and exit")
+    p.add_argument("--int4-path", action="store_true", help="also time the GEMM forced onto the int4 mma path")
+    p.add_argument("--compare", default="", help="earlier result JSON: report speed-ups per variant and shape")
     args = p.parse_args(argv)
     try:
         args.shape_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
@@ -170,6 +176,20 @@ def run(args) -> dict:
                                          args.warmup, args.iters)
         row["ms"]["qact_only_r0"] = time_fn(torch, lambda: ops.quantize_act(x, smooth, down0, None),
                                             args.warmup, args.iters)
+        if hasattr(ops, "quantize_act_e4m3"):
+            row["ms"]["qact_e4m3"] = time_fn(torch, lambda: ops.quantize_act_e4m3(x, smooth, down, None),
+                                             args.warmup, args.iters)
+        if args.int4_path:
+            old = os.environ.get("SVDQ_FORCE_INT4_MMA")
+            os.environ["SVDQ_FORCE_INT4_MMA"] = "1"
+            try:
+                row["ms"]["gemm_only_int4"] = time_fn(
+                    torch, lambda: ops.w4a4_gemm(qa, sa, pq, ps, la, up, bias, dtype), 2, max(3, args.iters // 5))
+            finally:
+                if old is None:
+                    os.environ.pop("SVDQ_FORCE_INT4_MMA", None)
+                else:
+                    os.environ["SVDQ_FORCE_INT4_MMA"] = old
         y = F.linear(x, w, bias)
         row["ms"]["lowrank_unfused"] = time_fn(torch, lambda: torch.addmm(y, x @ down, up.t()),
                                                args.warmup, args.iters)
@@ -190,7 +210,7 @@ def run(args) -> dict:
                 finally:
                     os.environ.pop("SVDQ_QACT_KSPLIT", None)
         row["tflops"] = {v: round(flops / ms / 1e9, 1) for v, ms in row["ms"].items()
-                         if v in ("bf16", "fp8", f"svdq_r{r}", "svdq_r0", "gemm_only")}
+                         if v in ("bf16", "fp8", f"svdq_r{r}", "svdq_r0", "gemm_only", "gemm_only_int4")}
         base = row["ms"]["bf16"]
         row["speedup_vs_bf16"] = {v: round(base / ms, 3) for v, ms in row["ms"].items()}
         row["lowrank_fused_overhead_pct"] = round(
@@ -226,6 +246,29 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(res: dict, old_path: str) -> tuple[dict, str]:
+    """Speed-up (old ms / new ms) per shape and variant present in both result files."""
+    old = json.loads(Path(old_path).read_text())
+    by_shape = {(s["K"], s["N"]): s for s in old.get("shapes", [])}
+    out, lines = {}, [f"Speed-up over {Path(old_path).name} (commit {old.get('git_commit', '?')[:10]}, "
+                      f"{old.get('device', '?')}): old µs / new µs", "",
+                      "| K→N | variant | old µs | new µs | × |", "|---|---|---|---|---|"]
+    for s in res["shapes"]:
+        o = by_shape.get((s["K"], s["N"]))
+        if not o:
+            continue
+        key = f"{s['K']}x{s['N']}"
+        out[key] = {}
+        for v, ms in s["ms"].items():
+            if v in o.get("ms", {}):
+                out[key][v] = round(o["ms"][v] / ms, 3)
+                lines.append(f"| {s['K']}→{s['N']} | {v} | {o['ms'][v] * 1e3:.1f} | {ms * 1e3:.1f} | {out[key][v]:.2f} |")
+        if "lowrank_fused_overhead_pct" in o:
+            lines.append(f"| {s['K']}→{s['N']} | low-rank fused overhead | {o['lowrank_fused_overhead_pct']}% | "
+                         f"{s['lowrank_fused_overhead_pct']}% | |")
+    return out, "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -249,6 +292,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
+    if args.compare:
+        res["speedup_vs"] = {"file": args.compare}
+        res["speedup_vs"]["x"], cmp_md = compare(res, args.compare)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        md += "\n\n" + cmp_md
     out.with_suffix(".md").write_text(md + "\n")
     print()
     print(md)
