@@ -20,14 +20,14 @@
 // 5.6-7.2 µs whether or not it shares its SM (K-split sweep). Analysis and plan: docs/kernels.md §10.3-10.4.
 // Low-rank FLOPs: 2·M·K·r = 0.9 GFLOP at K = 3072 → 1.4 µs of bf16 mma.sync (635 TOPS), hidden under the
 // loads if the MMA is issued from shared memory while the next tile's loads are in flight.
-// The arithmetic is what competes with the memory time: ~20 instructions per element were planned (convert,
-// the IEEE division x/λ ≈ 8 with its range check, |·| max, quantize ≈ 7, pack) × 14.2 M elements ≈ 2.8e8
-// lane-instructions ≈ 9.5 µs of issue on 132 SMs (the compiled code has ~41, see MEASURED above). So the
-// quantizer avoids the second IEEE division: it multiplies by RN(1/s_a) and re-does the division only for
-// near-ties (quant_nibble in quantize_act_layout.cuh, which proves the result equal to the spec's), and rounds
-// + packs with one FADD of a magic constant.
-// Next step if the division x/λ shows up in the timings: precomputed RN(1/λ) + one Markstein correction
-// (3 FP ops, exact for normal ranges) — not done yet because it needs an exhaustive proof test.
+// NOW (issue 11, docs/kernels.md §11; SASS budgets below launch_typed): ~25 instructions per element. x/λ is
+// y = RN(x·r), e = fma(−y, λ, x), q = fma(e, r, y) with r = RN(1/λ) per column and step (3 instead of ~11),
+// proven bit-exact against IEEE division by an exhaustive host test over every bf16×bf16 and fp16×fp16 pair
+// (quantize_act_layout.cuh states the claims); rounding is branch-free (magic-constant FADDs, one near-tie test
+// per 8 elements); every rare case (exact groups: tiny/huge/NaN/Inf amax; near-ties; unusable λ; K tails)
+// runs out of line (__noinline__) with the spec's divisions. NaN/Inf in a group → s_a = NaN, codes 0.
+// E4M3 = true writes each code as its float8_e4m3fn byte (svdq::quantize_act_e4m3).
+// Predicted (not yet measured): r = 0 41.5 → 20-26 µs, r = 32 57 → 33-40 µs at K = 3072.
 //
 // ── Work split ─────────────────────────────────────────────────────────────────────────────────────────
 // grid = (row_tiles = ceil(M/64), ksplit, rank_chunks), 256 threads (8 warps) per CTA.
