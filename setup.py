@@ -48,8 +48,28 @@ def _num_jobs() -> int:
         return os.cpu_count() or 1
 
 
+def check_build_torch(torch_file: str, env: dict) -> None:
+    """Stop the build when the torch it would compile against lives in pip's temporary build environment.
+
+    With build isolation pip installs a second torch (whatever version is newest) into a throw-away
+    environment and the extension is compiled against it; your environment keeps its own torch, which then
+    cannot load the extension (undefined symbols) or, worse, loads it with a mismatched ABI.
+    ``SVDQ_ALLOW_BUILD_ISOLATION=1`` builds anyway (e.g. when the isolated torch is known to be the same).
+    """
+    if "pip-build-env-" in torch_file and env.get("SVDQ_ALLOW_BUILD_ISOLATION") != "1":
+        raise RuntimeError(
+            f"svdq: refusing to build against the torch in pip's temporary build environment ({torch_file}): the "
+            "extension must be compiled against the torch installed in your environment. Build with\n"
+            "    pip install --no-build-isolation .      (or -e . for development)\n"
+            "after installing torch (docs/building.md); SVDQ_ALLOW_BUILD_ISOLATION=1 overrides this check."
+        )
+
+
 class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
+        import torch  # the torch this build compiles against (setup.py runs in the build environment)
+
+        check_build_torch(str(Path(torch.__file__).resolve()), dict(os.environ))
         subprocess.check_call(["cmake", "--version"], stdout=subprocess.DEVNULL)
         for ext in self.extensions:
             self._build_one(ext)

@@ -148,19 +148,61 @@ function(svdq_cuda_archs out_var)
 endfunction()
 
 # svdq_cuda_architectures_property(<out-var> <archs>)
-#   CUDA_ARCHITECTURES value for <archs>: SASS for each ("80-real"), plus PTX of the newest one so that
-#   future GPUs can JIT it. Example: "80;90" -> "80-real;90"
+#   CUDA_ARCHITECTURES value for <archs>: SASS for each ("80-real"), plus PTX ("90" = SASS + PTX) of the
+#   newest one, so that future GPUs can JIT it, and of every arch followed by a gap of whole major versions,
+#   so that the GPUs in the gap run too: a cubin runs only on its own major, PTX on any later GPU.
+#   Example: "80;90" -> "80-real;90"; "75;80;86;89;90;120" -> "75-real;80-real;86-real;89-real;90;120"
+#   (sm_100 / sm_103 / sm_110 JIT compute_90's PTX).
 function(svdq_cuda_architectures_property out_var archs)
   set(_sorted ${archs})
   list(SORT _sorted COMPARE NATURAL)
-  list(GET _sorted -1 _newest)
+  list(LENGTH _sorted _n)
   set(_prop "")
-  foreach(_a IN LISTS _sorted)
-    if(_a STREQUAL _newest)
+  math(EXPR _last "${_n} - 1")
+  foreach(_i RANGE ${_last})
+    list(GET _sorted ${_i} _a)
+    set(_ptx FALSE)
+    if(_i EQUAL _last)
+      set(_ptx TRUE)
+    else()
+      math(EXPR _j "${_i} + 1")
+      list(GET _sorted ${_j} _next)
+      math(EXPR _major "${_a} / 10")
+      math(EXPR _gap "${_next} / 10 - ${_major}")
+      if(_gap GREATER 1)
+        set(_ptx TRUE)
+      endif()
+    endif()
+    if(_ptx)
       list(APPEND _prop "${_a}")
     else()
       list(APPEND _prop "${_a}-real")
     endif()
   endforeach()
   set(${out_var} "${_prop}" PARENT_SCOPE)
+endfunction()
+
+# svdq_check_nvcc_matches_torch(<cuda-root> <torch-cuda>)
+#   Stops the configure step when the toolkit's nvcc has another major version than the CUDA torch was built
+#   with ("13.0"): the kernels would need a CUDA runtime of nvcc's major, but the extension runs on the one
+#   torch loads (and a newer nvcc emits PTX the torch-era driver stack may not JIT). SVDQ_ALLOW_CUDA_MISMATCH=1
+#   (environment) skips the check. Example: svdq_check_nvcc_matches_torch(/usr/local/cuda-12.4 13.0) -> error.
+function(svdq_check_nvcc_matches_torch root torch_cuda)
+  execute_process(COMMAND "${root}/bin/nvcc" --version OUTPUT_VARIABLE _out ERROR_VARIABLE _err
+                  RESULT_VARIABLE _rc)
+  string(REGEX MATCH "release ([0-9]+)\\.([0-9]+)" _m "${_out}")
+  if(NOT _rc EQUAL 0 OR NOT _m)
+    message(FATAL_ERROR "svdq: cannot read the version of ${root}/bin/nvcc (${_err}${_out})")
+  endif()
+  set(_nvcc_major "${CMAKE_MATCH_1}")
+  set(_nvcc_version "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}")
+  string(REGEX MATCH "^[0-9]+" _torch_major "${torch_cuda}")
+  if(NOT _nvcc_major STREQUAL _torch_major AND NOT "$ENV{SVDQ_ALLOW_CUDA_MISMATCH}" STREQUAL "1")
+    message(FATAL_ERROR
+      "svdq: the CUDA toolkit at ${root} has nvcc ${_nvcc_version}, but torch was built with CUDA ${torch_cuda}: "
+      "their major versions must match. Point CUDA_HOME at a CUDA ${_torch_major}.x toolkit, install a torch "
+      "built for CUDA ${_nvcc_major}, or build CPU-only with SVDQ_NO_CUDA=1 (SVDQ_ALLOW_CUDA_MISMATCH=1 skips "
+      "this check).")
+  endif()
+  message(STATUS "svdq: nvcc ${_nvcc_version} matches torch's CUDA ${torch_cuda} (major ${_torch_major})")
 endfunction()

@@ -41,12 +41,12 @@ def test_build_info():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool)
     assert info["cxx_compiler"] and info["build_type"]
-    assert "base" in info["cpu_isas_compiled"] or info["cpu_isas_compiled"]
+    assert "base" in info["cpu_isas_compiled"]  # the portable variant is always built (CMakeLists.txt)
     assert info["cpu_isa"] in info["cpu_isas_supported"]
     assert set(info["cpu_isas_supported"]) <= set(info["cpu_isas_compiled"])
     if info["cuda"]:
         assert info["cuda_archs"] and all(a.isdigit() for a in info["cuda_archs"])
-        assert Path(info["cuda_toolkit_root"], "bin", "nvcc").exists() or info["cuda_toolkit_root"]
+        assert Path(info["cuda_toolkit_root"], "bin", "nvcc").exists()  # the toolkit it was built with
         assert re.match(r"\d+\.\d+", info["nvcc_version"])
         assert info["cuda_not_built_because"] == ""
     else:
@@ -135,3 +135,66 @@ def test_configure_cuda_archs_override(cmake_tree):
     out = configure(tmp_path, SVDQ_CUDA_ARCHS="80;90", SVDQ_NO_CUDA="")
     assert "Building svdq CUDA kernels for archs 80;90 (CUDA_ARCHITECTURES 80-real;90)" in out
     assert f"svdq: CUDA toolkit root {_toolkit_root()}" in out
+
+
+@needs_cmake
+def test_cuda_architectures_property_gives_every_gpu_code():
+    """SASS per arch, PTX of the newest and of each arch before a gap of majors: sm_100 (between 90 and 120
+    in the default list) runs compute_90's PTX (before: only compute_120's PTX, which sm_100 cannot run)."""
+    script = ROOT / "build" / "test_arch_property.cmake"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(
+        f'include("{ROOT / "cmake" / "svdq_utils.cmake"}")\n'
+        'foreach(_l "80;90" "75;80;86;89;90;120" "90" "86;80;100")\n'
+        '  svdq_cuda_architectures_property(_p "${_l}")\n'
+        '  message("${_l} -> ${_p}")\n'
+        "endforeach()\n"
+    )
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "80;90 -> 80-real;90",
+        "75;80;86;89;90;120 -> 75-real;80-real;86-real;89-real;90;120",
+        "90 -> 90",
+        "86;80;100 -> 80-real;86;100",
+    ]
+
+
+@needs_cmake
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_configure_stops_on_nvcc_major_mismatch(tmp_path):
+    """A toolkit whose nvcc major differs from torch's CUDA stops the configure step, naming both."""
+    fake = tmp_path / "cuda-other"
+    (fake / "bin").mkdir(parents=True)
+    major = int(torch.version.cuda.split(".")[0])
+    (fake / "bin" / "nvcc").write_text(
+        f"#!/bin/sh\necho 'Cuda compilation tools, release {major - 1}.4, V{major - 1}.4.131'\n"
+    )
+    (fake / "bin" / "nvcc").chmod(0o755)
+    if not (ROOT / "csrc" / "cuda" / "cuda_sources.cmake").exists():
+        pytest.skip("no CUDA sources")
+    proc = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-G", "Ninja",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}", "-DSVDQ_OUTPUT_NAME=_C.so"],
+        env={**os.environ, "CUDA_HOME": str(fake), "SVDQ_NO_CUDA": ""}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    err = " ".join((proc.stdout + proc.stderr).split())
+    assert f"has nvcc {major - 1}.4, but torch was built with CUDA {torch.version.cuda}" in err
+    assert "SVDQ_NO_CUDA=1" in err
+
+
+def test_setup_refuses_pip_build_isolation():
+    """setup.py stops when it would compile against the torch in pip's temporary build environment."""
+    import importlib.util
+    from unittest import mock
+
+    spec = importlib.util.spec_from_file_location("svdq_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch("setuptools.setup", lambda **kw: None):  # load its functions without running a build
+        spec.loader.exec_module(module)
+    isolated = "/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages/torch/__init__.py"
+    with pytest.raises(RuntimeError, match="--no-build-isolation"):
+        module.check_build_torch(isolated, {})
+    module.check_build_torch(isolated, {"SVDQ_ALLOW_BUILD_ISOLATION": "1"})
+    module.check_build_torch(torch.__file__, {})  # the installed torch: fine
