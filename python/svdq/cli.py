@@ -9,7 +9,7 @@ import sys
 
 from .version import __version__
 
-COMMANDS = ("demo", "quantize", "generate", "eval", "lora", "bench")
+COMMANDS = ("demo", "quantize", "generate", "eval", "lora", "bench", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
