@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._transaction import deferred_interrupts, model_transaction
+from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction
 from .linear import STORED_TENSORS, SVDQLinear
 from .ops.reference import GROUP_SIZE, padded_k
 from .quantize import QuantizeConfig, _set_submodule, quantized_layers
@@ -58,14 +57,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors, meta = contents(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename: an interrupted save never leaves a truncated checkpoint behind.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        with deferred_interrupts():  # a pending Ctrl-C is raised inside the try: the cleanup below sees `tmp`
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            os.close(fd)
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with deferred_interrupts():
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
@@ -202,17 +204,18 @@ def load(
     from .models import fused_for_checkpoint
 
     meta = read_metadata(path)
-    fusion = fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]])
-    with deferred_interrupts():  # fusing is quick; a Ctrl-C inside it would leave some blocks fused
-        fusion.__enter__()
+    # The skeleton's structure before fusing: on any failure (also one inside the fusion, also Ctrl-C) it is
+    # put back exactly (svdq._transaction; fusing replaces modules, it writes into no tensor).
+    snapshot = ModuleSnapshot(model)
     try:
-        result = _load(model, Path(path), meta, device, verify)
+        with deferred_interrupts():  # fusing is quick; a Ctrl-C inside it would leave some blocks fused
+            with fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]]):
+                pass
+        return _load(model, Path(path), meta, device, verify)
     except BaseException:
         with deferred_interrupts():
-            fusion.__exit__(*sys.exc_info())  # unfuses, then re-raises the exception
+            snapshot.restore()
         raise
-    fusion.__exit__(None, None, None)
-    return result
 
 
 def _load(model: nn.Module, path: Path, meta: dict, device, verify: bool) -> nn.Module:

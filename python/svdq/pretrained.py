@@ -72,9 +72,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
     }
     # Write everything into a temporary sibling, then swap it in: a reader (or a crash, or Ctrl-C) sees the
     # old directory or the new one, never new weights next to an old svdq.json (docs/reliability.md).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    old = None
+    tmp = None
     try:
+        with deferred_interrupts():  # a pending Ctrl-C is raised inside the try: the cleanup below sees `tmp`
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         model.save_config(tmp)
         save(model, tmp / WEIGHTS_NAME)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
@@ -85,13 +86,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
                         shutil.copytree(entry, tmp / entry.name, symlinks=True)
                     else:
                         shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        with deferred_interrupts():
+        with deferred_interrupts():  # the swap and the removal of the old directory, as one step
             old = _swap_in(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with deferred_interrupts():  # a second Ctrl-C must not leave half a temporary directory behind
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -390,7 +393,12 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if quantized is not None:  # 4-bit text encoders written by `svdq quantize --text-encoder w4a16`, if any
+        from .weight_only import load_text_encoders
+
+        load_text_encoders(pipe, resolve(quantized), device)
+    return pipe
 
 
 def _dtype_kwarg() -> str:
