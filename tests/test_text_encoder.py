@@ -44,7 +44,7 @@ def test_t5_encoder_w4a16_close_smaller_and_round_trips(zero_point, tmp_path):
     bytes16 = _linear_bytes(te)
     q = svdq.quantize_text_encoder(copy.deepcopy(te), zero_point=zero_point)
     layers = svdq.weight_only_layers(q)
-    # Every linear of both blocks: q, k, v, o and the feed-forward wi, wo (T5's wo reads `.weight`: None here).
+    # Every linear of both blocks: q, k, v, o and the feed-forward wi, wo.
     assert len(layers) == 2 * 6 and not any(type(m) is nn.Linear for m in q.modules())
     assert all(m.zero_point == zero_point for m in layers.values())
     assert q.svdq_config.weight_only == ("*",) and q.svdq_config.include == ()
@@ -63,6 +63,23 @@ def test_t5_encoder_w4a16_close_smaller_and_round_trips(zero_point, tmp_path):
     assert {n: m.zero_point for n, m in svdq.weight_only_layers(loaded).items()} == \
         {n: m.zero_point for n, m in layers.items()}
     assert torch.equal(_encode(tok, loaded), y)
+
+
+def test_t5_fp16_with_fp32_wo_runs_the_kernel_in_fp32():
+    """transformers keeps T5's `wo` in fp32 in fp16 models and casts its input to `wo.weight.dtype`: the W4A16
+    `wo` reports its dtype there, so it gets fp32 inputs and runs the fp32 kernel (no fp16 overflow path)."""
+    tok, te = _t5()
+    te = te.half()
+    for block in te.encoder.block:
+        block.layer[1].DenseReluDense.wo.float()
+    y16 = _encode(tok, te)
+    svdq.quantize_text_encoder(te)
+    wo_layers = [b.layer[1].DenseReluDense.wo for b in te.encoder.block]
+    assert all(m.dtype == torch.float32 and m.weight.dtype == torch.float32 and m.weight.shape == (64, 128)
+               for m in wo_layers)
+    y = _encode(tok, te)
+    assert all(m.layout == CPU_INT4 for m in wo_layers)
+    assert torch.isfinite(y).all() and float((y.float() - y16.float()).norm() / y16.float().norm()) < 0.16
 
 
 def test_quantize_text_encoder_all_or_nothing_and_errors():

@@ -506,3 +506,25 @@ def test_diffusers_group_offload_carries_packed_w4a16(offload_type, tmp_path):
         SVDQWeightOnlyLinear._repack = real
     assert not calls
     assert all(m.layout == CPU_INT4 for m in svdq.weight_only_layers(model).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_cuda_tinygemm_layer(zero_point):
+    """On CUDA, bf16: tinygemm, repacked in place; state_dict (tiles → canonical) bit-identical; back on the CPU
+    the CPU kernel; an fp16 input takes the dequantize path (spec §7 reference, exact)."""
+    lin = _shifted_linear(100, 24, torch.bfloat16, seed=20).cuda()  # K and N both padded (64-groups, 8 rows)
+    layer = SVDQWeightOnlyLinear.from_linear(lin, zero_point=zero_point)
+    canonical = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(5, 100, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.layout == wo.CUDA_TINYGEMM and layer.qweight.dtype == torch.int32
+        ref = torch.nn.functional.linear(x.double(), layer.dequantize(torch.float64), lin.bias.double())
+        assert _rel(y, ref) < KERNEL_TOL[torch.bfloat16]
+        assert all(torch.equal(canonical[k], v) for k, v in layer.state_dict().items())
+        layer.to("cpu")
+        assert _rel(layer(x.cpu()), ref.cpu()) < KERNEL_TOL[torch.bfloat16] and layer.layout == CPU_INT4
+        layer.cuda()
+        xh = x.half()
+        assert torch.equal(layer(xh), torch.nn.functional.linear(xh, layer.dequantize(torch.float16), lin.bias.half()))

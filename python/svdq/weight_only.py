@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import weight_standin
 from .ops import reference
 from .ops.reference import GROUP_SIZE, padded_k
 
@@ -270,9 +271,12 @@ class SVDQWeightOnlyLinear(nn.Module):
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._no_kernel: set[str] = set()  # kernels this layer's shapes were refused by (not retried)
 
-    # Code written for nn.Linear reads ``.weight``: transformers' T5 casts its input to ``wo.weight.dtype`` unless
-    # that weight is not a tensor. There is no dense weight here (building one is what this layer avoids).
-    weight = None
+    @property
+    def weight(self) -> torch.Tensor:
+        """nn.Linear's ``weight`` metadata, as `SVDQLinear.weight`: a NaN [out, in] stand-in (one stored element)
+        with the layer's dtype and device. Code written for nn.Linear reads it: transformers' T5 casts its input
+        to ``wo.weight.dtype`` (``wo`` stays fp32 in fp16 models, against overflow)."""
+        return weight_standin(self.out_features, self.in_features, self.dtype, self.device)
 
     @property
     def zero_point(self) -> bool:
@@ -448,9 +452,11 @@ class SVDQWeightOnlyLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"SVDQWeightOnlyLinear expects a floating-point input, got {x.dtype}")
+        if self.qweight.device != x.device and self.qweight.device.type != "meta":
+            raise ValueError(f"SVDQWeightOnlyLinear: input on {x.device}, weights on {self.qweight.device} (move one)")
         kind = self._kernel_for(x)
-        stale = kind is not None and (self.layout != kind or self.wscales.dim() != 3 or self.qweight.device != x.device)
-        if stale and not self._repack(kind, x.device):  # first call here, or tensors swapped back by a hook
+        stale = kind is not None and (self.layout != kind or self.wscales.dim() != 3)
+        if stale and not self._repack(kind, x.device):  # first call on this device, or canonical tensors put back
             kind = None
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if kind is None:
