@@ -1,6 +1,7 @@
 # benchmarks/device_check.d/10-hopper.sh — issue 10, sourced by benchmarks/device_check.sh after the memcheck.
 # The Hopper FP8-wgmma GEMMs (csrc/cuda/w4a4_gemm_sm90*.cu), standalone (benchmarks/probes/sm90_gemm_check.cu;
 # they are not bound to the svdq ops yet). sm_90 only; other GPUs: skipped, ok.
+#   quant     quantize_act_fp8 (W4A8 activations) bit for bit vs the spec -> quant.json
 #   check     exact W4A4 and W4A8 x bf16/fp16, odd M, N % 128 != 0, r in {0,16,32,64,256}, vs a double
 #             reference of spec §4.2 / §8.2 (rel <= 1e-3 and the §4.3 element bound) -> check.json
 #   memcheck  compute-sanitizer on one small case of each format -> memcheck.txt
@@ -31,8 +32,10 @@ hopper_gemm() {
   # shellcheck disable=SC2086
   "$cuda/bin/nvcc" -O3 -std=c++17 -I"$ROOT/csrc" $inc -gencode=arch=compute_90a,code=sm_90a -o "$d/gemm_check" \
     "$ROOT/benchmarks/probes/sm90_gemm_check.cu" "$ROOT/csrc/cuda/w4a4_gemm_sm90.cu" \
-    "$ROOT/csrc/cuda/w4a4_gemm_sm90_w4a8.cu" $lib >"$d/build.log" 2>&1 || { tail -30 "$d/build.log"; return 1; }
+    "$ROOT/csrc/cuda/w4a4_gemm_sm90_w4a8.cu" "$ROOT/csrc/cuda/quantize_act_fp8.cu" $lib >"$d/build.log" 2>&1 || { tail -30 "$d/build.log"; return 1; }
   local rc=0
+  timeout 60 "$d/gemm_check" quant >"$d/quant.json" || rc=1
+  cat "$d/quant.json"
   timeout 60 "$d/gemm_check" check >"$d/check.json" || rc=1
   tail -c 3000 "$d/check.json"
   local cs

@@ -1,5 +1,6 @@
 // Standalone device check of the Hopper GEMMs (csrc/cuda/w4a4_gemm_sm90*.cu), no torch: used by
 // benchmarks/device_check.d/10-hopper.sh until the kernels are bound to the svdq ops.
+//   quant     quantize_act_fp8 vs the spec computed on the host (IEEE fp32), bit for bit
 //   check     both formats (exact W4A4, W4A8) x bf16/fp16, odd M, N not a multiple of 128, r in
 //             {0,16,32,64,256}: output vs a double-precision reference of spec §4.2 / §8.2 (with C() = the
 //             16-bit rounding of lora_act); pass = rel. error <= 1e-3 and every element within 2 ulp of the
@@ -9,7 +10,7 @@
 //             bf16 (cublasGemmEx, fp32 accumulate) -> JSON in the layer-benchmark schema (shapes[].ms,
 //             shapes[].speedup_vs_bf16). quantize_act is NOT included (not bound yet): rows are *_gemm_*.
 // Build: nvcc -O3 -std=c++17 -I csrc -gencode=arch=compute_90a,code=sm_90a benchmarks/probes/sm90_gemm_check.cu
-//        csrc/cuda/w4a4_gemm_sm90.cu csrc/cuda/w4a4_gemm_sm90_w4a8.cu -lcublas
+//        csrc/cuda/w4a4_gemm_sm90.cu csrc/cuda/w4a4_gemm_sm90_w4a8.cu csrc/cuda/quantize_act_fp8.cu -lcublas
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -173,6 +174,46 @@ static float time_ms(const std::function<void()>& f, int iters) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
+  if (mode == "quant") {  // quantize_act_fp8 vs the spec computed here (IEEE fp32 on the host): bit for bit
+    bool all = true;
+    std::printf("{\"quantize_act_fp8\": [");
+    const int cases[][2] = {{1, 64}, {37, 100}, {130, 3072}, {5, 12288}};
+    for (int ci = 0; ci < 4; ++ci)
+      for (bool bf16 : {true, false}) {
+        const int M = cases[ci][0], K = cases[ci][1], Kp = (K + 63) / 64 * 64;
+        std::mt19937 rng(ci * 2 + bf16);
+        std::normal_distribution<float> nd;
+        std::vector<uint16_t> x((size_t)M * K), sm(K);
+        for (auto& v : x) v = to16(nd(rng) * (rng() % 50 == 0 ? 40.f : 1.f), bf16);
+        for (int r = 0; r < M && M > 2; r += 3) for (int k = 0; k < K; ++k) x[(size_t)r * K + k] = 0;  // zero rows
+        for (auto& v : sm) v = to16(0.5f + float(rng() % 1000) / 1000.f, bf16);
+        auto* dx = up(x); auto* ds = up(sm);
+        uint8_t* dq; float* da;
+        CK(cudaMalloc(&dq, (size_t)M * Kp)); CK(cudaMalloc(&da, (size_t)M * 4));
+        CK(launch_quantize_act_fp8(dx, ds, bf16, M, K, dq, da, 0));
+        std::vector<uint8_t> q((size_t)M * Kp); std::vector<float> a(M);
+        CK(cudaMemcpy(q.data(), dq, q.size(), cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(a.data(), da, a.size() * 4, cudaMemcpyDeviceToHost));
+        long bad = 0;
+        for (int m = 0; m < M; ++m) {
+          float amax = 0;
+          for (int k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(from16(x[(size_t)m * K + k], bf16) / from16(sm[k], bf16)));
+          const float sc = amax / 448.0f;
+          if (std::memcmp(&sc, &a[m], 4)) ++bad;
+          for (int k = 0; k < Kp; ++k) {
+            uint8_t want = 0;
+            if (k < K && sc != 0) want = float_to_e4m3_rne(std::fmin(std::fmax(from16(x[(size_t)m * K + k], bf16) / from16(sm[k], bf16) / sc, -448.f), 448.f));
+            if (q[(size_t)m * Kp + k] != want) ++bad;
+          }
+        }
+        all = all && bad == 0;
+        std::printf("%s\n  {\"M\": %d, \"K\": %d, \"dtype\": \"%s\", \"mismatches\": %ld}", ci || !bf16 ? "," : "", M, K,
+                    bf16 ? "bf16" : "fp16", bad);
+        CK(cudaFree(dx)); CK(cudaFree(ds)); CK(cudaFree(dq)); CK(cudaFree(da));
+      }
+    std::printf("\n], \"all_pass\": %s}\n", all ? "true" : "false");
+    return all ? 0 : 1;
+  }
   if (mode == "memcheck") {
     bool ok = check_case(37, 200, 128, 32, false, true, false) && check_case(5, 136, 192, 16, true, false, false);
     std::printf("memcheck case %s\n", ok ? "ok" : "FAILED");

@@ -41,4 +41,10 @@ size_t prepared_wscale_count(int N, int K);   // Np * K/64
 cudaError_t launch_prepare_weight_sm90(const int8_t* qweight, const void* wscales, bool scales_bf16, int N, int K,
                                        uint8_t* wq_out, float* ws_out, cudaStream_t stream);
 
+// W4A8 activations (spec §8.1, csrc/cuda/quantize_act_fp8.cu): x [M, K] and λ [K] (both bf16 if bf16 else
+// fp16) -> qact e4m3 bytes [M, Kp] (Kp = K rounded up to 64; padding codes 0), ascales fp32 [M]. Bit-exact to
+// svdq.ops.reference.quantize_act_fp8. lora_act is not computed here.
+cudaError_t launch_quantize_act_fp8(const void* x, const void* smooth, bool bf16, int M, int K, uint8_t* qact,
+                                    float* ascales, cudaStream_t stream);
+
 }  // namespace svdq::cuda::sm90

@@ -57,6 +57,36 @@ SM90_HD uint8_t int4_to_e4m3(int q) {
   return static_cast<uint8_t>((q < 0 ? 0x80 : 0) | ((e + 7) << 3) | mant);
 }
 
+// ---- fp32 -> e4m3fn, round to nearest even, saturating at ±448 (quantize_act_fp8, spec §8.1) ---------------
+// Written out (no cvt intrinsic) so the host test checks the exact function the kernel runs. Expects
+// |v| <= 448 (the quantizer divides by amax/448); larger finite values saturate to ±448; NaN is undefined.
+SM90_HD float sm90_rintf(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return __builtin_rintf(v);  // default rounding mode: to nearest, ties to even
+#endif
+}
+SM90_HD uint8_t float_to_e4m3_rne(float v) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &v, 4);
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  const float a = v < 0 ? -v : v;
+  if (a >= 448.0f) return sign | 0x7E;
+  if (a < 0.015625f) {  // below 2^-6: e4m3 subnormals m * 2^-9, m in 0..7 (m = 8 is the smallest normal)
+    const int m = static_cast<int>(sm90_rintf(a * 512.0f));  // exact scaling, then RNE
+    return sign | static_cast<uint8_t>(m);                   // m = 8 encodes as 0x08 = 2^-6: still right
+  }
+  const int e = static_cast<int>((bits >> 23) & 0xFF) - 127;  // -6 .. 8
+  const uint32_t frac = bits & 0x7FFFFF;
+  uint32_t m = frac >> 20;  // keep 3 mantissa bits, round the other 20 to nearest even
+  const uint32_t rem = frac & 0xFFFFF;
+  if (rem > 0x80000 || (rem == 0x80000 && (m & 1))) ++m;
+  int ee = e + 7;
+  if (m == 8) { m = 0; ++ee; }  // carry into the exponent (a < 448 keeps ee <= 15 with m <= 6)
+  return sign | static_cast<uint8_t>((ee << 3) | m);
+}
+
 // ---- prepared weights (prepare_weight_sm90, once at load time) -------------------------------------------
 // e4m3 bytes [Np/128][G][8 KiB], each 8 KiB block the exact smem image of one stage's A tile (channels
 // 128t .. 128t+127, group g, 64B-swizzled), so the producer fetches it with one 1-D bulk copy (no tensor

@@ -50,6 +50,41 @@ int main() {
   // 2. int4 -> e4m3 is exact for every code, -8 included (the reason the weights are e4m3 in memory).
   for (int q = -8; q <= 7; ++q) CHECK(e4m3_decode(int4_to_e4m3(q)) == q, "q=%d byte=0x%02x", q, int4_to_e4m3(q));
   CHECK(int4_to_e4m3(0) == 0x00 && int4_to_e4m3(1) == 0x38 && int4_to_e4m3(-8) == 0xD0, "known encodings");
+  // 2b. fp32 -> e4m3 RNE (the W4A8 quantizer): against a brute-force nearest search over the finite codes,
+  //     ties to the even code, on every tie point, values next to them, subnormals and random values.
+  {
+    std::vector<double> val(127);
+    for (int c = 0; c < 127; ++c) val[c] = e4m3_decode(uint8_t(c));  // 0x00 .. 0x7E ascending
+    auto brute = [&](float v) -> uint8_t {
+      const double a = std::fabs(double(v));
+      int best = 0;
+      for (int c = 1; c < 127; ++c) {
+        const double d = std::fabs(val[c] - a), db = std::fabs(val[best] - a);
+        if (d < db || (d == db && c % 2 == 0)) best = c;
+      }
+      return uint8_t((v < 0 ? 0x80 : 0) | best);
+    };
+    std::vector<float> probes = {0.f, 448.f, -448.f, 447.99f, 1e-7f, 0.0009765625f, 0.0029296875f, 0.015625f};
+    for (int c = 0; c + 1 < 127; ++c) {
+      const float mid = float((val[c] + val[c + 1]) / 2);
+      probes.push_back(mid);
+      probes.push_back(std::nextafter(mid, 0.f));
+      probes.push_back(std::nextafter(mid, 1e9f));
+      probes.push_back(-mid);
+    }
+    uint32_t sd = 7;
+    for (int i = 0; i < 20000; ++i) {
+      sd = sd * 1664525u + 1013904223u;
+      probes.push_back(std::ldexp(float(sd >> 8) / float(1 << 24), int(sd % 20) - 11) * ((sd >> 5) & 1 ? 1.f : -1.f));
+    }
+    for (float v : probes) {
+      if (std::fabs(v) > 448.f) continue;
+      const uint8_t got = float_to_e4m3_rne(v), want = brute(v);
+      // ±0: either sign is the value 0
+      CHECK(got == want || (e4m3_decode(got) == 0 && e4m3_decode(want) == 0), "v=%.9g got 0x%02x want 0x%02x", v, got, want);
+    }
+    CHECK(float_to_e4m3_rne(1e6f) == 0x7E && float_to_e4m3_rne(-500.f) == 0xFE, "saturation");
+  }
   // 3. prepared weights: a bijection of [Np) x [K) onto [Np*K), each (channel tile, group) one contiguous
   //    8 KiB block at ((n/128)*G + g) * 8192 — the unit the producer fetches with one bulk copy.
   {
