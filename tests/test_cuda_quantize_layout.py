@@ -240,3 +240,15 @@ def test_native_nonfinite_and_e4m3_match_reference(dtype):
         y = torch.ops.svdq.w4a4_gemm(qa, sa, pq, ps, la, up.to(dev), None, dtype).cpu()
         assert torch.isnan(y[bad_rows]).all(), dev
         assert torch.isfinite(y[good]).all(), dev
+
+
+def test_e4m3_op_schema_and_fake():
+    """torch.library.opcheck: schema, fake (torch.compile) and the CPU kernel agree for quantize_act_e4m3."""
+    if not _native_op("quantize_act_e4m3"):
+        pytest.skip("svdq._C not built")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 100, generator=g).to(torch.bfloat16)
+    smooth = (torch.rand(100, generator=g) + 0.5).to(torch.bfloat16)
+    down = (torch.randn(100, 16, generator=g) * 0.1).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.svdq.quantize_act_e4m3.default, (x, smooth, down, torch.ones(16)))
+    torch.library.opcheck(torch.ops.svdq.quantize_act_e4m3.default, (x, smooth, down[:, :0].contiguous(), None))
