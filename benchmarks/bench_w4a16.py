@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -143,7 +144,10 @@ def main(argv=None) -> int:
         rows += run_case(*case, device, args.repeats)
     out = Path(args.out or Path(__file__).parent / "results" / f"w4a16_{device_slug(info)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": info, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    # Other jobs on the machine inflate CPU timings: the load average says how busy it was while this ran.
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out.write_text(json.dumps({"environment": info, "repeats": args.repeats, "load_average_1_5_15min_at_end": load,
+                               "rows": rows}, indent=2) + "\n")
     print(f"-> {out}")
     return 0
 
