@@ -137,12 +137,12 @@ def run(args) -> int:
     from ..pretrained import from_pretrained, load_pipeline, read_info, resolve
 
     check_positive(args, "--steps", "--limit", "--height", "--width", "--max-sequence-length")
+    out = check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
     if args.limit is not None:
         prompts = prompts[: args.limit]
     resolve(args.quantized)  # fail before the slow part when the quantized model is missing
-    out = check_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)

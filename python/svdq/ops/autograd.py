@@ -19,7 +19,7 @@ is plain PyTorch on the tensors' device, so it is the same for the reference, CP
   computed in fp32 and returned in each input's dtype. The dense Ŵ is rebuilt in backward (one [N, K] fp32
   temporary per layer at a time), never kept.
 - Not differentiable: ``qweight`` / ``wscales`` (integer codes and their scales; a clear error if asked), and a
-  second derivative (``once_differentiable``: PyTorch raises a clear error on double backward).
+  second derivative (``create_graph=True``: a clear error).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .reference import GROUP_SIZE, unpack_int4
 
@@ -50,8 +49,12 @@ class _SVDQLinearFunction(torch.autograd.Function):
         return forward_fn(x, smooth, lora_down, lora_up, bias, lora_scales)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            raise RuntimeError(
+                "SVDQLinear has no second derivative (backward with create_graph=True, double backward): the "
+                "4-bit layer's backward uses the straight-through estimator, which is first-order only"
+            )
         x, smooth, down, up, scales = ctx.saved_tensors
         f32 = torch.float32
         k = x.shape[-1]
