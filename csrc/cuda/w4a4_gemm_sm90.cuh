@@ -40,8 +40,8 @@ namespace svdq::cuda::sm90 {
 // Budgets checked by tests/test_sass_sm90.py (main-loop SASS per warp per group; 64 accumulators/thread):
 // 2 (W4A4: FMUL + FFMA) / 1 (W4A8: FFMA) instructions per accumulator = 128 / 64, + 2 QGMMA, mbarrier
 // wait/arrive, proxy fence, wgmma fence/commit/wait, scale LDS (W4A4: 8 x LDS.128 + 2; W4A8: 2) and loop
-// overhead. nvcc 13.0 (2026-11-30): 198 and 118. Issue time per scheduler per 128x128x64 tile-group:
-// 2 warpgroups x 198 = 396 clk (W4A4) and 236 clk (W4A8) against 256 clk of tensor time at the dense peak,
+// overhead. nvcc 13.0 (2026-11-30): 199 and 119. Issue time per scheduler per 128x128x64 tile-group:
+// 2 warpgroups x 199 = 398 clk (W4A4) and 238 clk (W4A8) against 256 clk of tensor time at the dense peak,
 // so W4A4 stays CUDA-core bound (predicted 0.65 of the FP8 peak at best) and W4A8 is tensor-bound.
 constexpr int kSassBudgetW4A4 = 200;
 constexpr int kSassBudgetW4A8 = 120;
@@ -242,6 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const GemmParams
       wg_wait0();
 #pragma unroll
       for (int i = 0; i < 64; ++i) fence_reg(d[i]);
+      __syncwarp();  // every lane's scale loads are ordered before lane 0's release of the stage
       if (lane == 0) mbar_arrive(&s.empty[st]);
       if (++st == kStages) { st = 0; ph ^= 1; }
 #pragma unroll
