@@ -17,8 +17,9 @@ for (k, n, scale) in ((3072, 640, 1.0), (3072, 640, 30.0), (256, 128, 1.0)):
     qa, sa, la = torch.ops.svdq.quantize_act(x, layer.smooth, layer.lora_down, layer.lora_scales)
     rqa, rsa, rla = ref.quantize_act(x, layer.smooth, layer.lora_down, layer.lora_scales)
     print(f"K={k} N={n} wscale×{scale}: qact equal {torch.equal(qa, rqa)} ascales equal {torch.equal(sa, rsa)} lora_act rel {rel(la, rla):.2e}")
-    pq, ps = torch.ops.svdq.prepare_weight(layer.qweight, layer.wscales)
-    print("   wscales range", float(layer.wscales.float().abs().min()), float(layer.wscales.float().abs().max()), "prepared", ps.dtype, float(ps.abs().max()))
+    qw, ws = layer.canonical_weights()  # the layer holds the CUDA layout after .cuda() (one copy)
+    pq, ps = torch.ops.svdq.prepare_weight(qw, ws)
+    print("   wscales range", float(ws.float().abs().min()), float(ws.float().abs().max()), "prepared", ps.dtype, float(ps.abs().max()))
     for force in ("0", "1"):
         os.environ["SVDQ_FORCE_INT4_MMA"] = force
         for use_lora, use_bias in ((False, False), (True, False), (True, True)):
@@ -26,7 +27,7 @@ for (k, n, scale) in ((3072, 640, 1.0), (3072, 640, 30.0), (256, 128, 1.0)):
             la_ = la[:, :r].contiguous(); up = layer.lora_up[:, :r].contiguous()
             b = layer.bias if use_bias else None
             y = torch.ops.svdq.w4a4_gemm(qa, sa, pq, ps, la_, up, b, torch.bfloat16)
-            yr = ref.w4a4_gemm(rqa, rsa, layer.qweight, layer.wscales, rla[:, :r], up, b, torch.float32)
+            yr = ref.w4a4_gemm(rqa, rsa, qw, ws, rla[:, :r], up, b, torch.float32)
             print(f"   int4={force} lora={use_lora} bias={use_bias}: rel {rel(y, yr):.2e}  max abs {float((y.float()-yr).abs().max()):.3e} |y| {float(yr.abs().mean()):.3e}")
     os.environ["SVDQ_FORCE_INT4_MMA"] = "0"
     y = layer(x)
