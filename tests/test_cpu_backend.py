@@ -10,6 +10,7 @@ CI always builds the extension, so a missing svdq._C fails this file; SVDQ_ALLOW
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ SHAPES = [  # (M, K, N, r)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
 def test_matches_reference(isa, shape, dtype):
     m, k, n, r = shape
-    seed = hash((shape, str(dtype))) % 2**31
+    seed = zlib.crc32(f"{shape} {dtype}".encode())  # reproducible across runs (str hash() is salted per process)
     check_layer(m, k, n, r, dtype, seed, bias=(m % 2 == 1), scales=(k % 2 == 0))
 
 

@@ -251,3 +251,27 @@ def test_failed_native_import_warns_once_with_the_fix():
     assert "native False ['reference']" in out.stdout
     assert out.stderr.count("svdq._C did not load") == 1
     assert "pip install --no-build-isolation -e ." in out.stderr and "svdq doctor" in out.stderr
+
+
+def test_doctor_reports_backends_and_problems():
+    import json
+
+    from svdq.cli import main
+
+    out = subprocess.run([sys.executable, "-m", "svdq", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    rep = json.loads(out.stdout)
+    assert out.returncode == (1 if rep["problems"] else 0)
+    rows = {(r["device"], r["dtype"]): r for r in rep["backends"]}
+    expected_cpu = "cpu" if "cpu" in svdq.ops.available_backends() else "reference"
+    assert rows[("cpu", "bfloat16")]["backend"] == expected_cpu and rows[("cpu", "bfloat16")]["why"]
+    assert rep["environment"]["torch"] == torch.__version__
+    assert main(["doctor"]) in (0, 1)
+
+    broken = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['svdq._C'] = None\nfrom svdq.cli import main\n"
+         "sys.exit(main(['doctor']))"], capture_output=True, text=True, timeout=300,
+    )
+    assert broken.returncode == 1
+    assert "svdq._C does not load" in broken.stdout and "--no-build-isolation" in broken.stdout
+    assert "reference: svdq._C is not loaded" in broken.stdout
