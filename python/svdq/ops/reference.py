@@ -82,6 +82,8 @@ def quantize_act(
     lora_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §4.1. x [M, K] → (qact int8 [M, Kp/2], ascales fp32 [M, G], lora_act fp32 [M, r])."""
+    if x.dim() != 2 or not x.is_floating_point():  # an integer x would quantize to integer garbage
+        raise ValueError(f"quantize_act expects a floating x [M, K], got {x.dtype} of shape {tuple(x.shape)}")
     m, k = x.shape
     xf = x.to(torch.float32)
     xhat = xf / smooth.to(torch.float32)
