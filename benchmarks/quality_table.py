@@ -50,14 +50,28 @@ EVAL_PROMPTS = [
 ]
 EVAL_SEED = 100  # images and held-out inputs use seeds EVAL_SEED + i (calibration uses 0 + i)
 HELD_OUT_ROWS = 1024  # input rows kept per layer for the per-layer error
+# A short smoothing-exponent grid (the library default has 11 points): the table must regenerate on a shared
+# 2-core CPU; every variant uses the same grid, so the comparison between them is unaffected.
+ALPHAS = (0.3, 0.5, 0.7)
 
 # name → svdq.quantize keyword arguments
 VARIANTS = {
     "naive": dict(method="naive"),
-    "SmoothQuant": dict(method="smoothquant"),
+    "SmoothQuant": dict(method="smoothquant", rounding="nearest"),
     "SVDQuant (r32)": dict(method="svdquant", rank=32, rounding="nearest"),
     "SVDQuant + GPTQ (r32)": dict(method="svdquant", rank=32, rounding="gptq"),
+    # per-layer ranks under the byte budget of uniform rank 32 (rank_budget=UNIFORM_32 is resolved per model)
+    "SVDQuant + GPTQ, per-layer rank (r32 bytes)": dict(method="svdquant", rank=32, rounding="gptq",
+                                                     rank_budget="UNIFORM_32"),
 }
+
+
+def uniform_budget(layers: dict, rank: int) -> int:
+    """Bytes of the low-rank branches if every layer had `rank` (the budget per-layer ranks must match)."""
+    from svdq.decompose import branch_bytes, padded_rank
+
+    return sum(branch_bytes(m.out_features, m.in_features, padded_rank(min(rank, m.out_features, m.in_features)),
+                            m.weight.dtype) for m in layers.values())
 
 
 def call_kwargs(pipe) -> dict:
@@ -108,18 +122,22 @@ def evaluate_family(family: str, variants: dict, log=print) -> dict:
     reference = generate(pipe, EVAL_PROMPTS, EVAL_SEED)
     result = {"layers": len(layers), "variants": {}}
     for vname, kwargs in variants.items():
+        if kwargs.get("rank_budget") == "UNIFORM_32":
+            kwargs = {**kwargs, "rank_budget": uniform_budget(layers, 32)}
         qmodel = copy.deepcopy(base_state)
         component = "transformer" if hasattr(pipe, "transformer") and pipe.transformer is not None else "unet"
         setattr(pipe, component, qmodel)
         calib = svdq.calibrate_pipeline(pipe, CALIB_PROMPTS, progress=False, **call_kwargs(pipe))
         t0 = time.perf_counter()
-        svdq.quantize(qmodel, calibration=calib, exclude=FAMILIES[family].exclude, progress=False, **kwargs)
+        config = svdq.QuantizeConfig(exclude=FAMILIES[family].exclude, alphas=ALPHAS, **kwargs)
+        svdq.quantize(qmodel, calibration=calib, config=config, progress=False)
         seconds = time.perf_counter() - t0
         errs = layer_errors(qmodel, originals, inputs)
         images = generate(pipe, EVAL_PROMPTS, EVAL_SEED)
         p = [psnr(a, b) for a, b in zip(reference, images)]
         s = [ssim(a, b) for a, b in zip(reference, images)]
         kept = [r.get("rounding") for r in qmodel.svdq_report.values() if "rounding" in r]
+        ranks = [r["rank"] for r in qmodel.svdq_report.values() if "rank" in r]
         result["variants"][vname] = {
             "kwargs": kwargs,
             "quantize_seconds": round(seconds, 2),
@@ -128,6 +146,7 @@ def evaluate_family(family: str, variants: dict, log=print) -> dict:
             "psnr_db": sum(p) / len(p),
             "ssim": sum(s) / len(s),
             "gptq_layers": f"{kept.count('gptq')}/{len(kept)}" if kept else None,
+            "ranks": ranks,
         }
         log(f"{family:7s} {vname:24s} mean layer err {result['variants'][vname]['mean_layer_error']:.4f}  "
             f"PSNR {sum(p) / len(p):6.2f} dB  SSIM {sum(s) / len(s):.4f}  quantize {seconds:.1f} s")
@@ -143,14 +162,14 @@ def markdown(results: dict, meta: dict) -> str:
         "",
         f"Tiny FLUX.1 / SDXL / PixArt-Σ pipelines from `svdq.tiny` (seeded synthetic weights with planted "
         f"activation outliers, fp32, CPU), {STEPS} steps, 32×32 images. Calibration: {len(CALIB_PROMPTS)} prompts "
-        f"(seeds 0…). Per-layer error: relative output error ‖y_q − y‖/‖y‖ of every quantized layer on inputs "
+        f"(seeds 0…), smoothing grid α ∈ {ALPHAS} for every method. Per-layer error: relative output error ‖y_q − y‖/‖y‖ of every quantized layer on inputs "
         f"recorded from {len(EVAL_PROMPTS)} *held-out* prompts (seeds {EVAL_SEED}…; up to {HELD_OUT_ROWS} rows per "
         f"layer), averaged over layers. End to end: PSNR / SSIM of the held-out prompts' images against the 16-bit "
         f"pipeline (same seeds). LPIPS: not computed (needs AlexNet weights, not available offline). These are "
         f"toy models: the numbers rank the methods; they do not predict FLUX.1-dev image quality.",
         "",
-        "| family | method | mean layer error | vs SVDQuant | worst layer ratio | PSNR (dB) | SSIM | quantize (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | method | ranks | mean layer error | vs SVDQuant | worst layer ratio | PSNR (dB) | SSIM | quantize (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for family, r in results.items():
         base = r["variants"].get("SVDQuant (r32)")
@@ -161,8 +180,12 @@ def markdown(results: dict, meta: dict) -> str:
                 ratios = [v["layer_errors"][n] / base["layer_errors"][n] for n in v["layer_errors"]
                           if base["layer_errors"].get(n)]
                 worst = f"{max(ratios):.3f}"
+            ranks = v.get("ranks") or [v["kwargs"].get("rank", 0)]
+            rank_cell = (str(ranks[0]) if min(ranks) == max(ranks)
+                         else f"{min(ranks)}–{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})")
             lines.append(
-                f"| {family} ({r['layers']} layers) | {vname} | {v['mean_layer_error']:.4f} | {rel} | {worst} | "
+                f"| {family} ({r['layers']} layers) | {vname} | {rank_cell} | {v['mean_layer_error']:.4f} | {rel} | "
+                f"{worst} | "
                 f"{v['psnr_db']:.2f} | {v['ssim']:.4f} | {v['quantize_seconds']:.1f} |"
             )
     lines += [
@@ -181,15 +204,26 @@ def main(argv=None) -> int:
     ap.add_argument("--families", nargs="+", default=list(FAMILY_NAMES), choices=FAMILY_NAMES)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality.md"), help="markdown output (JSON next to it)")
+    ap.add_argument("--append", action="store_true",
+                    help="add the variants run now to the JSON already next to --out (same families) and rewrite both")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    results = {f: evaluate_family(f, {v: VARIANTS[v] for v in args.variants}) for f in args.families}
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "seconds": time.perf_counter() - t0}
     out = Path(args.out)
-    out.write_text(markdown(results, meta))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    results, seconds = {}, 0.0
+    if args.append:
+        old = json.loads(out.with_suffix(".json").read_text())
+        results, seconds = old["results"], old["meta"]["seconds"]
+    for f in args.families:  # files rewritten after every family: an interrupted run keeps what it measured
+        new = evaluate_family(f, {v: VARIANTS[v] for v in args.variants})
+        if f in results:
+            results[f]["variants"].update(new["variants"])
+        else:
+            results[f] = new
+        meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                "seconds": seconds + time.perf_counter() - t0}
+        out.write_text(markdown(results, meta))
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

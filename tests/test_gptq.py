@@ -183,3 +183,70 @@ def test_default_is_gptq_and_hessians_beyond_the_memory_budget_round_to_nearest(
     assert "round to nearest instead" in caplog.text
     assert model.svdq_report["1"]["rounding"] == "nearest" and "rel_error_nearest" not in model.svdq_report["1"]
     assert "rel_error_nearest" in model.svdq_report["0"]  # GPTQ was tried on the layer that fit
+
+
+# ---- per-layer rank under a byte budget (QuantizeConfig.rank_budget) ----
+
+def test_allocate_ranks_spends_the_budget_where_error_drops_most():
+    from svdq.decompose import allocate_ranks
+
+    curves = {
+        "steep": {0: 1.0, 16: 0.5, 32: 0.3, 48: 0.25},
+        "flat_then_drop": {0: 1.0, 16: 0.99, 32: 0.2, 48: 0.19},  # greedy must look past the flat first step
+        "flat": {0: 0.5, 16: 0.49, 32: 0.48, 48: 0.47},
+    }
+    unit = {"steep": 10, "flat_then_drop": 10, "flat": 10}
+    ranks = allocate_ranks(curves, unit, budget=10 * 64)
+    assert ranks == {"steep": 32, "flat_then_drop": 32, "flat": 0}, ranks
+    assert sum(r * unit[n] for n, r in ranks.items()) <= 640
+    assert allocate_ranks(curves, unit, budget=0) == {"steep": 0, "flat_then_drop": 0, "flat": 0}
+    with pytest.raises(ValueError, match="rank budget 5 bytes is below"):
+        allocate_ranks({"a": {16: 0.1}}, {"a": 1}, budget=5)
+
+
+def test_rank_budget_moves_rank_to_the_layer_that_needs_it():
+    # Layer "0": white noise plus a strong rank-96 part (rank up to 96 pays a lot); layer "1": white noise (rank
+    # pays little). Same byte budget as rank 48 everywhere → "0" gets more, "1" less, and the summed error drops
+    # (measured: 0.92× of uniform; giving the rank to the wrong layer makes it > 1).
+    g = torch.Generator().manual_seed(7)
+    k = n = 384
+    u, v = torch.linalg.qr(torch.randn(n, 96, generator=g))[0], torch.linalg.qr(torch.randn(k, 96, generator=g))[0]
+    weights = [2 * u @ v.T + 0.2 * torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, k, generator=g) / k**0.5]
+    inputs = [correlated_outlier_layer(s, k=k, n=n)[1:] for s in (10, 11)]
+
+    def build():
+        m = nn.Sequential(nn.Linear(k, n), nn.Linear(k, n))
+        with torch.no_grad():
+            for lin, w in zip(m, weights):
+                lin.weight.copy_(w)
+        return m
+
+    def run(m, which):
+        return [m[i](inputs[i][which]) for i in range(2)]
+
+    from svdq.decompose import branch_bytes
+
+    budget = 2 * branch_bytes(n, k, 48, torch.float32)
+    errors = {}
+    with torch.no_grad():
+        expected = run(build(), 1)
+        for key, budget_ in (("uniform", None), ("budget", budget)):
+            model = build()
+            config = svdq.QuantizeConfig(rank=48, rounding="nearest", alphas=(0.5,), rank_budget=budget_)
+            svdq.quantize(model, calibration=lambda m: run(m, 0), config=config, progress=False)
+            errors[key] = [float((a - b).norm() / b.norm()) for a, b in zip(run(model, 1), expected)]
+            ranks = [model.svdq_report[str(i)]["rank"] for i in range(2)]
+            if key == "uniform":
+                assert ranks == [48, 48]
+            else:
+                assert ranks[0] > 48 > ranks[1], ranks
+                assert sum(branch_bytes(n, k, r, torch.float32) for r in ranks) <= budget
+    assert sum(errors["budget"]) < 0.95 * sum(errors["uniform"]), errors
+
+
+def test_rank_budget_needs_calibration_and_svdquant():
+    lin, _, _ = correlated_outlier_layer(0, k=64, n=32)
+    with pytest.raises(ValueError, match="rank_budget needs calibration"):
+        svdq.quantize(nn.Sequential(lin), rank_budget=10**6, progress=False)
+    with pytest.raises(ValueError, match="needs method 'svdquant'"):
+        svdq.QuantizeConfig(method="naive", rank_budget=1000)

@@ -60,6 +60,20 @@ def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u[:, :rank] * s[:rank], v[:, :rank].T
 
 
+def stored_smooth(smooth: torch.Tensor | None, k: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """λ as `decompose` stores it, in fp32: ones when None; non-finite / non-positive entries → 1; clamped to
+    [SMOOTH_MIN, SMOOTH_MAX]; rounded to the model dtype (the rounded λ is what Ŵ is built from)."""
+    if smooth is None:
+        lam = torch.ones(k, dtype=torch.float32, device=device)
+    else:
+        if smooth.shape != (k,):
+            raise ValueError(f"smooth must have shape ({k},), got {tuple(smooth.shape)}")
+        lam = smooth.detach().to(device=device, dtype=torch.float32)
+        lam = torch.where(torch.isfinite(lam) & (lam > 0), lam, torch.ones_like(lam))
+        lam = lam.clamp(SMOOTH_MIN, SMOOTH_MAX)
+    return lam.to(dtype).to(torch.float32)
+
+
 def decompose(
     weight: torch.Tensor,
     rank: int,
@@ -84,15 +98,7 @@ def decompose(
     dtype = weight.dtype
     n, k = weight.shape
     w = weight.detach().to(torch.float32)
-    if smooth is None:
-        lam = torch.ones(k, dtype=torch.float32, device=w.device)
-    else:
-        if smooth.shape != (k,):
-            raise ValueError(f"smooth must have shape ({k},), got {tuple(smooth.shape)}")
-        lam = smooth.detach().to(device=w.device, dtype=torch.float32)
-        lam = torch.where(torch.isfinite(lam) & (lam > 0), lam, torch.ones_like(lam))
-        lam = lam.clamp(SMOOTH_MIN, SMOOTH_MAX)
-    lam = lam.to(dtype).to(torch.float32)  # the rounded λ is what gets stored, so build Ŵ from it
+    lam = stored_smooth(smooth, k, dtype, w.device)
     w_hat = w * lam
 
     r = min(rank, n, k)
@@ -143,3 +149,60 @@ def fake_quant_forward(x: torch.Tensor, dec: Decomposition, bias: torch.Tensor |
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y
+
+
+def branch_bytes(n: int, k: int, rank: int, dtype: torch.dtype) -> int:
+    """Bytes of a stored low-rank branch: lora_down [K, r] + lora_up [N, r] in the model dtype."""
+    return rank * (n + k) * torch.empty((), dtype=dtype).element_size()
+
+
+def rank_error_curve(
+    weight: torch.Tensor, smooth: torch.Tensor | None, x: torch.Tensor, ranks: list[int]
+) -> dict[int, float]:
+    """Relative output error ‖y_q − y‖/‖y‖ on the rows `x` of the layer quantized (round to nearest) at each
+    of `ranks` with smoothing `smooth`: the curve `allocate_ranks` spends a byte budget on. One SVD at the
+    largest rank serves every rank (its leading factors are the smaller ranks' best factors)."""
+    w = weight.detach().to(torch.float32)
+    xs = x.to(weight.dtype)
+    ref = xs.to(torch.float32) @ w.T
+    lam = stored_smooth(smooth, w.shape[1], weight.dtype, w.device)
+    top = max(ranks)
+    factors = top_singular(w * lam, min(top, *w.shape)) if top > 0 else None
+    curve = {}
+    for r in ranks:
+        dec = decompose(weight, r, smooth, factors=factors)
+        curve[r] = float((fake_quant_forward(xs, dec) - ref).norm() / ref.norm().clamp_min(1e-30))
+    return curve
+
+
+def allocate_ranks(curves: dict[str, dict[int, float]], unit_bytes: dict[str, int], budget: int) -> dict[str, int]:
+    """Per-layer ranks (keys of each curve, multiples of 16) whose branches cost at most `budget` bytes in
+    total (`unit_bytes[name]`: bytes per rank of that layer) and lower the sum of the layers' errors the most.
+
+    Greedy on the best error drop per byte: every layer starts at its smallest rank; each step takes, over all
+    layers, the move to a larger rank with the largest (error drop / extra bytes) that still fits — looking
+    past the next step, so a curve that is flat for 16 and then falls still gets its ranks.
+    """
+    ranks = {name: min(c) for name, c in curves.items()}
+    spent = sum(ranks[n] * unit_bytes[n] for n in curves)
+    if spent > budget:
+        raise ValueError(
+            f"rank budget {budget} bytes is below the smallest ranks' cost ({spent} bytes); raise it or lower the "
+            "smallest rank"
+        )
+    while True:
+        best = None
+        for name, curve in curves.items():
+            r0, e0 = ranks[name], curves[name][ranks[name]]
+            for r1, e1 in curve.items():
+                extra = (r1 - r0) * unit_bytes[name]
+                if r1 <= r0 or spent + extra > budget or e1 >= e0:
+                    continue
+                gain = (e0 - e1) / extra
+                if best is None or gain > best[0]:
+                    best = (gain, name, r1, extra)
+        if best is None:
+            return ranks
+        _, name, r1, extra = best
+        ranks[name] = r1
+        spent += extra

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Iterable
 
 import torch
@@ -18,12 +18,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decompose import Decomposition, decompose, fake_quant_forward, smoothing_factors
+from .decompose import (
+    Decomposition,
+    allocate_ranks,
+    branch_bytes,
+    decompose,
+    fake_quant_forward,
+    padded_rank,
+    rank_error_curve,
+    smoothing_factors,
+)
 from .gptq import layers_within_memory
 from ._transaction import model_transaction
 from .linear import SVDQLinear
 from .parallel import gather_input_stats, row_keys
 from .ops import ACT_FORMATS
+from .ops.reference import MAX_RANK, RANK_MULTIPLE
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
@@ -59,6 +69,9 @@ class QuantizeConfig:
     calibration, data-free layers round to nearest; kept per layer only where it lowers the output error on the
     calibration sample; the Hessians take K²·4 bytes per layer during calibration, see
     `svdq.gptq.layers_within_memory`) or "nearest" (docs/numerics.md §2.4).
+    rank_budget: total bytes of all W4A4 layers' low-rank branches (lora_down + lora_up), spent per layer in
+    ranks of multiples of 16 (0 … 4·rank) where the calibration error drops most (`allocate_layer_ranks`);
+    ``None`` (default) → every layer gets `rank`. Needs calibration and method "svdquant".
     """
 
     rank: int = 32
@@ -74,6 +87,7 @@ class QuantizeConfig:
     # recorded so a checkpoint says how it was meant (and evaluated) to run. Added after version 1 shipped:
     # configs without it load as "int4".
     act_format: str = "int4"
+    rank_budget: int | None = None  # added after version 1 shipped: configs without it load as None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +96,9 @@ class QuantizeConfig:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rank_budget is not None and (self.rank_budget < 0 or self.method != "svdquant"):
+            raise ValueError(f"rank_budget must be >= 0 bytes and needs method 'svdquant', got {self.rank_budget} "
+                             f"with method {self.method!r}")
         if self.act_format not in ACT_FORMATS:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
         if self.calib_tokens < 1:
@@ -234,11 +251,12 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def quantize_layer(
-    linear: nn.Linear, stats: InputStats | None, config: QuantizeConfig
+    linear: nn.Linear, stats: InputStats | None, config: QuantizeConfig, rank: int | None = None
 ) -> tuple[Decomposition, dict]:
-    """Quantize one layer; with calibration data, search α and keep the candidate of least output error."""
+    """Quantize one layer; with calibration data, search α and keep the candidate of least output error.
+    rank: this layer's rank (`allocate_layer_ranks`); ``None`` → ``config.rank``."""
     weight = linear.weight
-    rank = config.rank if config.method == "svdquant" else 0
+    rank = (config.rank if rank is None else rank) if config.method == "svdquant" else 0
     if config.method == "naive" or stats is None or stats.sample is None:
         dec = decompose(weight, rank, None)
         info = {"alpha": None}
@@ -272,6 +290,33 @@ def quantize_layer(
     return best, info
 
 
+def allocate_layer_ranks(
+    layers: dict[str, nn.Linear], stats: dict[str, InputStats] | None, config: QuantizeConfig, progress: bool = False
+) -> dict[str, int]:
+    """Per-layer ranks under ``config.rank_budget`` bytes: per layer, α is searched at ``config.rank`` (round
+    to nearest), the output-error curve on the calibration sample is measured at ranks 0, 16, … 4·rank with that
+    α (`rank_error_curve`), and `allocate_ranks` spends the budget where the error drops most per byte."""
+    if stats is None:
+        raise ValueError("rank_budget needs calibration: ranks go where the calibration error drops most")
+    top = min(MAX_RANK, max(RANK_MULTIPLE, 4 * config.rank))
+    nearest = replace(config, rounding="nearest")
+    curves, unit = {}, {}
+    for name, linear in tqdm(layers.items(), desc="svdq rank search", unit="layer", disable=not progress):
+        n, k = linear.weight.shape
+        unit[name] = branch_bytes(n, k, 1, linear.weight.dtype)
+        s = stats.get(name)
+        if s is None or s.sample is None:  # never ran during calibration: it keeps the uniform rank
+            curves[name] = {padded_rank(min(config.rank, n, k)): 0.0}
+            continue
+        with torch.no_grad():
+            _, info = quantize_layer(linear, s, nearest)
+            lam = None if info["alpha"] is None else smoothing_factors(s.absmax.to(linear.weight.device),
+                                                                       linear.weight, info["alpha"])
+            ranks = list(range(0, min(top, n, k) + 1, RANK_MULTIPLE))
+            curves[name] = rank_error_curve(linear.weight, lam, s.sample.to(linear.weight.device), ranks)
+    return allocate_ranks(curves, unit, config.rank_budget)
+
+
 def _score(linear: nn.Linear, dec: Decomposition, x: torch.Tensor) -> float:
     x = x.to(dec.wscales.dtype)
     ref = x.to(torch.float32) @ linear.weight.detach().to(torch.float32).T
@@ -289,6 +334,7 @@ def quantize(
     weight_only: Iterable[str] | None = None,
     rounding: str = "gptq",
     act_format: str = "int4",
+    rank_budget: int | None = None,
     progress: bool = True,
     config: QuantizeConfig | None = None,
     process_group="auto",
@@ -301,7 +347,8 @@ def quantize(
     ``exclude=None`` keeps the defaults (embeddings, AdaLN modulation and final projections stay 16-bit).
     weight_only: fnmatch patterns of layers (among those kept 16-bit) made weight-only 4-bit instead
     (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
-    ``None`` → none. rounding: "gptq" (default) | "nearest" (`QuantizeConfig.rounding`).
+    ``None`` → none. rounding: "gptq" (default) | "nearest" (`QuantizeConfig.rounding`). rank_budget: bytes
+    of all low-rank branches, spread per layer where the error drops most (`QuantizeConfig.rank_budget`).
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
@@ -321,6 +368,7 @@ def quantize(
             weight_only=() if weight_only is None else weight_only,
             rounding=rounding,
             act_format=act_format,
+            rank_budget=rank_budget,
         )
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
@@ -340,9 +388,11 @@ def quantize(
     # Build every new layer first, without touching the model; then swap them all in one step
     # (svdq._transaction: all or nothing, also on Ctrl-C).
     new_layers, report = {}, dict(getattr(model, "svdq_report", {}) or {})
+    layer_ranks = {} if config.rank_budget is None else allocate_layer_ranks(layers, stats, config, progress)
     for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
         with torch.no_grad():
-            dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config)
+            dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config,
+                                       layer_ranks.get(name))
         _check_finite(name, {"smooth": dec.smooth, "wscales": dec.wscales, "lora_down": dec.lora_down,
                              "lora_up": dec.lora_up})
         new = new_layers[name] = SVDQLinear.from_decomposition(dec, linear.bias)
