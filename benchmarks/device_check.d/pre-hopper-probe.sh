@@ -24,9 +24,13 @@ hopper_probe() {
   # toolkit's, else the triton wheel's
   local f cuobj=$cuda/bin/cuobjdump
   [ -x "$cuobj" ] || cuobj=$(command -v cuobjdump || $PY -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null)
-  for f in w4a4_gemm_sm90 w4a4_gemm_sm90_w4a8; do
+  for f in w4a4_gemm_sm90 w4a4_gemm_sm90_w4a8; do  # both compiles at once
     "$cuda/bin/nvcc" -O3 -std=c++17 -lineinfo -I"$ROOT/csrc" -gencode=arch=compute_90a,code=sm_90a -cubin \
-      -Xptxas -v -o "$d/$f.cubin" "$ROOT/csrc/cuda/$f.cu" >"$d/$f.ptxas.log" 2>&1 || rc=1
+      -Xptxas -v -o "$d/$f.cubin" "$ROOT/csrc/cuda/$f.cu" >"$d/$f.ptxas.log" 2>&1 &
+  done
+  wait
+  for f in w4a4_gemm_sm90 w4a4_gemm_sm90_w4a8; do
+    [ -f "$d/$f.cubin" ] || rc=1
     "$cuobj" --dump-sass "$d/$f.cubin" >"$d/$f.sass" 2>&1 &&
       $PY "$ROOT/benchmarks/probes/sass_loops.py" "$d/$f.sass" --json >"$d/$f.sass_loops.json"
     rm -f "$d/$f.cubin" "$d/$f.sass"
