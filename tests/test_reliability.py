@@ -296,6 +296,30 @@ def test_5_gradients_reach_upstream_layers_and_lora_factors(quantized_mlp):
         assert torch.equal(model(z), quantized_mlp(z))
 
 
+def test_5_weight_only_layers_pass_gradients():
+    """W4A16 layers compute with F.linear on the dequantized weight: input and LoRA-factor gradients flow."""
+    model = mlp()
+    svdq.quantize(model, rank=16, exclude=("2",), weight_only=("2",), progress=False)
+    assert isinstance(model[2], svdq.SVDQWeightOnlyLinear) and isinstance(model[0], SVDQLinear)
+    x = torch.randn(4, 96, requires_grad=True)
+    g = torch.randn(4, 48)
+    (gx,) = torch.autograd.grad(model(x), x, g)
+    # Reference: the same network with the W4A16 layer as an nn.Linear holding the dequantized weight.
+    ref = copy.deepcopy(model)
+    lin = nn.Linear(64, 80)
+    with torch.no_grad():
+        lin.weight.copy_(model[2].dequantize(torch.float32))
+        lin.bias.copy_(model[2].bias)
+    ref[2] = lin
+    x2 = x.detach().clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(ref(x2), x2, g)
+    assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-7)
+    svdq.load_lora(model, peft(model, ["2"]), name="w")
+    down, up = svdq.lora_parameters(model, "w")
+    model(x).sum().backward()
+    assert down.grad is not None and up.grad is not None and float(up.grad.abs().sum()) > 0
+
+
 def test_5_unsupported_gradients_are_clear_errors(quantized_mlp):
     model = copy.deepcopy(quantized_mlp)
     layer = model[0]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import weight_standin
-from .ops import reference
+from .ops import autograd, reference
 from .ops.reference import GROUP_SIZE, padded_k
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,9 @@ class SVDQWeightOnlyLinear(nn.Module):
         stale = kind is not None and (self.layout != kind or self.wscales.dim() != 3)
         if stale and not self._repack(kind, x.device):  # first call on this device, or canonical tensors put back
             kind = None
+        if kind is not None and autograd.needs_grad(x, self.bias):
+            # The fused int4 kernels have no derivative: the same forward, backward through Ŵ (svdq.ops.autograd).
+            return autograd.weight_only_linear(x, self.bias, self.forward, lambda: self.dequantize(torch.float32))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if kind is None:
             return F.linear(x, self.dequantize(x.dtype), bias)

@@ -122,3 +122,31 @@ def svdq_linear(
                 f"{name}.requires_grad_(False)"
             )
     return _SVDQLinearFunction.apply(x, smooth, lora_down, lora_up, bias, lora_scales, forward_fn, weights_fn)
+
+
+class _WeightOnlyFunction(torch.autograd.Function):
+    """W4A16 (spec §7) with a backward: the layer's own forward (fused int4 kernels have no derivative),
+    ``dL/dx = g · Ŵ``, ``dL/dbias = Σ g`` (the weight is a constant)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, forward_fn, weight_fn):
+        ctx.weight_fn, ctx.x_shape, ctx.x_dtype = weight_fn, x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return forward_fn(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError("SVDQWeightOnlyLinear has no second derivative (create_graph=True)")
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(torch.float32)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ ctx.weight_fn().to(torch.float32)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None
+
+
+def weight_only_linear(x: torch.Tensor, bias, forward_fn: Callable, weight_fn: Callable[[], torch.Tensor]):
+    """`forward_fn(x)` (run without a graph) with the backward of ``x · Ŵᵀ + bias``; weight_fn() → Ŵ [N, K]."""
+    return _WeightOnlyFunction.apply(x, bias, forward_fn, weight_fn)
