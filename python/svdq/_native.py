@@ -41,7 +41,7 @@ def _fix_hint(error: BaseException | None) -> str:
         )
     if "No module named" in text:
         return "it is not built: build it with `pip install --no-build-isolation -e .` (docs/building.md)"
-    return "rebuild it with `pip install --no-build-isolation -e .` and run `svdq doctor` (docs/building.md)"
+    return "rebuild it with `pip install --no-build-isolation -e .` (docs/building.md)"
 
 
 def _warn_if_missing() -> None:
@@ -54,7 +54,8 @@ def _warn_if_missing() -> None:
 
     warnings.warn(
         f"svdq: the native extension svdq._C did not load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); every "
-        f"layer runs the slow PyTorch reference backend. Fix: {_fix_hint(IMPORT_ERROR)}.",
+        f"layer runs the slow PyTorch reference backend. Fix: {_fix_hint(IMPORT_ERROR)}. `svdq doctor` shows "
+        "the build and the environment.",
         RuntimeWarning,
         stacklevel=3,
     )
