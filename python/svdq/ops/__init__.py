@@ -32,6 +32,12 @@ Storage rules for layers (``SVDQLinear``; weight-only layers follow the same rul
    (diffusers' ``model.dtype``: first floating parameter) leave them alone.
 5. Prepared tensors own their storage exactly (no views of larger padded buffers), so a copy (``.to()``,
    ``clone``, ``deepcopy``, pinned offload copies) keeps every byte the kernel reads.
+6. accelerate's offload hooks (``enable_sequential_cpu_offload``) restore a hooked layer's tensors before each
+   call from their copy of ``state_dict()`` (canonical), cast to the dtype each tensor had when the hook was
+   attached: a layer must be canonical when hooked (accelerate sets ``_old_forward`` on it right before) and
+   must not keep a conversion while hooked (``_hf_hook`` with ``offload``) — convert into a transient instead.
+   diffusers' hooks move the tensors the layer holds, so a kept conversion travels with them.
+   (``SVDQLinear.__setattr__`` / ``_accelerate_offloads``; tests/test_offload.py.)
 """
 
 from __future__ import annotations
