@@ -1,0 +1,421 @@
+"""Nunchaku's SVDQuant INT4 checkpoint layout <-> svdq's canonical layout (docs/numerics.md §3, docs/formats.md).
+
+Written from the public packing code — DeepCompressor ``deepcompressor/backend/nunchaku/utils.py``
+(``NunchakuWeightPacker``; Nunchaku's ``nunchaku/lora/flux/packer.py`` is the same code), the runtime shapes of
+``nunchaku/models/linear.py`` (``SVDQW4A4Linear``) and the metadata written by ``nunchaku/merge_safetensors.py``.
+Every conversion moves stored values and adds or strips padding; nothing is recomputed, so canonical →
+Nunchaku → canonical is bit-exact, and Nunchaku → canonical → Nunchaku is bit-exact except for padding values,
+which Nunchaku's kernels never read into a kept output (padding rows are dropped; padded input columns meet
+zero activations) and which the export writes as DeepCompressor does (0 for codes and low-rank, 1 for scales,
+smoothing and bias).
+
+One W4A4 layer (K inputs, N outputs, rank R; ``Np``/``Kn`` = N/K rounded up to 128, ``Rp`` = R to 16):
+
+    key          svdq canonical                 Nunchaku file (C++ names; the V2 Python model renames
+                                                lora_down/up → proj_down/up, smooth → smooth_factor)
+    qweight      int8 [N, Kp/2] row-major       int8 [Np, Kn/2] in MMA-fragment order (`pack_qweight`)
+    wscales      D [N, Kp/64]                   D [Kn/64, Np], memory [128-channel tile][group][128 permuted]
+    bias         D [N]                          D [Np], permuted like the scales
+    smooth       D [K]                          D [Kn] (+ smooth_orig, same; the runtime ignores it)
+    lora_down    D [K, r] (reads raw x)         D [Kn, Rp]: 16×16 tiles of lora_downᵀ, [K/16][R/16]
+    lora_up      D [N, r]                       D [Np, Rp]: 16×16 tiles, [N/16][R/16]
+
+What is not a layout question (the numerics the file needs, docs/formats.md): Nunchaku runs FLUX's ``mlp_fc2``
+layers on GELU outputs shifted by +0.171875 and quantized unsigned (u4, scale max/15), and its AdaNorm layers
+(``norm1.linear``, ``norm.linear``) are AWQ W4A16 with channel interleave and a folded +1; svdq does not run
+either yet, and `check_layers` names the first such layer of a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..ops.reference import GROUP_SIZE, padded_k
+
+WARP_N = 128  # output channels per tile of Nunchaku's GEMM: N is padded to a multiple
+K_STEP = 2 * GROUP_SIZE  # their GEMM reads K two 64-groups at a time (num_k_unrolls = 2): K is padded to 128
+LOWRANK_TILE = 16  # the low-rank factors are stored as 16×16 MMA tiles: R is padded to a multiple
+SHIFT_GELU = 0.171875  # added to GELU outputs before the unsigned quantizer of mlp_fc2 (their kernel constant)
+# Within each 16 output channels the scales / bias / smoothing are stored in this order (lane l of a warp
+# loads channels {2l, 2l+1, 2l+8, 2l+9} of its MMA tile: the accumulator fragment it holds).
+CHANNEL_ORDER_16 = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
+
+# qweight of a padded [Np, Kn] code matrix: n = 128·nt + 16·p + 8·a + l, k = 64·kt + 32·b + 8·j + e; memory
+# order (nt, kt, p, l, j, a, b, e): lane 4l + j holds rows {l, l + 8} × k-chunks {j, j + 4} as 4 32-bit words
+# (the m16n8k64 B fragment), nibble e of a word in bits 4e…4e+3 (little endian: byte e/2, low nibble = even e).
+_QW_PERM = (0, 4, 1, 3, 6, 2, 5, 7)
+# scales [Np, G]: n = 128·t + 16·i + 8·h + 2·q + r; memory order (t, g, i, q, h, r).
+_SC_PERM = (0, 5, 1, 3, 2, 4)
+# low-rank tile [16, 16] of a matrix [P, Q]: ρ = 8·a + l, κ = 8·b + 2·j + e; memory order inside a tile
+# (l, j, a, b, e). Tiles: down (P = R, Q = K) in order [Q/16][P/16]; up (P = N, Q = R) in order [P/16][Q/16].
+_LR_PERM_DOWN = (3, 0, 2, 5, 1, 4, 6)
+_LR_PERM_UP = (0, 3, 2, 5, 1, 4, 6)
+
+# Tensors of one W4A4 layer in a Nunchaku file; NVFP4 layers add wtscale / wcscales.
+LAYER_KEYS = ("qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up")
+NVFP4_KEYS = ("wtscale", "wcscales")
+
+
+def _up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [R, C] → uint8 [R, 2C] nibbles, low nibble (even index) first — both layouts' byte convention."""
+    b = packed.contiguous().view(torch.uint8)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+
+
+def _bytes(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, 2C] nibbles → int8 [R, C] (inverse of `_nibbles`)."""
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).view(torch.int8)
+
+
+# ---- qweight -------------------------------------------------------------------------------------------------
+
+
+def pack_qweight(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Canonical int8 [N, Kp/2] → Nunchaku int8 [Np, Kn/2] (rows and columns zero-padded to 128)."""
+    n = qweight.shape[0]
+    kp = padded_k(in_features)
+    if qweight.dtype != torch.int8 or tuple(qweight.shape) != (n, kp // 2):
+        raise ValueError(f"qweight must be int8 [N, {kp // 2}] for K={in_features}, got {qweight.dtype} {tuple(qweight.shape)}")
+    np_, kn = _up(n, WARP_N), _up(in_features, K_STEP)
+    codes = torch.zeros(np_, kn, dtype=torch.uint8, device=qweight.device)
+    codes[:n, :kp] = _nibbles(qweight)
+    tiled = codes.view(np_ // WARP_N, 8, 2, 8, kn // GROUP_SIZE, 2, 4, 8).permute(_QW_PERM)
+    return _bytes(tiled.reshape(np_, kn))
+
+
+def unpack_qweight(packed: torch.Tensor, out_features: int, in_features: int, where: str = "qweight") -> torch.Tensor:
+    """Nunchaku int8 [Np, Kn/2] → canonical int8 [N, Kp/2]. Codes in the canonical padding columns K…Kp−1 must
+    be 0 (spec §3); codes beyond (rows ≥ N, columns ≥ Kp) are Nunchaku's padding and dropped."""
+    np_, kn = _up(out_features, WARP_N), _up(in_features, K_STEP)
+    _expect(packed, (np_, kn // 2), torch.int8, where)
+    memory = _nibbles(packed).view(np_ // WARP_N, kn // GROUP_SIZE, 8, 8, 4, 2, 2, 8)
+    codes = memory.permute(_inverse(_QW_PERM)).reshape(np_, kn)
+    kp = padded_k(in_features)
+    if kp > in_features and bool(codes[:out_features, in_features:kp].any()):
+        raise CheckpointError(
+            f"{where}: non-zero codes in the padding columns {in_features}…{kp - 1} (K={in_features}); a valid file "
+            f"has zeros there (wrong in_features, or a corrupt / differently packed tensor)"
+        )
+    return _bytes(codes[:out_features, :kp].contiguous())
+
+
+# ---- per-channel tensors: wscales [N, G], bias / smooth [N] ------------------------------------------------------
+
+
+def pack_channels(t: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
+    """Canonical scales [N, G] → Nunchaku [Gp, Np] (G padded to even, N to 128, with ``fill``), or a per-channel
+    vector [N] → [Np]. Padding is 1 as in DeepCompressor (a smoothing divisor of 0 would make NaN)."""
+    vector = t.dim() == 1
+    m = t.view(-1, 1) if vector else t
+    n, g = m.shape
+    np_, gp = _up(n, WARP_N), (g if vector else _up(g, K_STEP // GROUP_SIZE))
+    full = torch.full((np_, gp), fill, dtype=t.dtype, device=t.device)
+    full[:n, :g] = m
+    out = full.view(np_ // WARP_N, 8, 2, 4, 2, gp).permute(_SC_PERM).contiguous()
+    return out.view(np_) if vector else out.view(gp, np_)
+
+
+def unpack_channels(t: torch.Tensor, n: int, groups: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_channels`: [Gp, Np] → [N, groups], or [Np] → [N] when ``groups`` is None."""
+    np_ = _up(n, WARP_N)
+    gp = 1 if groups is None else t.shape[0]
+    tiled = t.contiguous().view(np_ // WARP_N, gp, 8, 4, 2, 2).permute(_inverse(_SC_PERM)).reshape(np_, gp)
+    return tiled[:n, 0].contiguous() if groups is None else tiled[:n, :groups].contiguous()
+
+
+# ---- low-rank factors ------------------------------------------------------------------------------------------
+
+
+def _pack_tiles(m: torch.Tensor, rows: int, cols: int, perm: tuple[int, ...]) -> torch.Tensor:
+    """Matrix m [P, Q] zero-padded to [rows, cols] → memory order ``perm`` of its 16×16 fragments."""
+    full = torch.zeros(rows, cols, dtype=m.dtype, device=m.device)
+    full[: m.shape[0], : m.shape[1]] = m
+    return full.view(rows // 16, 2, 8, cols // 16, 2, 4, 2).permute(perm).reshape(-1)
+
+
+def _unpack_tiles(flat: torch.Tensor, rows: int, cols: int, perm: tuple[int, ...]) -> torch.Tensor:
+    shape = (rows // 16, 2, 8, cols // 16, 2, 4, 2)
+    memory = flat.contiguous().view(tuple(shape[p] for p in perm))
+    return memory.permute(_inverse(perm)).reshape(rows, cols)
+
+
+def pack_lora_down(lora_down: torch.Tensor) -> torch.Tensor:
+    """Canonical lora_down [K, r] (the down projection transposed) → Nunchaku [Kn, Rp]: the tiles of the
+    [R, K] down matrix in order [K/16][R/16]."""
+    k, r = lora_down.shape
+    kn, rp = _up(k, WARP_N), _up(r, LOWRANK_TILE)
+    return _pack_tiles(lora_down.t(), rp, kn, _LR_PERM_DOWN).view(kn, rp)
+
+
+def unpack_lora_down(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Nunchaku [Kn, Rp] → canonical [K, Rp] (the rank keeps its padding: zero columns are legal, spec §3)."""
+    kn, rp = t.shape
+    return _unpack_tiles(t, rp, kn, _LR_PERM_DOWN).t()[:in_features].contiguous()
+
+
+def pack_lora_up(lora_up: torch.Tensor) -> torch.Tensor:
+    """Canonical lora_up [N, r] → Nunchaku [Np, Rp]: tiles in order [N/16][R/16]."""
+    n, r = lora_up.shape
+    np_, rp = _up(n, WARP_N), _up(r, LOWRANK_TILE)
+    return _pack_tiles(lora_up, np_, rp, _LR_PERM_UP).view(np_, rp)
+
+
+def unpack_lora_up(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    np_, rp = t.shape
+    return _unpack_tiles(t, np_, rp, _LR_PERM_UP)[:out_features].contiguous()
+
+
+# ---- one layer ---------------------------------------------------------------------------------------------------
+
+
+def layer_to_nunchaku(tensors: dict[str, torch.Tensor], in_features: int, out_features: int) -> dict[str, torch.Tensor]:
+    """An svdq W4A4 layer's canonical tensors (``qweight, wscales, smooth, lora_down, lora_up[, bias]``) →
+    the tensors of one Nunchaku INT4 layer (C++ key names; ``smooth_orig`` = ``smooth``, as DeepCompressor
+    writes it when smoothing is not fused into the weights). Exact: only moves values and pads."""
+    n, k = out_features, in_features
+    missing = [key for key in ("qweight", "wscales", "smooth", "lora_down", "lora_up") if key not in tensors]
+    if missing:
+        raise ValueError(f"layer_to_nunchaku: missing canonical tensor(s) {missing}")
+    if tensors["lora_down"].shape[0] != k or tensors["lora_up"].shape[0] != n:
+        raise ValueError(
+            f"layer_to_nunchaku: lora_down {tuple(tensors['lora_down'].shape)} / lora_up "
+            f"{tuple(tensors['lora_up'].shape)} do not match K={k}, N={n}"
+        )
+    smooth = pack_channels(tensors["smooth"])
+    out = {
+        "qweight": pack_qweight(tensors["qweight"], k),
+        "wscales": pack_channels(tensors["wscales"]),
+        "smooth": smooth,
+        "smooth_orig": smooth.clone(),
+        "lora_down": pack_lora_down(tensors["lora_down"]),
+        "lora_up": pack_lora_up(tensors["lora_up"]),
+    }
+    if tensors.get("bias") is not None:
+        out["bias"] = pack_channels(tensors["bias"])
+    return out
+
+
+def layer_from_nunchaku(
+    tensors: dict[str, torch.Tensor], in_features: int, out_features: int, where: str = "layer"
+) -> dict[str, torch.Tensor]:
+    """The tensors of one Nunchaku INT4 W4A4 layer (C++ or V2 Python key names) → svdq canonical tensors.
+
+    Checks every key, shape and dtype first (CheckpointError naming ``where`` — "file: layer" — the key and what
+    was expected); NVFP4 layers (fp8 ``wscales``, ``wtscale`` / ``wcscales``) are refused by name."""
+    t = {_CANONICAL_NAMES.get(key, key): v for key, v in tensors.items()}
+    nvfp4 = [key for key in NVFP4_KEYS if key in t]
+    if nvfp4 or ("wscales" in t and t["wscales"].dtype == torch.float8_e4m3fn):
+        raise CheckpointError(f"{where}: {nvfp4 or ['wscales (float8_e4m3fn)']}: {NVFP4_MESSAGE}")
+    unknown = sorted(t.keys() - set(LAYER_KEYS))
+    if unknown:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {unknown} in a Nunchaku INT4 W4A4 layer ({', '.join(LAYER_KEYS)})")
+    n, k = out_features, in_features
+    np_, kn = _up(n, WARP_N), _up(k, K_STEP)
+    for key in ("qweight", "wscales", "smooth", "lora_down", "lora_up"):
+        if key not in t:
+            raise CheckpointError(f"{where}: missing key {key!r} of a Nunchaku W4A4 layer [{k} -> {n}]")
+    dtype = t["wscales"].dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CheckpointError(f"{where}.wscales: dtype {dtype}, expected bfloat16 or float16 (Nunchaku INT4)")
+    _expect(t["wscales"], (kn // GROUP_SIZE, np_), dtype, f"{where}.wscales")
+    _expect(t["smooth"], (kn,), dtype, f"{where}.smooth")
+    if "smooth_orig" in t:
+        _expect(t["smooth_orig"], (kn,), dtype, f"{where}.smooth_orig")
+    if "bias" in t:
+        _expect(t["bias"], (np_,), dtype, f"{where}.bias")
+    down, up = t["lora_down"], t["lora_up"]
+    rp = down.shape[1] if down.dim() == 2 else -1
+    if rp < 0 or rp % LOWRANK_TILE:
+        raise CheckpointError(
+            f"{where}.lora_down: shape {tuple(down.shape)}, expected [{kn}, R] with R a multiple of {LOWRANK_TILE}"
+        )
+    _expect(down, (kn, rp), dtype, f"{where}.lora_down")
+    _expect(up, (np_, rp), dtype, f"{where}.lora_up")
+    out = {
+        "qweight": unpack_qweight(t["qweight"], n, k, f"{where}.qweight"),
+        "wscales": unpack_channels(t["wscales"], n, padded_k(k) // GROUP_SIZE),
+        # smoothing is per input channel but packed like the output channels (DeepCompressor's pack_scale)
+        "smooth": unpack_channels(t["smooth"], k),
+        "lora_down": unpack_lora_down(down, k),
+        "lora_up": unpack_lora_up(up, n),
+    }
+    if "bias" in t:
+        out["bias"] = unpack_channels(t["bias"], n)
+    return out
+
+
+# The V2 Python model's names for the same tensors (nunchaku/models/transformers/transformer_flux_v2.py).
+_CANONICAL_NAMES = {"proj_down": "lora_down", "proj_up": "lora_up", "smooth_factor": "smooth", "smooth_factor_orig": "smooth_orig"}
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, where: str) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise CheckpointError(f"{where}: {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+
+NVFP4_MESSAGE = (
+    "this is an NVFP4 (fp4_e2m1_all, group 16, fp8 e4m3 scales) SVDQuant checkpoint; svdq runs INT4 (int4, group 64) "
+    "files only. NVFP4 files run in Nunchaku on Blackwell RTX GPUs (sm_120); use the svdq-int4_* file of the model"
+)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a Nunchaku checkpoint, with ``quantization_config`` / ``config`` parsed and checked:
+    method "svdquant", INT4 weights and activations, group size 64, an integer rank. CheckpointError naming the
+    file and the field otherwise (NVFP4 by name)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Nunchaku checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # truncated header, not safetensors at all
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if "quantization_config" not in meta:
+        raise CheckpointError(f"{path}: no 'quantization_config' in the safetensors metadata: not a Nunchaku checkpoint")
+    parsed = {}
+    for field in ("quantization_config", "config"):
+        if field in meta:
+            try:
+                parsed[field] = json.loads(meta[field])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: metadata field {field!r} is not valid JSON ({e})") from e
+    qc = parsed["quantization_config"]
+    if not isinstance(qc, dict) or qc.get("method") != "svdquant":
+        raise CheckpointError(
+            f"{path}: metadata quantization_config.method = {qc.get('method') if isinstance(qc, dict) else qc!r}, "
+            f"expected 'svdquant'"
+        )
+    for part in ("weight", "activation"):
+        spec = qc.get(part)
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{path}: metadata quantization_config.{part} missing (expected an object)")
+        if spec.get("dtype") == "fp4_e2m1_all":
+            raise CheckpointError(f"{path}: quantization_config.{part}.dtype = 'fp4_e2m1_all': {NVFP4_MESSAGE}")
+        if spec.get("dtype") != "int4":
+            raise CheckpointError(
+                f"{path}: quantization_config.{part}.dtype = {spec.get('dtype')!r}: unknown precision; svdq reads "
+                f"Nunchaku 'int4' files (and names 'fp4_e2m1_all')"
+            )
+        if spec.get("group_size") != GROUP_SIZE:
+            raise CheckpointError(
+                f"{path}: quantization_config.{part}.group_size = {spec.get('group_size')!r}, expected {GROUP_SIZE} for int4"
+            )
+    rank = qc.get("rank", 32)
+    if not isinstance(rank, int) or rank < 0 or rank % LOWRANK_TILE:
+        raise CheckpointError(f"{path}: quantization_config.rank = {rank!r}, expected a multiple of {LOWRANK_TILE}")
+    meta.update(parsed)
+    return meta
+
+
+def is_nunchaku_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose metadata says Nunchaku SVDQuant (any precision): the
+    caller then uses `read_metadata` for the checked contents. Header only; never raises for a readable path."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        qc = json.loads(meta.get("quantization_config", "null"))
+    except Exception:  # noqa: BLE001 — not safetensors / not JSON: not a Nunchaku file
+        return False
+    return isinstance(qc, dict) and qc.get("method") == "svdquant" and meta.get("format") != "svdq"
+
+
+# FLUX.1 (FluxTransformer2DModel) layer names in Nunchaku files (C++ names, nunchaku/models/transformers/
+# transformer_flux_v2.py convert_flux_state_dict) → what each needs. "w4a4": a layer svdq converts exactly;
+# "shifted": W4A4 on shifted unsigned activations; "awq": AdaNorm AWQ W4A16.
+FLUX_DOUBLE_LAYERS = {
+    "qkv_proj": ("w4a4", "attn.to_qkv"),
+    "qkv_proj_context": ("w4a4", "attn.to_added_qkv"),
+    "out_proj": ("w4a4", "attn.to_out.0"),
+    "out_proj_context": ("w4a4", "attn.to_add_out"),
+    "mlp_fc1": ("w4a4", "ff.net.0.proj"),
+    "mlp_context_fc1": ("w4a4", "ff_context.net.0.proj"),
+    "mlp_fc2": ("shifted", "ff.net.2"),
+    "mlp_context_fc2": ("shifted", "ff_context.net.2"),
+    "norm1.linear": ("awq", "norm1.linear"),
+    "norm1_context.linear": ("awq", "norm1_context.linear"),
+}
+FLUX_SINGLE_LAYERS = {
+    "qkv_proj": ("w4a4", "attn.to_q/k/v (fused)"),
+    "mlp_fc1": ("w4a4", "proj_mlp"),
+    "out_proj": ("w4a4", "proj_out[:, :inner_dim]"),
+    "mlp_fc2": ("shifted", "proj_out[:, inner_dim:]"),
+    "norm.linear": ("awq", "norm.linear"),
+}
+_NEEDS = {
+    "shifted": (
+        "W4A4 on GELU outputs shifted by +0.171875 and quantized unsigned (u4, scale = max/15): Nunchaku's "
+        "mlp_fc2 numerics, not in svdq's spec yet (docs/formats.md)"
+    ),
+    "awq": (
+        "AWQ W4A16 AdaNorm (unsigned codes with wzeros, TinyChat packing, 6/3-way channel interleave, +1 folded "
+        "into the scale chunks' bias): not converted by svdq yet (docs/formats.md)"
+    ),
+}
+
+
+def quantized_layer_names(keys) -> list[str]:
+    """Layer prefixes of a Nunchaku state dict's keys: those with a ``qweight``."""
+    return sorted(key[: -len(".qweight")] for key in keys if key.endswith(".qweight"))
+
+
+def classify_flux_layer(name: str) -> tuple[str, str]:
+    """(kind, diffusers/svdq name) of a quantized layer of a Nunchaku FLUX.1 file: kind "w4a4" / "shifted" /
+    "awq"; CheckpointError for a name that is not a FLUX.1 Nunchaku layer."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        table = {"transformer_blocks": FLUX_DOUBLE_LAYERS, "single_transformer_blocks": FLUX_SINGLE_LAYERS}.get(parts[0])
+        if table is not None and parts[2] in table:
+            kind, target = table[parts[2]]
+            return kind, f"{parts[0]}.{parts[1]}.{target}"
+    raise CheckpointError(f"quantized layer {name!r} is not a layer of a Nunchaku FLUX.1 file")
+
+
+def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """Read a Nunchaku FLUX.1 INT4 file's metadata and tensor names (header only) and list its quantized
+    layers as (nunchaku name, kind, diffusers name). CheckpointError naming the file and the first layer whose
+    numerics svdq cannot run exactly yet (shifted-unsigned mlp_fc2, AWQ AdaNorm), or a model that is not FLUX.1."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_metadata(path)
+    class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
+    if class_name not in (None, "FluxTransformer2DModel"):
+        raise CheckpointError(
+            f"{path}: a Nunchaku checkpoint of {class_name}; svdq converts FluxTransformer2DModel (FLUX.1) files only"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    layers = []
+    for name in quantized_layer_names(keys):
+        try:
+            kind, target = classify_flux_layer(name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        layers.append((name, kind, target))
+    for name, kind, target in layers:
+        if kind != "w4a4":
+            raise CheckpointError(f"{path}: layer {name!r} ({target}) needs {_NEEDS[kind]}")
+    return layers

@@ -1,0 +1,337 @@
+"""Nunchaku SVDQuant INT4 layout <-> svdq canonical layout (`svdq.formats.nunchaku`, docs/formats.md).
+
+The packers in this file are written from the published layout description (../shared/NUNCHAKU_FORMAT.md, read
+from DeepCompressor's NunchakuWeightPacker): explicit destination-index arithmetic per element, in numpy — not
+by inverting svdq's unpacker and not with its reshape/permute formulation — so one misunderstanding cannot pass
+twice. Deliberately broken variants of these packers (swapped nibbles, wrong tile / channel order) must be told
+apart, which shows the comparisons can fail.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from svdq.checkpoint import CheckpointError
+from svdq.formats import nunchaku as nk
+from svdq.linear import SVDQLinear
+from svdq.ops import reference as ref
+
+ORDER16 = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+
+
+def up(x, m):
+    return -(-x // m) * m
+
+
+# ---- independent packers (layout description -> destination indices) -----------------------------------------
+
+
+def indep_pack_qweight(codes: np.ndarray, swap_nibbles=False, swap_ab=False) -> np.ndarray:
+    """codes int [N, K] (−8…7) → int8 [Np, Kn/2]. n = 128·nt + 16·p + 8·a + l, k = 64·kt + 32·b + 8·j + e;
+    32-bit word ((((nt·K/64 + kt)·8 + p)·8 + l)·4 + j)·4 + 2a + b; nibble e at bits 4e (byte e//2, low = even e)."""
+    n, k = codes.shape
+    np_, kn = up(n, 128), up(k, 128)
+    full = np.zeros((np_, kn), dtype=np.int64)
+    full[:n, :k] = codes
+    nn_, kk = np.meshgrid(np.arange(np_), np.arange(kn), indexing="ij")
+    nt, p, a, l = nn_ // 128, nn_ % 128 // 16, nn_ % 16 // 8, nn_ % 8
+    kt, b, j, e = kk // 64, kk % 64 // 32, kk % 32 // 8, kk % 8
+    ab = 2 * b + a if swap_ab else 2 * a + b
+    word = ((((nt * (kn // 64) + kt) * 8 + p) * 8 + l) * 4 + j) * 4 + ab
+    byte = word * 4 + e // 2
+    shift = 4 * ((e % 2) ^ int(swap_nibbles))
+    out = np.zeros(np_ * kn // 2, dtype=np.int64)
+    np.add.at(out, byte.ravel(), ((full & 0xF) << shift).ravel())
+    return out.astype(np.uint8).view(np.int8).reshape(np_, kn // 2)
+
+
+def indep_pack_channels(values: np.ndarray, fill=1.0, order=ORDER16) -> np.ndarray:
+    """[N, G] (or [N]) → memory [128-channel tile][group][128 values], 16-channel order `order`; viewed
+    [Gp, Np] (or [Np])."""
+    vec = values.ndim == 1
+    v = values.reshape(-1, 1) if vec else values
+    n, g = v.shape
+    np_, gp = up(n, 128), (1 if vec else up(g, 2))
+    full = np.full((np_, gp), fill, dtype=v.dtype)
+    full[:n, :g] = v
+    out = np.empty(np_ * gp, dtype=v.dtype)
+    pos16 = np.argsort(order)  # position of channel c within its 16 in memory
+    for ch in range(np_):
+        t, w = ch // 128, ch % 128
+        for grp in range(gp):
+            out[(t * gp + grp) * 128 + w // 16 * 16 + pos16[w % 16]] = full[ch, grp]
+    return out if vec else out.reshape(gp, np_)
+
+
+def indep_pack_lowrank(m: np.ndarray, rows: int, cols: int, tiles_col_major: bool) -> np.ndarray:
+    """Matrix [P, Q] padded to [rows, cols] → 16×16 tiles; element (ρ = 8a + l, κ = 8b + 2j + e) of a tile at
+    offset ((l·4 + j)·2 + a)·4 + 2b + e. Tile order: [Q/16][P/16] when `tiles_col_major` (down: P = R, Q = K),
+    else [P/16][Q/16] (up: P = N, Q = R)."""
+    full = np.zeros((rows, cols), dtype=m.dtype)
+    full[: m.shape[0], : m.shape[1]] = m
+    out = np.empty(rows * cols, dtype=m.dtype)
+    pt_n, qt_n = rows // 16, cols // 16
+    for r in range(rows):
+        for c in range(cols):
+            pt, rho, qt, kap = r // 16, r % 16, c // 16, c % 16
+            a, l, b, j, e = rho // 8, rho % 8, kap // 8, kap % 8 // 2, kap % 2
+            tile = qt * pt_n + pt if tiles_col_major else pt * qt_n + qt
+            out[tile * 256 + ((l * 4 + j) * 2 + a) * 4 + 2 * b + e] = full[r, c]
+    return out
+
+
+def indep_layer(codes, scales, bias, smooth, down, up_, broken=None):
+    """The Nunchaku tensors of one layer from plain (unpacked) values, as numpy (bf16 values carried as fp32
+    through numpy, which is exact)."""
+    n, k = codes.shape
+    np_, kn, rp = up(n, 128), up(k, 128), up(down.shape[1], 16)
+    out = {
+        "qweight": indep_pack_qweight(codes, swap_nibbles=broken == "nibbles", swap_ab=broken == "ab"),
+        "wscales": indep_pack_channels(scales, order=list(range(16)) if broken == "channels" else ORDER16),
+        "bias": indep_pack_channels(bias),
+        "smooth": indep_pack_channels(smooth),
+        "lora_down": indep_pack_lowrank(down.T, rp, kn, tiles_col_major=broken != "tiles").reshape(kn, rp),
+        "lora_up": indep_pack_lowrank(up_, np_, rp, tiles_col_major=False).reshape(np_, rp),
+    }
+    out["smooth_orig"] = out["smooth"].copy()
+    return out
+
+
+def to_torch(d, dtype):
+    return {
+        key: torch.from_numpy(v.copy()) if v.dtype == np.int8 else torch.from_numpy(v.astype(np.float32)).to(dtype)
+        for key, v in d.items()
+    }
+
+
+def random_layer(n, k, r, seed, dtype=torch.bfloat16, bias=True):
+    """Plain values of a layer: codes [N, K] in −8…7 (zero in the padding columns K…Kp), scales [N, Kp/64] …"""
+    g = torch.Generator().manual_seed(seed)
+    kp = ref.padded_k(k)
+    codes = torch.randint(-8, 8, (n, kp), generator=g)
+    codes[:, k:] = 0
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    plain = {
+        "codes": codes,
+        "scales": rnd(n, kp // 64).abs() + 0.01,
+        "bias": rnd(n) if bias else None,
+        "smooth": rnd(k).abs() + 0.5,
+        "down": rnd(k, r),
+        "up": rnd(n, r),
+    }
+    canonical = {
+        "qweight": ref.pack_int4(codes),
+        "wscales": plain["scales"],
+        "smooth": plain["smooth"],
+        "lora_down": plain["down"],
+        "lora_up": plain["up"],
+    }
+    if bias:
+        canonical["bias"] = plain["bias"]
+    return plain, canonical
+
+
+def expected_nunchaku(plain, k, dtype, broken=None):
+    f = lambda t: t.float().numpy()  # noqa: E731
+    codes = plain["codes"][:, :k].numpy()
+    bias = plain["bias"] if plain["bias"] is not None else torch.zeros(codes.shape[0])
+    out = to_torch(indep_layer(codes, f(plain["scales"]), f(bias), f(plain["smooth"]), f(plain["down"]), f(plain["up"]), broken), dtype)
+    if plain["bias"] is None:
+        del out["bias"]
+    return out
+
+
+# Shapes: FLUX-like multiples of 128; K with an odd number of 64-groups (padded to 128); K not a multiple of 64
+# (canonical padding inside the last group); N not a multiple of 128 nor 16; ranks 0, 16, 48 (not a power of two).
+SHAPES = [(256, 384, 32), (128, 192, 16), (200, 100, 48), (16, 64, 0), (384, 640, 16)]
+
+
+@pytest.mark.parametrize("n,k,r", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_export_matches_independent_packer_and_round_trips(n, k, r, dtype):
+    plain, canonical = random_layer(n, k, r, seed=n + k + r, dtype=dtype)
+    packed = nk.layer_to_nunchaku(canonical, k, n)
+    expected = expected_nunchaku(plain, k, dtype)
+    assert packed.keys() == expected.keys()
+    for key in expected:
+        assert packed[key].dtype == expected[key].dtype, key
+        assert torch.equal(packed[key].view(torch.uint8) if key == "qweight" else packed[key], expected[key].view(torch.uint8) if key == "qweight" else expected[key]), key
+    # the independent packing reads back to the canonical tensors, bit for bit
+    back = nk.layer_from_nunchaku(expected, k, n, where="t")
+    assert back.keys() == canonical.keys()
+    for key in canonical:
+        assert back[key].dtype == canonical[key].dtype and torch.equal(back[key], canonical[key]), key
+
+
+def test_nunchaku_to_canonical_to_nunchaku_is_exact_without_padding():
+    # N, K multiples of 128 and R of 16 (every FLUX layer): arbitrary Nunchaku bytes survive the trip unchanged
+    g = torch.Generator().manual_seed(3)
+    n, k, r = 256, 384, 32
+    t = {
+        "qweight": torch.randint(-128, 128, (n, k // 2), generator=g).to(torch.int8),
+        "wscales": torch.randn(k // 64, n, generator=g).to(torch.bfloat16),
+        "bias": torch.randn(n, generator=g).to(torch.bfloat16),
+        "smooth": torch.rand(k, generator=g).to(torch.bfloat16) + 0.5,
+        "lora_down": torch.randn(k, r, generator=g).to(torch.bfloat16),
+        "lora_up": torch.randn(n, r, generator=g).to(torch.bfloat16),
+    }
+    t["smooth_orig"] = t["smooth"].clone()
+    again = nk.layer_to_nunchaku(nk.layer_from_nunchaku(t, k, n), k, n)
+    for key in t:
+        assert torch.equal(again[key], t[key]), key
+
+
+@pytest.mark.parametrize("broken", ["nibbles", "ab", "channels", "tiles"])
+def test_broken_packings_are_told_apart(broken):
+    n, k, r = 256, 384, 32
+    plain, canonical = random_layer(n, k, r, seed=11)
+    good = nk.layer_to_nunchaku(canonical, k, n)
+    bad = expected_nunchaku(plain, k, torch.bfloat16, broken=broken)
+    key = {"nibbles": "qweight", "ab": "qweight", "channels": "wscales", "tiles": "lora_down"}[broken]
+    assert not torch.equal(good[key], bad[key])
+    back = nk.layer_from_nunchaku(bad, k, n)
+    name = {"qweight": "qweight", "wscales": "wscales", "lora_down": "lora_down"}[key]
+    assert not torch.equal(back[name], canonical[name])
+
+
+def test_quantized_layer_survives_and_computes_the_same():
+    # a real svdq layer (smoothing, low-rank, bias) → Nunchaku tensors → canonical: same forward, bit for bit
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384).to(torch.bfloat16)
+    layer = SVDQLinear.from_linear(lin, rank=32, smooth=torch.rand(256).to(torch.bfloat16) + 0.5)
+    canonical = {key: v for key, v in layer.state_dict().items()}
+    packed = nk.layer_to_nunchaku(canonical, 256, 384)
+    # the independent packer agrees on the real layer as well
+    codes = ref.unpack_int4(canonical["qweight"]).long()
+    plain = {"codes": codes, "scales": canonical["wscales"], "bias": canonical["bias"], "smooth": canonical["smooth"],
+             "down": canonical["lora_down"], "up": canonical["lora_up"]}
+    expected = expected_nunchaku(plain, 256, torch.bfloat16)
+    for key in expected:
+        assert torch.equal(packed[key], expected[key]), key
+    back = SVDQLinear(256, 384, 32, True, torch.bfloat16)
+    back.load_state_dict(nk.layer_from_nunchaku(packed, 256, 384))
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    assert torch.equal(back(x), layer(x))
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+
+def _good(n=128, k=128, r=16):
+    return nk.layer_to_nunchaku(random_layer(n, k, r, seed=1)[1], k, n)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t: t.pop("lora_up"), "missing key 'lora_up'"),
+        (lambda t: t.__setitem__("qweight", t["qweight"][:64]), r"L\.qweight: torch\.int8 \(64, 64\), expected torch\.int8 \(128, 64\)"),
+        (lambda t: t.__setitem__("wscales", t["wscales"].half()), r"L\.smooth: torch\.bfloat16"),
+        (lambda t: t.__setitem__("lora_down", t["lora_down"][:, :8]), "multiple of 16"),
+        (lambda t: t.__setitem__("wscales", t["wscales"].to(torch.float8_e4m3fn)), "NVFP4"),
+        (lambda t: t.__setitem__("wcscales", torch.ones(128)), "NVFP4"),
+        (lambda t: t.__setitem__("extra", torch.ones(1)), r"unexpected tensor\(s\) \['extra'\]"),
+    ],
+)
+def test_malformed_layer_errors_name_key_and_expectation(mutate, match):
+    t = _good()
+    mutate(t)
+    with pytest.raises(CheckpointError, match=match):
+        nk.layer_from_nunchaku(t, 128, 128, where="L")
+
+
+def test_nonzero_canonical_padding_codes_are_refused():
+    n, k = 128, 100  # canonical Kp = 128: columns 100…127 must hold zero codes
+    t = _good(n, 128)
+    with pytest.raises(CheckpointError, match=r"padding columns 100…127"):
+        nk.layer_from_nunchaku(t, k, n, where="L")
+
+
+def test_v2_python_names_are_accepted():
+    t = _good()
+    renamed = {{"lora_down": "proj_down", "lora_up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}.get(k, k): v for k, v in t.items()}
+    a, b = nk.layer_from_nunchaku(t, 128, 128), nk.layer_from_nunchaku(renamed, 128, 128)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _qc(dtype="int4", group=64, rank=32):
+    return {"method": "svdquant", "weight": {"dtype": dtype, "scale_dtype": None, "group_size": group},
+            "activation": {"dtype": dtype, "scale_dtype": None, "group_size": group}, "rank": rank}
+
+
+def _write(path, tensors, qc, class_name="FluxTransformer2DModel"):
+    meta = {"quantization_config": json.dumps(qc), "config": json.dumps({"_class_name": class_name}), "model_class": "x"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def _flux_file(path, layers, qc=None, class_name="FluxTransformer2DModel"):
+    tensors = {}
+    for name in layers:
+        tensors.update({f"{name}.{k}": v for k, v in _good().items()})
+    return _write(path, tensors, qc or _qc(), class_name)
+
+
+def test_metadata_detection_and_checks(tmp_path):
+    f = _flux_file(tmp_path / "a.safetensors", ["transformer_blocks.0.qkv_proj", "single_transformer_blocks.0.mlp_fc1"])
+    assert nk.is_nunchaku_file(f)
+    meta = nk.read_metadata(f)
+    assert meta["quantization_config"]["rank"] == 32
+    layers = nk.check_layers(f)
+    assert [(n, kind) for n, kind, _ in layers] == [
+        ("single_transformer_blocks.0.mlp_fc1", "w4a4"), ("transformer_blocks.0.qkv_proj", "w4a4")]
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(plain))
+    assert not nk.is_nunchaku_file(plain)
+    with pytest.raises(CheckpointError, match="no 'quantization_config'"):
+        nk.read_metadata(plain)
+
+
+@pytest.mark.parametrize(
+    "qc,match",
+    [
+        (_qc("fp4_e2m1_all", 16), r"fp4_e2m1_all.*NVFP4.*Nunchaku on Blackwell"),
+        (_qc("int8"), r"quantization_config\.weight\.dtype = 'int8': unknown precision"),
+        (_qc(group=128), r"group_size = 128, expected 64"),
+        (_qc(rank=20), r"rank = 20, expected a multiple of 16"),
+        ({**_qc(), "method": "awq"}, r"method = 'awq', expected 'svdquant'"),
+    ],
+)
+def test_unsupported_precision_is_a_clear_error(tmp_path, qc, match):
+    f = _flux_file(tmp_path / "m.safetensors", ["transformer_blocks.0.qkv_proj"], qc=qc)
+    with pytest.raises(CheckpointError, match=match) as e:
+        nk.read_metadata(f)
+    assert str(f) in str(e.value)
+
+
+def test_truncated_file_and_other_models(tmp_path):
+    f = _flux_file(tmp_path / "t.safetensors", ["transformer_blocks.0.qkv_proj"])
+    data = f.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors is not a readable safetensors file"):
+        nk.read_metadata(cut)
+    other = _flux_file(tmp_path / "q.safetensors", ["transformer_blocks.0.attn.to_qkv"], class_name="QwenImageTransformer2DModel")
+    with pytest.raises(CheckpointError, match="QwenImageTransformer2DModel; svdq converts FluxTransformer2DModel"):
+        nk.check_layers(other)
+    stray = _flux_file(tmp_path / "s.safetensors", ["transformer_blocks.0.not_a_layer"])
+    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.not_a_layer' is not a layer of a Nunchaku FLUX\.1"):
+        nk.check_layers(stray)
+
+
+@pytest.mark.parametrize(
+    "layer,match",
+    [
+        ("transformer_blocks.3.mlp_fc2", r"'transformer_blocks\.3\.mlp_fc2' \(transformer_blocks\.3\.ff\.net\.2\) needs W4A4 on GELU outputs shifted by \+0\.171875"),
+        ("single_transformer_blocks.1.mlp_fc2", r"single_transformer_blocks\.1\.proj_out\[:, inner_dim:\]\) needs W4A4 on GELU"),
+        ("transformer_blocks.0.norm1.linear", r"norm1\.linear'.*needs AWQ W4A16 AdaNorm"),
+    ],
+)
+def test_layers_needing_new_numerics_are_named(tmp_path, layer, match):
+    f = _flux_file(tmp_path / "n.safetensors", ["transformer_blocks.0.qkv_proj", layer])
+    with pytest.raises(CheckpointError, match=match):
+        nk.check_layers(f)
