@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import call_defaults, pipeline_model, prepare
+from .models import call_defaults, family_of, generic, pipeline_model, prepare
 
 
 def default_prompts() -> list[str]:
@@ -58,7 +58,8 @@ def calibrate_pipeline(
     arguments (``height``, ``width``, ``max_sequence_length``, ...) go to every pipeline call.
     The returned callable must be given the pipeline's own denoiser (it runs ``pipe``, not the module).
     For FLUX.1 / SDXL / PixArt-Σ the denoiser's shared-input projections are fused now (`svdq.models.prepare`;
-    the function is unchanged), so that `svdq.quantize` sees, calibrates and quantizes each group as one layer.
+    the function is unchanged); any other diffusers denoiser first gets its generic plan from one traced
+    pipeline step (`svdq.models.generic.analyze_pipeline`), so that `svdq.quantize` sees, calibrates and quantizes each group as one layer.
     """
     prompts = list(default_prompts() if prompts is None else prompts)
     if not prompts:
@@ -66,6 +67,9 @@ def calibrate_pipeline(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     denoiser = pipeline_model(pipe)
+    if family_of(denoiser) is None and generic.is_diffusers_model(denoiser):
+        # Any other diffusers denoiser: one traced step decides its layer plan (svdq.models.generic).
+        generic.analyze_pipeline(pipe, prompts[0], **{**call_defaults(pipe), **pipe_kwargs})
     prepare(denoiser)  # shared-input projections become one nn.Linear: calibrated and quantized as one layer
     kwargs = {**call_defaults(pipe), **pipe_kwargs, "output_type": "latent"}
     if num_inference_steps is not None:
