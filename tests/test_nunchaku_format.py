@@ -335,3 +335,28 @@ def test_layers_needing_new_numerics_are_named(tmp_path, layer, match):
     f = _flux_file(tmp_path / "n.safetensors", ["transformer_blocks.0.qkv_proj", layer])
     with pytest.raises(CheckpointError, match=match):
         nk.check_layers(f)
+
+
+def test_from_pretrained_detects_nunchaku_files_and_names_what_is_missing(tmp_path):
+    import svdq
+
+    full = _flux_file(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", ["transformer_blocks.0.qkv_proj", "transformer_blocks.0.mlp_fc2"])
+    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.mlp_fc2' .* needs W4A4 on GELU outputs shifted"):
+        svdq.from_pretrained(full)
+    # a directory holding the file is found too
+    with pytest.raises(CheckpointError, match=r"mlp_fc2"):
+        svdq.from_pretrained(tmp_path)
+    part = tmp_path / "part"
+    part.mkdir()
+    _flux_file(part / "x.safetensors", ["transformer_blocks.0.qkv_proj"])
+    # 19 double blocks × 10 layers + 38 single blocks × 5 (FLUX.1's depth, the config names none) − 1 present
+    with pytest.raises(CheckpointError, match=r"incomplete Nunchaku FLUX\.1 checkpoint: missing .*\(379 in all\)"):
+        svdq.from_pretrained(part / "x.safetensors")
+    nvfp4 = _flux_file(part / "svdq-fp4_r32.safetensors", ["transformer_blocks.0.qkv_proj"], qc=_qc("fp4_e2m1_all", 16))
+    with pytest.raises(CheckpointError, match="NVFP4"):
+        svdq.from_pretrained(nvfp4)
+    lite = tmp_path / "lite"
+    lite.mkdir()
+    (lite / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "nunchaku_lite"}}))
+    with pytest.raises(CheckpointError, match="nunchaku_lite"):
+        svdq.from_pretrained(lite)

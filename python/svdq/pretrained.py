@@ -252,6 +252,11 @@ def from_pretrained(
     hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
     device = _device_from_map(device, device_map)
     torch_dtype = _parse_dtype(torch_dtype)
+    from .formats import nunchaku
+
+    nunchaku_file = nunchaku.find_checkpoint(dir_or_hub_id)  # a Nunchaku SVDQuant file (docs/formats.md)
+    if nunchaku_file is not None:
+        return nunchaku.from_pretrained(nunchaku_file)
     directory = resolve(dir_or_hub_id, **hub_kwargs)
     info = read_info(directory)
     if expected_family is not None:

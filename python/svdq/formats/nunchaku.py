@@ -419,3 +419,57 @@ def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         if kind != "w4a4":
             raise CheckpointError(f"{path}: layer {name!r} ({target}) needs {_NEEDS[kind]}")
     return layers
+
+
+def flux_layer_names(num_layers: int, num_single_layers: int) -> list[str]:
+    """Every quantized layer a complete Nunchaku FLUX.1 file holds for a model of this depth."""
+    names = [f"transformer_blocks.{i}.{n}" for i in range(num_layers) for n in FLUX_DOUBLE_LAYERS]
+    return names + [f"single_transformer_blocks.{i}.{n}" for i in range(num_single_layers) for n in FLUX_SINGLE_LAYERS]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The Nunchaku checkpoint ``path`` names: the file itself, or the one Nunchaku ``.safetensors`` file of a
+    directory that is not an svdq model directory; None when it is neither (an svdq directory, a hub id, …).
+    A diffusers ``nunchaku_lite`` directory is refused by name (not read yet)."""
+    path = Path(path)
+    if path.is_file():
+        return path if is_nunchaku_file(path) else None
+    if not path.is_dir():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        config = {}
+    method = ((config or {}).get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    if method == "nunchaku_lite":
+        raise CheckpointError(
+            f"{path}: a diffusers 'nunchaku_lite' directory (Nunchaku layout under diffusers module names); svdq reads "
+            f"Nunchaku's single-file checkpoints (svdq-int4_r*-*.safetensors) only so far (docs/formats.md)"
+        )
+    if method is not None:  # svdquant (svdq's own) or another quantizer: not ours to claim
+        return None
+    found = sorted(p for p in path.glob("*.safetensors") if is_nunchaku_file(p))
+    if len(found) > 1:
+        raise CheckpointError(f"{path} holds {len(found)} Nunchaku checkpoints ({', '.join(p.name for p in found)}); pass one file")
+    return found[0] if found else None
+
+
+def from_pretrained(path: str | os.PathLike):
+    """Load a Nunchaku FLUX.1 INT4 checkpoint as an svdq model (`svdq.from_pretrained` calls this for a
+    Nunchaku file or directory). Checked from the header before anything is built: metadata, model class, every
+    layer's numerics, completeness. A published FLUX.1 file always has ``mlp_fc2`` layers (shifted unsigned
+    activations) and AWQ AdaNorm layers, which svdq does not run yet: the CheckpointError names the first one
+    (docs/formats.md lists what is missing). Nothing is loaded, so nothing is half-loaded."""
+    path = Path(path)
+    meta = read_metadata(path)
+    layers = check_layers(path)  # raises for the numerics svdq lacks, naming the layer
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    # FLUX.1's depth when the config does not say (diffusers' FluxTransformer2DModel defaults)
+    expected = flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
+    # Every complete file has mlp_fc2 / AdaNorm layers, which check_layers refused: reaching here means some are
+    # missing.
+    missing = sorted(set(expected) - {name for name, _, _ in layers})
+    raise CheckpointError(
+        f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
+        f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+    )
