@@ -360,3 +360,44 @@ def test_from_pretrained_detects_nunchaku_files_and_names_what_is_missing(tmp_pa
     (lite / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "nunchaku_lite"}}))
     with pytest.raises(CheckpointError, match="nunchaku_lite"):
         svdq.from_pretrained(lite)
+
+
+# ---- AdaNorm AWQ W4A16 layout ----------------------------------------------------------------------------------
+
+
+def indep_pack_awq_qweight(u: np.ndarray) -> np.ndarray:
+    """codes [N, K] (0…15) → int32 [N/4, K/2]: input k of row n is nibble m = (k % 32) // 8 of int16
+    c = 8·(k // 32) + k % 8 of the row; int16 c of row n sits at ((n//4 · K/64 + c//16)·4 + n%4)·16 + c%16."""
+    n, k = u.shape
+    out = np.zeros(n * k // 4, dtype=np.int64)
+    for row in range(n):
+        for col in range(k):
+            c = 8 * (col // 32) + col % 8
+            idx = ((row // 4 * (k // 64) + c // 16) * 4 + row % 4) * 16 + c % 16
+            out[idx] |= int(u[row, col]) << (4 * ((col % 32) // 8))
+    return out.astype(np.uint16).view(np.int32).reshape(n // 4, k // 2)
+
+
+@pytest.mark.parametrize("n,k,splits", [(24, 128, 6), (12, 192, 3), (8, 64, 1)])
+def test_awq_adanorm_layout_round_trips_and_matches_independent_packer(n, k, splits):
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+    scales = torch.rand(n, k // 64, generator=g).to(torch.bfloat16) + 0.1
+    zeros = -(7 * scales.float()).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    packed = nk.pack_awq(codes, scales, zeros, bias, splits)
+    # channel c of chunk t at row c·splits + t
+    perm = [t * (n // splits) + c for c in range(n // splits) for t in range(splits)]
+    expected_q = indep_pack_awq_qweight(codes.numpy()[perm])
+    assert np.array_equal(packed["qweight"].numpy(), expected_q)
+    assert packed["wscales"].shape == (16, n) and torch.equal(packed["wscales"][: k // 64], scales[perm].t())
+    assert not packed["wscales"][k // 64 :].any()
+    assert torch.equal(packed["bias"], bias[perm])
+    back = nk.unpack_awq(packed, k, n, splits, where="L")
+    for key, want in (("codes", codes), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        assert torch.equal(back[key], want), key
+    # broken: rows not interleaved → different qweight
+    if splits > 1:
+        assert not np.array_equal(nk.pack_awq(codes, scales, zeros, bias, 1)["qweight"].numpy(), expected_q)
+    with pytest.raises(CheckpointError, match=r"L\.qweight: torch\.int32"):
+        nk.unpack_awq({**packed, "qweight": packed["qweight"][:1]}, k, n, splits, where="L")

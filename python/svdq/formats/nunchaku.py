@@ -473,3 +473,90 @@ def from_pretrained(path: str | os.PathLike):
         f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
         f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
     )
+
+
+# ---- AdaNorm AWQ W4A16 layers (layout only) ------------------------------------------------------------------------
+#
+# Nunchaku's AWQW4A16Linear (nunchaku/models/linear.py; packed by DeepCompressor backend/tinychat/utils.py and
+# backend/nunchaku/utils.py convert_to_nunchaku_w4x16_linear_weight): w = u·s + zero with unsigned codes u in
+# 0…15 and a *floating* per-group zero (DeepCompressor writes zero = −D(7·s)). svdq's zero-point layers (spec §7)
+# hold integer zero points z (w = (u − z)·s), which equals Nunchaku's only where zero == −z·s exactly — not the
+# case for most bf16 scales (7·s needs 3 more mantissa bits) — so these converters stop at plain tensors
+# (codes, scales, zeros, bias) and loading such a layer needs float zero points in svdq (docs/formats.md).
+
+AWQ_GROUP_PAD = 16  # DeepCompressor pads the group count to 16 (8 nibbles per int32 × 2 packs at group 64)
+
+
+def pack_awq(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, splits: int = 1) -> dict:
+    """Plain AWQ tensors → Nunchaku's AdaNorm layer: codes uint8 [N, K] (0…15), scales / zeros D [N, K/64],
+    bias D [N] (the file's bias: the +1 of the scale chunks is the caller's, it is not a permutation) →
+    ``qweight`` int32 [N/4, K/2], ``wscales`` / ``wzeros`` D [Gp, N] (Gp = K/64 rounded up to 16, zero-padded),
+    ``bias`` D [N]. ``splits`` (6 double-block norm1, 3 single-block norm): output channel c of modulation
+    chunk t goes to row c·splits + t."""
+    n, k = codes.shape
+    g = k // GROUP_SIZE
+    if k % GROUP_SIZE or n % 4 or n % splits:
+        raise ValueError(f"pack_awq: N={n} must be a multiple of 4 and of splits={splits}, K={k} of {GROUP_SIZE}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("pack_awq: codes must be 0…15")
+
+    def interleave(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(splits, n // splits, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+    u = interleave(codes.to(torch.int32))
+    # within 32 inputs: int16 i holds inputs i, 8+i, 16+i, 24+i in its 4 nibbles (TinyChat's dequant order)
+    c = u.view(n, k // 32, 4, 8)
+    words = c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)  # [N, K/32, 8]
+    # four output rows interleaved per 64 inputs: [N/4, K/64, 4 rows, 16 int16]
+    words = words.reshape(n // 4, 4, g, 16).permute(0, 2, 1, 3).reshape(n // 4, k)
+    # 16-bit patterns as signed int16 (explicitly: an out-of-range integer cast is not defined), two per int32
+    qweight = (words - ((words >> 15) & 1) * 65536).to(torch.int16).view(torch.int32)
+    gp = _up(g, AWQ_GROUP_PAD)
+    out = {"qweight": qweight}
+    for key, t in (("wscales", scales), ("wzeros", zeros)):
+        full = torch.zeros(gp, n, dtype=t.dtype, device=t.device)
+        full[:g] = interleave(t).t()
+        out[key] = full
+    if bias is not None:
+        out["bias"] = interleave(bias)
+    return out
+
+
+def unpack_awq(tensors: dict, in_features: int, out_features: int, splits: int = 1, where: str = "layer") -> dict:
+    """Inverse of `pack_awq`: Nunchaku AdaNorm tensors → codes uint8 [N, K], scales / zeros D [N, K/64],
+    bias D [N] (as stored: the +1 of the scale chunks still in it). CheckpointError naming ``where`` and the key
+    for a wrong shape / dtype or a missing key."""
+    n, k = out_features, in_features
+    if k % GROUP_SIZE or n % 4 or n % splits:
+        raise CheckpointError(f"{where}: AWQ layer [{k} -> {n}]: K must be a multiple of 64, N of 4 and of {splits}")
+    g, gp = k // GROUP_SIZE, _up(k // GROUP_SIZE, AWQ_GROUP_PAD)
+    for key in ("qweight", "wscales", "wzeros"):
+        if key not in tensors:
+            raise CheckpointError(f"{where}: missing key {key!r} of a Nunchaku AWQ W4A16 layer [{k} -> {n}]")
+    _expect(tensors["qweight"], (n // 4, k // 2), torch.int32, f"{where}.qweight")
+    dtype = tensors["wscales"].dtype
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{where}.wscales: dtype {dtype}, expected bfloat16 or float16")
+    for key in ("wscales", "wzeros"):
+        t = tensors[key]
+        # Nunchaku's own module allocates K/64 groups; DeepCompressor's files pad them to 16
+        if t.shape[0] not in (g, gp):
+            raise CheckpointError(f"{where}.{key}: {t.dtype} {tuple(t.shape)}, expected {dtype} ({gp}, {n}) or ({g}, {n})")
+        _expect(t, (t.shape[0], n), dtype, f"{where}.{key}")
+    if "bias" in tensors:
+        _expect(tensors["bias"], (n,), dtype, f"{where}.bias")
+
+    def deinterleave(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n // splits, splits, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+    words = tensors["qweight"].contiguous().view(torch.int16).view(n // 4, g, 4, 16).permute(0, 2, 1, 3)
+    words = words.reshape(n, k // 32, 8).to(torch.int32) & 0xFFFF
+    c = torch.stack([(words >> (4 * m)) & 0xF for m in range(4)], dim=2)  # [N, K/32, 4, 8]
+    out = {
+        "codes": deinterleave(c.reshape(n, k).to(torch.uint8)),
+        "scales": deinterleave(tensors["wscales"][:g].t().contiguous()),
+        "zeros": deinterleave(tensors["wzeros"][:g].t().contiguous()),
+    }
+    if "bias" in tensors:
+        out["bias"] = deinterleave(tensors["bias"])
+    return out
