@@ -401,3 +401,34 @@ def test_awq_adanorm_layout_round_trips_and_matches_independent_packer(n, k, spl
         assert not np.array_equal(nk.pack_awq(codes, scales, zeros, bias, 1)["qweight"].numpy(), expected_q)
     with pytest.raises(CheckpointError, match=r"L\.qweight: torch\.int32"):
         nk.unpack_awq({**packed, "qweight": packed["qweight"][:1]}, k, n, splits, where="L")
+
+
+def test_split_and_merge_single_block_layers_are_exact():
+    torch.manual_seed(1)
+    # svdq's fused single-block input layer (q, k, v, mlp) → Nunchaku's qkv_proj + mlp_fc1 → back
+    fused = SVDQLinear.from_linear(nn.Linear(128, 7 * 32).to(torch.bfloat16), rank=16,
+                                   smooth=torch.rand(128).to(torch.bfloat16) + 0.5)
+    t = fused.state_dict()
+    qkv, mlp = nk.split_rows(t, [3 * 32, 4 * 32])
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    y = fused(x)
+    for part, cols in ((qkv, slice(0, 96)), (mlp, slice(96, 224))):
+        layer = SVDQLinear(128, part["qweight"].shape[0], 16, True, torch.bfloat16)
+        layer.load_state_dict(part)
+        assert torch.equal(layer(x), y[:, cols])  # each part computes exactly its rows
+        packed = nk.layer_to_nunchaku(part, 128, part["qweight"].shape[0])  # and packs (N padded to 128)
+        assert torch.equal(nk.layer_from_nunchaku(packed, 128, part["qweight"].shape[0])["qweight"], part["qweight"])
+    merged = nk.merge_rows([qkv, mlp])
+    assert all(torch.equal(merged[k], t[k]) for k in t if k != "lora_scales")
+    other = dict(mlp, smooth=mlp["smooth"] * 2)
+    with pytest.raises(CheckpointError, match="different smooth"):
+        nk.merge_rows([qkv, other], where="single_transformer_blocks.0")
+    # proj_out [attn | mlp] → out_proj + mlp_fc2 (split on a group boundary) → back
+    proj = SVDQLinear.from_linear(nn.Linear(320, 128).to(torch.bfloat16), rank=16).state_dict()
+    a, b = nk.split_columns(proj, 320, 128)
+    merged = nk.merge_columns(a, b, 128)
+    assert all(torch.equal(merged[k], proj[k]) for k in merged)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nk.split_columns(proj, 320, 100)
+    with pytest.raises(CheckpointError, match="non-zero bias"):
+        nk.merge_columns(a, dict(b, bias=torch.ones_like(b["bias"])), 128)

@@ -269,6 +269,82 @@ def _expect(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, where: 
         raise CheckpointError(f"{where}: {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
 
 
+
+# ---- splitting and merging canonical layers (svdq's fused projections vs Nunchaku's separate layers) -------------
+
+
+def split_rows(t: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """A canonical layer whose outputs are several projections (svdq's fused ``to_qkv_mlp``) → one layer per
+    part (Nunchaku's single-block ``qkv_proj`` and ``mlp_fc1``). Exact: rows of qweight / wscales / lora_up /
+    bias are split; smooth and lora_down (both per input) are shared — each part computes the same numbers."""
+    n = t["qweight"].shape[0]
+    if sum(sizes) != n or min(sizes) < 1:
+        raise ValueError(f"split_rows: sizes {sizes} do not add up to the layer's {n} outputs")
+    parts = [dict() for _ in sizes]
+    for key in ("qweight", "wscales", "lora_up", "bias"):
+        if t.get(key) is not None:
+            for part, chunk in zip(parts, torch.split(t[key], sizes)):
+                part[key] = chunk.contiguous()
+    for part in parts:
+        part["smooth"], part["lora_down"] = t["smooth"].clone(), t["lora_down"].clone()
+    return parts
+
+
+def merge_rows(parts: list[dict[str, torch.Tensor]], where: str = "layers") -> dict[str, torch.Tensor]:
+    """Inverse of `split_rows`: exact only when every part has the same smoothing and low-rank down (a file
+    exported by svdq); two independently quantized layers (Nunchaku's own files) are refused, naming ``where``."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("smooth", "lora_down"):
+            if part[key].shape != first[key].shape or not torch.equal(part[key], first[key]):
+                raise CheckpointError(
+                    f"{where}: the layers have different {key}: they cannot share one svdq layer exactly (each has its "
+                    f"own smoothing / low-rank branch)"
+                )
+    if len({"bias" in p and p["bias"] is not None for p in parts}) != 1:
+        raise CheckpointError(f"{where}: some layers have a bias and some not")
+    out = {key: torch.cat([p[key] for p in parts]) for key in ("qweight", "wscales", "lora_up")}
+    out["smooth"], out["lora_down"] = first["smooth"].clone(), first["lora_down"].clone()
+    if first.get("bias") is not None:
+        out["bias"] = torch.cat([p["bias"] for p in parts])
+    return out
+
+
+def split_columns(t: dict[str, torch.Tensor], in_features: int, at: int) -> tuple[dict, dict]:
+    """A canonical layer → two layers on input columns [0, at) and [at, K) whose outputs add up to it in real
+    arithmetic (Nunchaku's single-block ``out_proj`` + ``mlp_fc2`` for diffusers' ``proj_out``). ``at`` must be
+    a multiple of 64 (a group boundary: the codes and scales split without requantizing). The bias goes to the
+    first layer, zeros to the second; lora_up is shared. Each part's values are exactly the original's, but
+    the sum of two rounded outputs is not the one layer's rounding."""
+    if at % GROUP_SIZE or not 0 < at < in_features:
+        raise ValueError(f"split_columns: split point {at} must be a multiple of {GROUP_SIZE} inside (0, {in_features})")
+    qw, ws = t["qweight"], t["wscales"]
+    a = {"qweight": qw[:, : at // 2], "wscales": ws[:, : at // GROUP_SIZE], "smooth": t["smooth"][:at],
+         "lora_down": t["lora_down"][:at], "lora_up": t["lora_up"].clone()}
+    b = {"qweight": qw[:, at // 2 :], "wscales": ws[:, at // GROUP_SIZE :], "smooth": t["smooth"][at:],
+         "lora_down": t["lora_down"][at:], "lora_up": t["lora_up"].clone()}
+    if t.get("bias") is not None:
+        a["bias"], b["bias"] = t["bias"].clone(), torch.zeros_like(t["bias"])
+    return {k: v.contiguous() for k, v in a.items()}, {k: v.contiguous() for k, v in b.items()}
+
+
+def merge_columns(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at: int, where: str = "layers") -> dict:
+    """Inverse of `split_columns`: exact when both layers share lora_up and the second has a zero bias (a file
+    exported by svdq); otherwise CheckpointError naming ``where`` (Nunchaku's own files need a module that adds
+    two layers' outputs)."""
+    if at % GROUP_SIZE or a["qweight"].shape[1] * 2 != at:
+        raise CheckpointError(f"{where}: first layer has {a['qweight'].shape[1] * 2} input columns, expected {at}")
+    if not torch.equal(a["lora_up"], b["lora_up"]):
+        raise CheckpointError(f"{where}: the two layers have different lora_up: not one svdq layer split in two")
+    if b.get("bias") is not None and bool(b["bias"].any()):
+        raise CheckpointError(f"{where}: the second layer has a non-zero bias: the sum of two biases is not exact")
+    out = {key: torch.cat([a[key], b[key]], dim=1 if key in ("qweight", "wscales") else 0)
+           for key in ("qweight", "wscales", "smooth", "lora_down")}
+    out["lora_up"] = a["lora_up"].clone()
+    if a.get("bias") is not None:
+        out["bias"] = a["bias"].clone()
+    return out
+
 # ---- files -------------------------------------------------------------------------------------------------------
 
 NVFP4_MESSAGE = (
