@@ -190,6 +190,9 @@ class SVDQuantizer(DiffusersQuantizer):
                 layer = SVDQLinear(
                     entry["in_features"], entry["out_features"], entry["rank"], entry["bias"], dtype, "meta"
                 )
+                # The per-rank strengths are not in the file (spec §4.1: ones): real from the start, since
+                # diffusers may move the model (device_map) before the quantizer's post-processing.
+                layer.lora_scales = torch.ones(entry["rank"], dtype=torch.float32)
             else:
                 layer = SVDQWeightOnlyLinear(entry["in_features"], entry["out_features"], entry["bias"], dtype, "meta",
                                              zero_point=entry.get("zero_point", False) is True)
