@@ -145,6 +145,12 @@ def test_cli_quantize_text_encoder_w4a16(flux_dir, capsys):
     expected = copy.deepcopy(pipe.text_encoder_2)
     svdq.quantize_text_encoder(expected)
     assert svdq.load_text_encoders(pipe, out) == ["text_encoder_2"]
+    # `svdq generate --quantized OUT` loads them too (svdq.pretrained.load_pipeline).
+    from svdq.pretrained import load_pipeline
+
+    generated = load_pipeline(flux_dir / "flux", out)
+    assert len(svdq.weight_only_layers(generated.text_encoder_2)) == 12
+    assert not svdq.weight_only_layers(generated.text_encoder)  # the CLIP stays 16-bit
     assert all(isinstance(m, SVDQWeightOnlyLinear) for n, m in pipe.text_encoder_2.named_modules()
                if n.endswith((".q", ".k", ".v", ".o", ".wi", ".wo")))
     ids = torch.tensor([[5, 9, 1, 0, 0]])
