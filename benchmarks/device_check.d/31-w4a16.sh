@@ -65,7 +65,7 @@ PYEOF
 }
 w4a16_cuda_bench() {
   mkdir -p "$OUT/w4a16"
-  $PY benchmarks/bench_w4a16.py --device cuda --repeats 5 --out "$OUT/w4a16/bench_cuda.json" || return $?
+  $PY benchmarks/bench_w4a16.py --device cuda --repeats 3 --out "$OUT/w4a16/bench_cuda.json" || return $?
   $PY - "$OUT/w4a16/bench_cuda.json" <<'PYEOF'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
@@ -76,5 +76,5 @@ print(f"goal: FLUX AdaLN 3072->18432 batch 1: tinygemm op {r['ms_op']*1e3:.1f} u
 PYEOF
 }
 export -f w4a16_cuda_check w4a16_cuda_bench
-stage w4a16_cuda_check 60 w4a16_cuda_check
-stage w4a16_cuda_bench 90 w4a16_cuda_bench
+stage w4a16_cuda_check 45 w4a16_cuda_check
+stage w4a16_cuda_bench 75 w4a16_cuda_bench
