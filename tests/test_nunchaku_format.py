@@ -432,3 +432,91 @@ def test_split_and_merge_single_block_layers_are_exact():
         nk.split_columns(proj, 320, 100)
     with pytest.raises(CheckpointError, match="non-zero bias"):
         nk.merge_columns(a, dict(b, bias=torch.ones_like(b["bias"])), 128)
+
+
+# ---- export of a whole svdq FLUX.1 model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_flux():
+    import svdq
+    from svdq.tiny import tiny_flux_transformer
+
+    model = tiny_flux_transformer(0, dtype=torch.bfloat16)  # hidden 128: every layer's K, N a multiple of 128
+    svdq.models.prepare(model)
+    svdq.quantize(model, rank=16, progress=False, weight_only=svdq.models.FAMILIES["flux"].adaln)
+    return model
+
+
+def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quantized_flux, tmp_path):
+    from safetensors.torch import load_file
+
+    from svdq.quantize import quantized_layers
+    from svdq.weight_only import weight_only_layers
+
+    model = quantized_flux
+    path = nk.export_flux(model, tmp_path / "svdq-int4_r16-tiny.safetensors")
+    assert nk.is_nunchaku_file(path)
+    meta = nk.read_metadata(path)
+    assert meta["quantization_config"]["rank"] == 16 and meta["config"]["_class_name"] == "FluxTransformer2DModel"
+    f = load_file(str(path))
+    # complete: every layer Nunchaku's runtime builds for this depth
+    assert set(nk.quantized_layer_names(f.keys())) == set(nk.flux_layer_names(2, 2))
+    with pytest.raises(CheckpointError, match="mlp_fc2"):  # and svdq still refuses to run the shifted layers
+        nk.check_layers(path)
+    layer = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in f.items() if k.startswith(prefix + ".")}  # noqa: E731
+    q, wo = quantized_layers(model), weight_only_layers(model)
+    # a double-block W4A4 layer: a pure permutation of the svdq tensors
+    want = q["transformer_blocks.0.attn.to_qkv.linear"].state_dict()
+    got = nk.layer_from_nunchaku(layer("transformer_blocks.0.qkv_proj"), 128, 384)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # mlp_fc2: all but the bias copied; the bias is b − δ·Σ_k Ŵ/λ (fp64, rounded once)
+    want = q["transformer_blocks.1.ff.net.2"].state_dict()
+    got = nk.layer_from_nunchaku(layer("transformer_blocks.1.mlp_fc2"), 512, 128)
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "bias")
+    w = ref.unpack_int4(want["qweight"]).double() * want["wscales"].double().repeat_interleave(64, 1)
+    folded = (want["bias"].double() - 0.171875 * (w / want["smooth"].double()).sum(1)).to(torch.bfloat16)
+    assert torch.equal(got["bias"], folded) and not torch.equal(got["bias"], want["bias"])
+    # single block: qkv_proj + mlp_fc1 merge back into to_qkv_mlp, out_proj + mlp_fc2 into proj_out
+    s = "single_transformer_blocks.1"
+    parts = [nk.layer_from_nunchaku(layer(f"{s}.{n}"), 128, size) for n, size in (("qkv_proj", 384), ("mlp_fc1", 512))]
+    want = q[f"{s}.to_qkv_mlp.linear"].state_dict()
+    assert all(torch.equal(nk.merge_rows(parts)[k], want[k]) for k in want)
+    a = nk.layer_from_nunchaku(layer(f"{s}.out_proj"), 128, 128)
+    b = nk.layer_from_nunchaku(layer(f"{s}.mlp_fc2"), 512, 128)
+    b_unfolded = dict(b, bias=torch.zeros_like(b["bias"]))
+    want = q[f"{s}.proj_out"].state_dict()
+    assert all(torch.equal(nk.merge_columns(a, b_unfolded, 128)[k], want[k]) for k in want)
+    # AdaNorm: codes u = q + 8 with zero −8·s, rows interleaved 6 ways, +1 in the scale chunks' bias
+    ada = wo["transformer_blocks.0.norm1.linear"].state_dict()
+    back = nk.unpack_awq(layer("transformer_blocks.0.norm1.linear"), 128, 768, splits=6)
+    qcodes = ref.unpack_int4(ada["qweight"])[:, :128]
+    assert torch.equal(back["codes"].to(torch.int16) - 8, qcodes.to(torch.int16))
+    assert torch.equal(back["scales"], ada["wscales"]) and torch.equal(back["zeros"], (-8 * ada["wscales"].float()).to(torch.bfloat16))
+    plus = torch.zeros(768, dtype=torch.float64)
+    plus[128:256] = plus[512:640] = 1
+    assert torch.equal(back["bias"], (ada["bias"].double() + plus).to(torch.bfloat16))
+    # unquantized tensors keep diffusers names; attention norms move under the block
+    assert torch.equal(f["transformer_blocks.0.norm_added_q.weight"], model.transformer_blocks[0].attn.norm_added_q.weight)
+    assert torch.equal(f["x_embedder.weight"], model.x_embedder.weight)
+    assert not any(".attn." in k for k in f)
+
+
+def test_export_refuses_what_the_format_cannot_express(quantized_flux, tmp_path):
+    import svdq
+    from svdq.tiny import tiny_flux_transformer
+
+    with pytest.raises(ValueError, match="not quantized"):
+        nk.export_flux(tiny_flux_transformer(0, dtype=torch.bfloat16), tmp_path / "a.safetensors")
+    small = dict(num_layers=1, num_single_layers=1)
+    no_adaln = tiny_flux_transformer(0, dtype=torch.bfloat16, **small)
+    svdq.models.prepare(no_adaln)
+    svdq.quantize(no_adaln, rank=16, progress=False)
+    with pytest.raises(ValueError, match=r"AdaNorm layer 'transformer_blocks\.0\.norm1\.linear' is 16-bit.*--adaln w4a16"):
+        nk.export_flux(no_adaln, tmp_path / "b.safetensors")
+    odd = tiny_flux_transformer(0, dtype=torch.bfloat16, attention_head_dim=24, **small)  # hidden 96: not a multiple of 128
+    svdq.models.prepare(odd)
+    svdq.quantize(odd, rank=16, progress=False, weight_only=svdq.models.FAMILIES["flux"].adaln)
+    with pytest.raises(ValueError, match=r"is \[96 -> 96\]; Nunchaku's layers need K and N multiples of 128"):
+        nk.export_flux(odd, tmp_path / "c.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written by a refused export

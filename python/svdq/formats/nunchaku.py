@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
+from ..ops import reference as ref
 from ..ops.reference import GROUP_SIZE, padded_k
 
 WARP_N = 128  # output channels per tile of Nunchaku's GEMM: N is padded to a multiple
@@ -636,3 +637,180 @@ def unpack_awq(tensors: dict, in_features: int, out_features: int, splits: int =
     if "bias" in tensors:
         out["bias"] = deinterleave(tensors["bias"])
     return out
+
+
+# ---- export: an svdq-quantized FLUX.1 model → one Nunchaku INT4 file ----------------------------------------------
+
+# svdq layer (under the block) → Nunchaku layer, W4A4, double blocks. The single blocks are split (below).
+_EXPORT_DOUBLE = {
+    # svdq's fused groups are `SharedInputLinear`s holding the layer as `.linear` (svdq.models)
+    "attn.to_qkv.linear": "qkv_proj", "attn.to_added_qkv.linear": "qkv_proj_context", "attn.to_out.0": "out_proj",
+    "attn.to_add_out": "out_proj_context", "ff.net.0.proj": "mlp_fc1", "ff_context.net.0.proj": "mlp_context_fc1",
+    "ff.net.2": "mlp_fc2", "ff_context.net.2": "mlp_context_fc2",
+}
+_EXPORT_ADANORM = {"norm1.linear": ("norm1.linear", 6), "norm1_context.linear": ("norm1_context.linear", 6)}
+_EXPORT_ADANORM_SINGLE = {"norm.linear": ("norm.linear", 3)}
+# attention RMSNorm weights sit under the block in Nunchaku's files, under `attn` in diffusers
+_EXPORT_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+_SHIFTED = ("mlp_fc2", "mlp_context_fc2")
+
+
+def fold_shift_into_bias(t: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+    """The bias a Nunchaku runtime needs for a layer svdq quantized for signed activations when it runs the
+    layer on shifted ones (``mlp_fc2``): b − δ·Σ_k Ŵ[n, k]/λ_k (fp64, rounded once to D). Exact in real
+    arithmetic only — the one value of an export that is not a copy (docs/formats.md)."""
+    q = ref.unpack_int4(t["qweight"]).double()[:, :in_features]
+    s = t["wscales"].double().repeat_interleave(GROUP_SIZE, dim=1)[:, :in_features]
+    shift = (q * s / t["smooth"].double()).sum(dim=1) * SHIFT_GELU
+    bias = t["bias"].double() if t.get("bias") is not None else torch.zeros_like(shift)
+    return (bias - shift).to(t["wscales"].dtype)
+
+
+def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
+    """An svdq W4A16 AdaNorm layer → Nunchaku AWQ tensors. Symmetric codes q map to u = q + 8 with zero −8·s
+    (exact: a power of two); integer zero points z to zero D(−z·s), refused where that rounds. The +1 of the
+    scale chunks is added to the bias (D(b + 1): rounded, docs/formats.md)."""
+    t = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
+    n, k = layer.out_features, layer.in_features
+    if k % GROUP_SIZE:
+        raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP_SIZE}: Nunchaku's AWQ layer cannot hold it")
+    nib = _nibbles(t["qweight"])[:, :k].to(torch.int16)
+    s = t["wscales"]
+    if layer.zero_point:
+        z = t["wzeros"].to(torch.float32)
+        zero = (-z * s.float()).to(s.dtype)
+        if not torch.equal(zero.float(), -z * s.float()):
+            raise ValueError(
+                f"{name}: zero points z·s are not exact in {s.dtype} for some groups; Nunchaku stores float zeros "
+                f"(w = u·s + zero): re-quantize the AdaNorm layers symmetric (svdq quantize --adaln w4a16)"
+            )
+        codes = nib.to(torch.uint8)
+    else:
+        codes = ((nib + 8) & 0xF).to(torch.uint8)  # signed nibble q (two's complement) → u = q + 8
+        zero = (s.float() * -8).to(s.dtype)
+    bias = t["bias"].double() if t.get("bias") is not None else torch.zeros(n, dtype=torch.float64)
+    chunk = n // splits
+    for c in {1, splits - 2}:  # shift_msa, *scale_msa*, gate, shift_mlp, *scale_mlp*, gate (single: shift, *scale*, gate)
+        bias[c * chunk : (c + 1) * chunk] += 1
+    return pack_awq(codes, s, zero, bias.to(s.dtype), splits)
+
+
+def export_flux(model, path: str | os.PathLike) -> Path:
+    """Write an svdq-quantized FLUX.1 ``FluxTransformer2DModel`` as one Nunchaku INT4 checkpoint (C++ key names,
+    metadata ``config`` / ``quantization_config`` / ``model_class``), atomically. Every W4A4 tensor is a
+    permutation of svdq's (`layer_to_nunchaku`); not copies: the ``mlp_fc2`` biases (`fold_shift_into_bias`)
+    and the AdaNorm scale-chunk biases (+1). Refuses (ValueError naming the layer) what the format cannot
+    express: other model classes, fp32, W4A8, loaded LoRA adapters, K or N not a multiple of 128, AdaNorm
+    layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..linear import SVDQLinear
+    from ..lora import list_loras
+    from ..quantize import quantized_layers
+    from ..weight_only import weight_only_layers
+
+    if type(model).__name__ != "FluxTransformer2DModel":
+        raise ValueError(f"export --format nunchaku: {type(model).__name__} is not a FLUX.1 FluxTransformer2DModel")
+    if list_loras(model):
+        raise ValueError("export --format nunchaku: unload the LoRA adapters first (svdq.unload_lora)")
+    qlayers, wo = quantized_layers(model), weight_only_layers(model)
+    if not qlayers:
+        raise ValueError("export --format nunchaku: the model is not quantized (svdq.quantize it first)")
+    dtypes = {m.dtype for m in qlayers.values()}
+    if dtypes - {torch.bfloat16, torch.float16} or len(dtypes) != 1:
+        raise ValueError(f"export --format nunchaku: Nunchaku runs bf16 or fp16 models, this one is {sorted(map(str, dtypes))}")
+    for name, m in qlayers.items():
+        if m.act_format != "int4":
+            raise ValueError(f"export --format nunchaku: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
+        if m.in_features % K_STEP or m.out_features % WARP_N:
+            raise ValueError(
+                f"export --format nunchaku: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
+                f"need K and N multiples of 128"
+            )
+    rank = _up(max(m.rank for m in qlayers.values()), LOWRANK_TILE)  # their runtime builds every layer with one rank
+
+    def canonical(name: str) -> dict[str, torch.Tensor]:
+        layer = qlayers.get(name)
+        if not isinstance(layer, SVDQLinear):
+            raise ValueError(f"export --format nunchaku: {name!r} is not a W4A4 layer (quantize the whole model with svdq)")
+        t = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
+        pad = rank - t["lora_down"].shape[1]  # zero columns: exact
+        t["lora_down"] = torch.nn.functional.pad(t["lora_down"], (0, pad))
+        t["lora_up"] = torch.nn.functional.pad(t["lora_up"], (0, pad))
+        return t
+
+    def adanorm(name: str, splits: int) -> dict[str, torch.Tensor]:
+        if name not in wo:
+            raise ValueError(
+                f"export --format nunchaku: AdaNorm layer {name!r} is 16-bit; Nunchaku's format stores it 4-bit "
+                f"(AWQ W4A16): quantize with --adaln w4a16 (svdq.quantize(..., weight_only=family.adaln))"
+            )
+        return _adanorm_tensors(wo[name], name, splits)
+
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+
+    def put(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        out.update({f"{prefix}.{k}": v.contiguous() for k, v in tensors.items()})
+
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    for i in range(len(model.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        for ours, theirs in _EXPORT_DOUBLE.items():
+            t = canonical(f"{b}.{ours}")
+            k, n = qlayers[f"{b}.{ours}"].in_features, qlayers[f"{b}.{ours}"].out_features
+            if theirs in _SHIFTED:
+                t["bias"] = fold_shift_into_bias(t, k)
+            put(f"{b}.{theirs}", layer_to_nunchaku(t, k, n))
+            done.add(f"{b}.{ours}")
+        for ours, (theirs, splits) in _EXPORT_ADANORM.items():
+            put(f"{b}.{theirs}", adanorm(f"{b}.{ours}", splits))
+            done.add(f"{b}.{ours}")
+    for i in range(len(model.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        fused = canonical(f"{b}.to_qkv_mlp.linear")
+        qkv, mlp = split_rows(fused, [3 * inner, qlayers[f"{b}.to_qkv_mlp.linear"].out_features - 3 * inner])
+        put(f"{b}.qkv_proj", layer_to_nunchaku(qkv, inner, 3 * inner))
+        put(f"{b}.mlp_fc1", layer_to_nunchaku(mlp, inner, mlp["qweight"].shape[0]))
+        proj = canonical(f"{b}.proj_out")
+        k, n = qlayers[f"{b}.proj_out"].in_features, qlayers[f"{b}.proj_out"].out_features
+        attn_part, mlp_part = split_columns(proj, k, inner)
+        mlp_part["bias"] = fold_shift_into_bias(mlp_part, k - inner)
+        put(f"{b}.out_proj", layer_to_nunchaku(attn_part, inner, n))
+        put(f"{b}.mlp_fc2", layer_to_nunchaku(mlp_part, k - inner, n))
+        for ours, (theirs, splits) in _EXPORT_ADANORM_SINGLE.items():
+            put(f"{b}.{theirs}", adanorm(f"{b}.{ours}", splits))
+        done.update({f"{b}.to_qkv_mlp.linear", f"{b}.proj_out", f"{b}.norm.linear"})
+    leftover = sorted((set(qlayers) | set(wo)) - done)
+    if leftover:
+        raise ValueError(f"export --format nunchaku: quantized layer(s) {leftover[:5]} have no place in Nunchaku's FLUX.1 layout")
+    owned = tuple(f"{name}." for name in done)
+    for key, v in model.state_dict().items():
+        if key.startswith(owned):
+            continue
+        parts = key.split(".")
+        if len(parts) == 5 and parts[2] == "attn" and parts[3] in _EXPORT_NORMS:
+            key = ".".join(parts[:2] + parts[3:])  # transformer_blocks.i.attn.norm_q.weight → ….i.norm_q.weight
+        out[key] = v.detach().cpu().contiguous()
+    # the diffusers config without svdq's own quantization_config (Nunchaku's runtime builds a 16-bit skeleton)
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
+    config["_class_name"] = "FluxTransformer2DModel"
+    spec = {"dtype": "int4", "scale_dtype": None, "group_size": GROUP_SIZE}
+    meta = {
+        "config": json.dumps(config),
+        "model_class": "NunchakuFluxTransformer2dModel",
+        "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=meta)
+        os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
