@@ -459,7 +459,9 @@ def set_lora_strength(model, name: str, strength: float) -> None:
     strength = _check_strength(strength)
     adapter = _get(model, name)
     targets = [br.module.lora_scales if br.quantized else br.scales for br in adapter.branches]
-    with _transaction(_components(model)[0], {}, _registry(_components(model)[0]), tensors=targets):
+    # Only these few values and the registry change (no module does): no snapshot of the modules (a strength
+    # change stays cheap on a 1000-module model).
+    with _transaction(None, {}, _registry(_components(model)[0]), tensors=targets):
         for br in adapter.branches:
             br.set_strength(name, strength)
         adapter.info.strength = strength
@@ -540,14 +542,14 @@ def _check_strength(strength) -> float:
     return value
 
 
-def _transaction(denoiser: nn.Module, modules: dict, reg: _Registry | None, tensors=()):
+def _transaction(denoiser: nn.Module | None, modules: dict, reg: _Registry | None, tensors=()):
     """svdq._transaction.model_transaction over the denoiser, the other touched modules and the registry."""
     extra = [ObjectSnapshot([reg, *reg.adapters.values(), *(a.info for a in reg.adapters.values()),
                              *reg.branches.values(), *(b for br in reg.branches.values() for b in br.blocks.values())])
              ] if reg is not None else []
     extra.append(TensorSnapshot([t for t in tensors if t is not None]))
-    others = [m for m in modules.values() if m is not denoiser]
-    return model_transaction(denoiser, *others, extra=extra)
+    models = ([] if denoiser is None else [denoiser]) + [m for m in modules.values() if m is not denoiser]
+    return model_transaction(*models, extra=extra)
 
 
 def list_loras(model) -> dict[str, LoraInfo]:
