@@ -520,3 +520,19 @@ def test_export_refuses_what_the_format_cannot_express(quantized_flux, tmp_path)
     with pytest.raises(ValueError, match=r"is \[96 -> 96\]; Nunchaku's layers need K and N multiples of 128"):
         nk.export_flux(odd, tmp_path / "c.safetensors")
     assert not list(tmp_path.iterdir())  # nothing written by a refused export
+
+
+def test_export_cli(quantized_flux, tmp_path, capsys):
+    import svdq
+    from safetensors.torch import load_file
+    from svdq.cli import main
+
+    svdq.save_pretrained(quantized_flux, tmp_path / "q")
+    out = tmp_path / "svdq-int4_r16-tiny.safetensors"
+    assert main(["export", "--format", "nunchaku", str(tmp_path / "q"), str(out)]) == 0
+    assert "Nunchaku INT4 layout" in capsys.readouterr().out
+    direct = load_file(str(nk.export_flux(quantized_flux, tmp_path / "direct.safetensors")))
+    written = load_file(str(out))
+    assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)
+    assert main(["export", "--format", "nunchaku", str(tmp_path / "q"), str(tmp_path / "x.bin")]) == 1
+    assert "Nunchaku checkpoints are .safetensors files" in capsys.readouterr().err

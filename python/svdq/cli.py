@@ -9,7 +9,7 @@ import sys
 
 from .version import __version__
 
-COMMANDS = ("demo", "quantize", "generate", "eval", "lora", "bench", "doctor")
+COMMANDS = ("demo", "quantize", "generate", "eval", "lora", "bench", "doctor", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

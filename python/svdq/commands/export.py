@@ -1,0 +1,50 @@
+"""`svdq export`: write an svdq-quantized model in another project's checkpoint format.
+
+`--format nunchaku`: a FLUX.1 model quantized by svdq (with 4-bit AdaNorm layers: `svdq quantize --adaln
+w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md).
+Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed because Nunchaku's runtime
+computes differently: the `mlp_fc2` biases (its shifted unsigned activations) and the AdaNorm scale-chunk
+biases (+1). Refused with a message naming the layer: other models, fp32, W4A8, loaded LoRAs, layers whose
+K or N is not a multiple of 128, 16-bit AdaNorm layers. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --adaln w4a16 --dtype bf16
+  svdq export --format nunchaku flux-dev-svdq svdq-int4_r32-flux.1-dev.safetensors
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 files)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("quantized", help="svdq model directory (svdq quantize / save_pretrained) or hub id")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--format", choices=("nunchaku",), required=True, help="target format")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import svdq
+    from svdq.formats import nunchaku
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: Nunchaku checkpoints are .safetensors files")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name")
+    model = svdq.from_pretrained(args.quantized, expected_family="flux")
+    path = nunchaku.export_flux(model, out)
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, Nunchaku INT4 layout; docs/formats.md says what is exact)")
+    return 0
