@@ -159,10 +159,6 @@ def test_offloaded_copy_is_one_copy():
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
-@pytest.mark.xfail(strict=True, reason="SVDQWeightOnlyLinear keeps its kernel layout (uint8 / int32 qweight) "
-                   "while an accelerate offload hook restores canonical int8 copies cast to that dtype: svdq.ops "
-                   "storage rule 6 (python/svdq/weight_only.py, owned by the W4A16 work); remove this marker once "
-                   "it follows the rule")
 def test_accelerate_sequential_offload_weight_only_layer():
     from accelerate import cpu_offload
 

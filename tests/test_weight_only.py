@@ -461,7 +461,8 @@ def _wo_blocks():
 def test_accelerate_offload_moves_w4a16_tensors_and_stays_canonical():
     """accelerate's cpu_offload (enable_sequential_cpu_offload) restores each tensor before a call from its
     state-dict copy, coerced to the dtype it had when hooked: a repacked layer turns canonical when hooked
-    (else int8 codes would come back as uint8 and read as CPU-packed) and dequantizes per call under it."""
+    (else int8 codes would come back as uint8 and read as CPU-packed) and packs a per-call transient for the
+    kernel under it (svdq.ops rule 6): bit-exact with the unhooked layer, nothing kept."""
     from accelerate import cpu_offload
 
     model = _wo_blocks()
@@ -477,8 +478,9 @@ def test_accelerate_offload_moves_w4a16_tensors_and_stays_canonical():
     assert all(p.device.type == "meta" for m in layers for p in m.parameters())
     with torch.no_grad():
         for _ in range(2):
-            assert torch.equal(model(x), y_dequant)
+            assert torch.equal(model(x), y_kernel)
     assert all(p.device.type == "meta" for m in layers for p in m.parameters())  # gone again after the call
+    assert all(m.layout == CANONICAL for m in layers)  # the hook's copies: canonical, never rewritten
     assert _rel(y_dequant, y_kernel) < KERNEL_TOL[torch.bfloat16]
 
 

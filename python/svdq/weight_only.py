@@ -409,9 +409,23 @@ class SVDQWeightOnlyLinear(nn.Module):
             kind = CUDA_TINYGEMM
         else:
             return None
-        if kind in self._no_kernel or self._accelerate_offloads():
+        if kind in self._no_kernel:
             return None
         return kind
+
+    def _packed(self, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, wscales) in ``kind``'s layout on ``device``, from whatever is resident; changes nothing."""
+        n, kp = self.out_features, padded_k(self.in_features)
+        u = self._codes().to(device)
+        s = self._scales().to(device)
+        z = None if self.wzeros is None else self.wzeros.detach().to(device)
+        np_ = _row_pad(n, _CPU_ROW_MULTIPLE if kind == CPU_INT4 else _TINYGEMM_ROW_MULTIPLE)
+        u = F.pad(u, (0, 0, 0, np_ - n), value=_UNSIGNED_OFFSET)
+        if kind == CPU_INT4:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 2)
+        else:
+            packed = _cuda_pack(u, 8 if kp % 128 == 0 else 4)
+        return packed, _scale_offsets(s, z, np_)
 
     @torch.compiler.disable
     def _repack(self, kind: str, device: torch.device) -> bool:
@@ -419,27 +433,19 @@ class SVDQWeightOnlyLinear(nn.Module):
         if not _check_numerics(kind, device):
             self._no_kernel.add(kind)
             return False
-        n, kp = self.out_features, padded_k(self.in_features)
         with torch.no_grad():
-            u = self._codes().to(device)
-            s = self._scales().to(device)
-            z = None if self.wzeros is None else self.wzeros.detach().to(device)
+            packed, sz = self._packed(kind, device)
             if kind == CPU_INT4:
                 block_n = _cpu_block_size()
-                np_ = _row_pad(n, _CPU_ROW_MULTIPLE)
-                u = F.pad(u, (0, 0, 0, np_ - n), value=_UNSIGNED_OFFSET)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 2)
+                u = F.pad(self._codes().to(device), (0, 0, 0, packed.shape[0] - self.out_features), value=_UNSIGNED_OFFSET)
                 if not block_n or not torch.equal(_cpu_unpack(packed, block_n), u):
                     log.warning("svdq W4A16: CPU int4 layout check failed for a %dx%d layer; dequantizing per call",
-                                n, self.in_features)
+                                self.out_features, self.in_features)
                     self._no_kernel.add(kind)
                     return False
-            else:
-                np_ = _row_pad(n, _TINYGEMM_ROW_MULTIPLE)
-                u = F.pad(u, (0, 0, 0, np_ - n), value=_UNSIGNED_OFFSET)
-                packed = _cuda_pack(u, 8 if kp % 128 == 0 else 4)
+            z = None if self.wzeros is None else self.wzeros.detach().to(device)
             self.qweight.data = packed
-            self.wscales.data = _scale_offsets(s, z, np_)
+            self.wscales.data = sz
             if self.wzeros is not None:
                 self.wzeros.data = z
         return True
@@ -455,9 +461,20 @@ class SVDQWeightOnlyLinear(nn.Module):
         if self.qweight.device != x.device and self.qweight.device.type != "meta":
             raise ValueError(f"SVDQWeightOnlyLinear: input on {x.device}, weights on {self.qweight.device} (move one)")
         kind = self._kernel_for(x)
-        stale = kind is not None and (self.layout != kind or self.wscales.dim() != 3)
-        if stale and not self._repack(kind, x.device):  # first call on this device, or canonical tensors put back
-            kind = None
+        qweight, wscales = self.qweight, self.wscales
+        if kind is not None and self._accelerate_offloads():
+            # The hook owns the (canonical) tensors: pack a per-call transient, keep nothing (svdq.ops rule 6).
+            if _check_numerics(kind, x.device) and (kind != CPU_INT4 or _cpu_block_size()):
+                with torch.no_grad():
+                    qweight, wscales = self._packed(kind, x.device)
+            else:
+                kind = None
+        elif kind is not None and (self.layout != kind or self.wscales.dim() != 3):
+            # First call on this device, or canonical tensors put back: repack in place, once.
+            if self._repack(kind, x.device):
+                qweight, wscales = self.qweight, self.wscales
+            else:
+                kind = None
         if kind is not None and autograd.needs_grad(x, self.bias):
             # The fused int4 kernels have no derivative: the same forward, backward through Ŵ (svdq.ops.autograd).
             return autograd.weight_only_linear(x, self.bias, self.forward, lambda: self.dequantize(torch.float32))
@@ -470,9 +487,9 @@ class SVDQWeightOnlyLinear(nn.Module):
             x2 = F.pad(x2, (0, kp - self.in_features))
         x2 = x2.contiguous()
         if kind == CPU_INT4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP_SIZE, self.wscales)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, GROUP_SIZE, wscales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, GROUP_SIZE, self.wscales)
+            y = torch.ops.aten._weight_int4pack_mm(x2, qweight, GROUP_SIZE, wscales)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         if bias is not None:
