@@ -489,6 +489,7 @@ def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quan
     assert all(torch.equal(nk.merge_columns(a, b_unfolded, 128)[k], want[k]) for k in want)
     # AdaNorm: codes u = q + 8 with zero −8·s, rows interleaved 6 ways, +1 in the scale chunks' bias
     ada = wo["transformer_blocks.0.norm1.linear"].state_dict()
+    assert f["transformer_blocks.0.norm1.linear.wscales"].shape == (2, 768)  # K/64 groups, as their module allocates
     back = nk.unpack_awq(layer("transformer_blocks.0.norm1.linear"), 128, 768, splits=6)
     qcodes = ref.unpack_int4(ada["qweight"])[:, :128]
     assert torch.equal(back["codes"].to(torch.int16) - 8, qcodes.to(torch.int16))

@@ -3,11 +3,12 @@
 Written from the public packing code — DeepCompressor ``deepcompressor/backend/nunchaku/utils.py``
 (``NunchakuWeightPacker``; Nunchaku's ``nunchaku/lora/flux/packer.py`` is the same code), the runtime shapes of
 ``nunchaku/models/linear.py`` (``SVDQW4A4Linear``) and the metadata written by ``nunchaku/merge_safetensors.py``.
-Every conversion moves stored values and adds or strips padding; nothing is recomputed, so canonical →
+Every layer conversion moves stored values and adds or strips padding; nothing is recomputed, so canonical →
 Nunchaku → canonical is bit-exact, and Nunchaku → canonical → Nunchaku is bit-exact except for padding values,
 which Nunchaku's kernels never read into a kept output (padding rows are dropped; padded input columns meet
 zero activations) and which the export writes as DeepCompressor does (0 for codes and low-rank, 1 for scales,
-smoothing and bias).
+smoothing and bias). The whole-model export (`export_flux`) recomputes two kinds of bias only (``mlp_fc2``:
+`fold_shift_into_bias`; AdaNorm: +1), because Nunchaku's runtime computes those layers differently.
 
 One W4A4 layer (K inputs, N outputs, rank R; ``Np``/``Kn`` = N/K rounded up to 128, ``Rp`` = R to 16):
 
@@ -564,10 +565,14 @@ def from_pretrained(path: str | os.PathLike):
 AWQ_GROUP_PAD = 16  # DeepCompressor pads the group count to 16 (8 nibbles per int32 × 2 packs at group 64)
 
 
-def pack_awq(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, splits: int = 1) -> dict:
+def pack_awq(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, splits: int = 1,
+    pad_groups: bool = True,
+) -> dict:
     """Plain AWQ tensors → Nunchaku's AdaNorm layer: codes uint8 [N, K] (0…15), scales / zeros D [N, K/64],
     bias D [N] (the file's bias: the +1 of the scale chunks is the caller's, it is not a permutation) →
-    ``qweight`` int32 [N/4, K/2], ``wscales`` / ``wzeros`` D [Gp, N] (Gp = K/64 rounded up to 16, zero-padded),
+    ``qweight`` int32 [N/4, K/2], ``wscales`` / ``wzeros`` D [Gp, N] (Gp = K/64 rounded up to 16, zero-padded,
+    as DeepCompressor writes; ``pad_groups=False``: K/64, what Nunchaku's runtime module allocates),
     ``bias`` D [N]. ``splits`` (6 double-block norm1, 3 single-block norm): output channel c of modulation
     chunk t goes to row c·splits + t."""
     n, k = codes.shape
@@ -588,7 +593,7 @@ def pack_awq(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bia
     words = words.reshape(n // 4, 4, g, 16).permute(0, 2, 1, 3).reshape(n // 4, k)
     # 16-bit patterns as signed int16 (explicitly: an out-of-range integer cast is not defined), two per int32
     qweight = (words - ((words >> 15) & 1) * 65536).to(torch.int16).view(torch.int32)
-    gp = _up(g, AWQ_GROUP_PAD)
+    gp = _up(g, AWQ_GROUP_PAD) if pad_groups else g
     out = {"qweight": qweight}
     for key, t in (("wscales", scales), ("wzeros", zeros)):
         full = torch.zeros(gp, n, dtype=t.dtype, device=t.device)
@@ -692,7 +697,9 @@ def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
     chunk = n // splits
     for c in {1, splits - 2}:  # shift_msa, *scale_msa*, gate, shift_mlp, *scale_mlp*, gate (single: shift, *scale*, gate)
         bias[c * chunk : (c + 1) * chunk] += 1
-    return pack_awq(codes, s, zero, bias.to(s.dtype), splits)
+    # unpadded groups: the shape Nunchaku's AWQW4A16Linear allocates and loads strictly (FLUX.1's K/64 = 48 is
+    # a multiple of 16 anyway, so DeepCompressor's padding changes nothing there)
+    return pack_awq(codes, s, zero, bias.to(s.dtype), splits, pad_groups=False)
 
 
 def export_flux(model, path: str | os.PathLike) -> Path:
