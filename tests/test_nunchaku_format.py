@@ -537,3 +537,52 @@ def test_export_cli(quantized_flux, tmp_path, capsys):
     assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)
     assert main(["export", "--format", "nunchaku", str(tmp_path / "q"), str(tmp_path / "x.bin")]) == 1
     assert "Nunchaku checkpoints are .safetensors files" in capsys.readouterr().err
+
+
+def test_exported_layers_compute_the_svdq_layer_under_nunchakus_semantics(quantized_flux, tmp_path):
+    """Nunchaku's runtime semantics written out here (not run in Nunchaku): mlp_fc2 quantizes (x + δ)/λ to
+    unsigned 4-bit codes with scale max/15, its low-rank branch reads x; AdaNorm dequantizes u·s + zero and its
+    scale chunks come out with the +1 folded in. The exported tensors must reproduce svdq's layer outputs (up to
+    activation quantization noise / one rounding); without the bias fold the error is far larger."""
+    from safetensors.torch import load_file
+
+    from svdq.quantize import quantized_layers
+    from svdq.weight_only import weight_only_layers
+
+    f = load_file(str(nk.export_flux(quantized_flux, tmp_path / "e.safetensors")))
+    layer = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in f.items() if k.startswith(prefix + ".")}  # noqa: E731
+    svdq_fc2 = quantized_layers(quantized_flux)["transformer_blocks.0.ff.net.2"]
+    t = nk.layer_from_nunchaku(layer("transformer_blocks.0.mlp_fc2"), 512, 128)
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(64, 512) * 2, approximate="tanh").float()  # ≥ −0.17: a GELU output
+
+    w = ref.unpack_int4(t["qweight"]).float() * t["wscales"].float().repeat_interleave(64, 1)
+    lowrank = (x @ t["lora_down"].float()) @ t["lora_up"].float().t()
+
+    def nunchaku_fc2(bias, quantize_act=True):
+        xs = (x + nk.SHIFT_GELU) / t["smooth"].float()
+        if quantize_act:  # unsigned u4 per token and 64-group, scale max/15
+            g = xs.view(64, 8, 64)
+            sa = g.amax(dim=2, keepdim=True) / 15
+            xs = (torch.round(g / sa).clamp(0, 15) * sa).view(64, 512)
+        return xs @ w.t() + lowrank + bias.float()
+
+    # exact activations: the folded bias cancels the shift up to its one rounding; the unfolded one does not
+    y_exact = (x / t["smooth"].float()) @ w.t() + lowrank + svdq_fc2.bias.float()
+    err = lambda y, ref_: float((y - ref_).norm() / ref_.norm())  # noqa: E731
+    assert err(nunchaku_fc2(t["bias"], quantize_act=False), y_exact) < 1e-2
+    assert err(nunchaku_fc2(svdq_fc2.bias, quantize_act=False), y_exact) > 0.1
+    # with Nunchaku's activation quantizer: closer to svdq's own output with the fold than without
+    y_svdq = svdq_fc2(x.to(torch.bfloat16)).float()
+    assert err(nunchaku_fc2(t["bias"]), y_svdq) < err(nunchaku_fc2(svdq_fc2.bias), y_svdq)
+    # AdaNorm: u·s + zero, rows de-interleaved, chunks 1 and 4 carry the +1
+    ada = weight_only_layers(quantized_flux)["transformer_blocks.0.norm1.linear"]
+    a = nk.unpack_awq(layer("transformer_blocks.0.norm1.linear"), 128, 768, splits=6)
+    w = (a["codes"].float() * a["scales"].float().repeat_interleave(64, 1)) + a["zeros"].float().repeat_interleave(64, 1)
+    emb = torch.randn(3, 128)
+    y_nk = emb @ w.t() + a["bias"].float()
+    y_svdq = ada(emb.to(torch.bfloat16)).float()
+    plus = torch.zeros(768)
+    plus[128:256] = plus[512:640] = 1
+    assert torch.allclose(y_nk, y_svdq + plus, atol=0.02, rtol=0.02)
+    assert not torch.allclose(y_nk, y_svdq, atol=0.5)
