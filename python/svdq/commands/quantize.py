@@ -167,9 +167,15 @@ def run(args) -> int:
     print(f"loading {args.model} ({dtype}, {device}) ...")
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
     model = pipeline_model(pipe)
+    from ..models import family_of, generic
+
+    if family_of(model) is None and generic.is_diffusers_model(model):
+        # no hand-written family: one traced pipeline step plans the layers (svdq.models.generic, docs/models.md)
+        generic.analyze_pipeline(pipe, (prompts or default_prompts())[0], **call_kwargs(args, pipe))
+        print(f"note: {type(model).__name__}: generic family (layer plan from one traced step)")
     family = prepare(model)  # fuse shared-input projections (also when data-free)
     if family is None:
-        print(f"note: {type(model).__name__} is not a known family (flux / sdxl / pixart): generic layer selection")
+        print(f"note: {type(model).__name__} is not a diffusers model svdq can plan: default layer selection")
     weight_only = None
     if adaln == "w4a16":
         if family is None or not family.adaln:

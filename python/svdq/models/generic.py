@@ -93,7 +93,7 @@ def find_blocks(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList):
             for i, child in enumerate(m):
-                if any(is_attention(c) for c in child.modules()):
+                if child is not None and any(is_attention(c) for c in child.modules()):  # (UNet lists hold None)
                     candidates.append(f"{name}.{i}" if name else str(i))
     cset = set(candidates)
     return [c for c in candidates if not any(o != c and o.startswith(c + ".") for o in cset)]

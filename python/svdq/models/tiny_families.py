@@ -1,0 +1,318 @@
+"""Tiny seeded pipelines for the diffusers families svdq covers through its generic family (test fixtures).
+
+Like `svdq.tiny`: no download, seeded weights, tiny text encoders and tokenizers built in memory, 32×32
+images (Wan: 16×16, 5 frames). Families: Qwen-Image (`QwenImagePipeline`, Qwen2.5-VL text encoder), Wan 2.x
+(`WanPipeline`, UMT5), SD3.5 (`StableDiffusion3Pipeline`, CLIP-L/G + T5; QK RMSNorm and one dual-attention
+block as in SD3.5-medium), Z-Image (`ZImagePipeline`, Qwen3), FLUX.2 klein (`Flux2KleinPipeline`, Qwen3)
+and Chroma (`ChromaPipeline`, T5).
+
+Random init has no activation outliers (real checkpoints do; they are what SVDQuant is for), so
+`plant_attention_outliers` gives a few channels of every attention's value projection ×30 and divides the
+matching columns of its output projection by 30: attention output channel j is a convex combination of
+value channel j, so the 16-bit function is unchanged while the output projection's input now has the heavy
+channels naive W4A4 suffers from (any attention module with ``to_v``/``to_out.0`` and the text stream's
+``add_v_proj``/``to_add_out``: no per-family code). `plant_mlp_outliers` does the same for each MLP's
+down-projection input. Modulation linears get ×3 (`MODULATION_GAIN`) and learned modulation tables std 0.3,
+so that the blocks carry a real share of the output (at plain std 0.05 the gates are ~0.01 and the blocks
+changed the output by ~3 %: quantization errors in them would not show).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tiny import (
+    _byte_unicode_chars,
+    _cast,
+    _seeded,
+    tiny_clip_text_encoder,
+    tiny_clip_tokenizer,
+    tiny_t5_text_encoder,
+    tiny_t5_tokenizer,
+)
+
+IMAGE_SIZE = 32
+VIDEO_SIZE, VIDEO_FRAMES = 16, 5
+TEXT_HIDDEN = 32  # the tiny LLM / T5 text encoders' width
+MODULATION_NAMES = ("norm", "_mod", "adaLN", "modulation", "time_proj")
+MODULATION_GAIN = 3.0
+GATE_STD = 0.3  # Wan / PixArt-style learned modulation tables: gates large enough that blocks matter
+
+CONFIGS = {
+    "qwenimage": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                      num_attention_heads=4, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(8, 12, 12)),
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
+                out_channels=16, text_dim=TEXT_HIDDEN, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32),
+    "sd3": dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=32,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+                out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    "zimage": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=128, n_layers=2,
+                   n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=TEXT_HIDDEN, axes_dims=[8, 12, 12],
+                   axes_lens=[64, 32, 32]),
+    "flux2": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                  num_attention_heads=4, joint_attention_dim=3 * TEXT_HIDDEN, timestep_guidance_channels=32,
+                  axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False),
+    "chroma": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                   num_attention_heads=4, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(4, 14, 14),
+                   approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1),
+}
+CLASSES = {
+    "qwenimage": "QwenImageTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+    "sd3": "SD3Transformer2DModel",
+    "zimage": "ZImageTransformer2DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "chroma": "ChromaTransformer2DModel",
+}
+FAMILIES = tuple(CONFIGS)
+# Keyword arguments every pipeline call of the family needs (sizes; FLUX.2 klein's text layers for 2-layer LLMs).
+CALL_KWARGS = {
+    "qwenimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=64),
+    "wan": dict(height=VIDEO_SIZE, width=VIDEO_SIZE, num_frames=VIDEO_FRAMES, max_sequence_length=32),
+    "sd3": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
+    "zimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
+    "flux2": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, text_encoder_out_layers=(0, 1, 2)),
+    "chroma": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
+}
+
+
+def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
+    """The family's diffusers transformer at toy width, seeded, with planted outliers."""
+    import diffusers
+
+    if family not in CONFIGS:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(CONFIGS)}")
+    cls = getattr(diffusers, CLASSES[family])
+    model = _seeded(seed + 41, lambda: cls(**CONFIGS[family]))
+    _scale_init(model, seed)
+    if outliers:
+        plant_attention_outliers(model, seed)
+        plant_mlp_outliers(model, seed)
+    return _cast(model, dtype).eval()
+
+
+def _scale_init(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Seeded N(0, std) weights (diffusers zero-inits some output layers: blocks would be identities)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+            elif "scale_shift_table" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * GATE_STD)
+        # Modulation linears (shift / scale / gate from the timestep): at std 0.05 the gates are ~0.01 and
+        # the blocks add a few percent to the output; real models' blocks do the work, so make them matter.
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and any(k in name for k in MODULATION_NAMES) and "norm_out" not in name:
+                m.weight.mul_(MODULATION_GAIN)
+
+
+def plant_attention_outliers(model: torch.nn.Module, seed: int, channels: int = 4, factor: float = 30.0) -> None:
+    """Scale ``channels`` rows of each attention's value projection by ``factor`` and divide the output
+    projection's matching input columns by it (same function; heavy channels in the output projection's input)."""
+    from .generic import is_attention
+
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for attn in [m for m in model.modules() if is_attention(m)]:
+            for v_name, out in (("to_v", _first(getattr(attn, "to_out", None))), ("add_v_proj", getattr(attn, "to_add_out", None))):
+                v = getattr(attn, v_name, None)
+                if not isinstance(v, torch.nn.Linear) or not isinstance(out, torch.nn.Linear):
+                    continue
+                if out.in_features != v.out_features:
+                    continue
+                idx = torch.randperm(v.out_features, generator=gen)[:channels]
+                v.weight[idx] *= factor
+                if v.bias is not None:
+                    v.bias[idx] *= factor
+                out.weight[:, idx] /= factor
+
+
+def plant_mlp_outliers(model: torch.nn.Module, seed: int, channels: int = 4, factor: float = 30.0) -> None:
+    """Heavy channels at the input of each MLP's down projection (the "massive activations" of real DiT
+    MLPs): rows of the up projection ×``factor`` and the down projection's columns ÷``factor``. Exact for a
+    gated (SwiGLU) MLP's linear branch; through a GELU it changes the function (GELU(c·z)/c ≈ ReLU(z)),
+    which a fixture may — activations keep their scale."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    pairs = []
+    for m in model.modules():
+        net = getattr(m, "net", None)
+        if isinstance(net, torch.nn.ModuleList) and len(net) >= 3 and isinstance(getattr(net[0], "proj", None), torch.nn.Linear) \
+                and isinstance(net[2], torch.nn.Linear):
+            pairs.append((net[0].proj, net[2], 1))  # diffusers FeedForward (GELU / GEGLU: the first half feeds)
+        elif all(isinstance(getattr(m, a, None), torch.nn.Linear) for a in ("w1", "w2", "w3")):
+            pairs.append((m.w3, m.w2, 1))  # SwiGLU: silu(w1 x) * (w3 x) -> w2
+        elif isinstance(getattr(m, "linear_in", None), torch.nn.Linear) and isinstance(getattr(m, "linear_out", None), torch.nn.Linear):
+            pairs.append((m.linear_in, m.linear_out, 2))  # FLUX.2 SwiGLU: one up projection, [gate | value] halves
+    with torch.no_grad():
+        for up, down, halves in pairs:
+            idx = torch.randperm(down.in_features, generator=gen)[:channels]
+            rows = idx + (down.in_features if halves == 2 else 0)  # FLUX.2: scale the value half (linear)
+            if up.out_features < rows.max() + 1:
+                continue
+            up.weight[rows] *= factor
+            if up.bias is not None:
+                up.bias[rows] *= factor
+            down.weight[:, idx] /= factor
+
+
+def _first(m):
+    if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
+        return m[0] if len(m) else None
+    return m
+
+
+# --- tokenizers and text encoders ----------------------------------------------------------------------------
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2_tokenizer():
+    """A byte-level BPE `Qwen2Tokenizer` (single bytes plus a few merges) with Qwen's special tokens and a
+    minimal chat template, built in memory (`save_pretrained` writes it as tokenizer.json)."""
+    from transformers import Qwen2Tokenizer
+
+    chars = _byte_unicode_chars()
+    merges = [("Ġ", "t"), ("t", "h"), ("h", "e"), ("Ġt", "he"), ("a", "n"), ("i", "n")]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=1024,
+    )
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok
+
+
+def tiny_qwen25_vl_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
+    """`Qwen2_5_VLForConditionalGeneration` with 2 text layers and a 2-layer vision tower (unused: text only)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    n = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=n, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         rope_theta=1e6),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden),
+        # the image / video marker ids must exist in the tiny vocabulary (they are never produced by text)
+        image_token_id=n - 1, video_token_id=n - 2, vision_start_token_id=n - 3, vision_end_token_id=n - 4,
+    )
+    return _seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config)).eval()
+
+
+def tiny_qwen3_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN, causal_lm: bool = False):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=1024)
+    cls = Qwen3ForCausalLM if causal_lm else Qwen3Model
+    return _seeded(seed, lambda: cls(config)).eval()
+
+
+def tiny_umt5_text_encoder(tokenizer, seed: int, d_model: int = TEXT_HIDDEN):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    return _seeded(seed, lambda: UMT5EncoderModel(config)).eval()
+
+
+# --- VAEs ------------------------------------------------------------------------------------------------------
+
+def _vae_kl(seed: int, latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    from ..tiny import TINY_VAE_CONFIG
+
+    return _seeded(seed + 7, lambda: AutoencoderKL(**{**TINY_VAE_CONFIG, "latent_channels": latent_channels, **extra})).eval()
+
+
+def _vae_wan(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    return _seeded(seed + 7, lambda: AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                                      temperal_downsample=[True], scale_factor_temporal=2,
+                                                      scale_factor_spatial=2)).eval()
+
+
+def _vae_qwen(seed: int):
+    from diffusers import AutoencoderKLQwenImage
+
+    return _seeded(seed + 7, lambda: AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                                            temperal_downsample=[False])).eval()
+
+
+def _vae_flux2(seed: int):
+    from diffusers import AutoencoderKLFlux2
+
+    return _seeded(seed + 7, lambda: AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE, mid_block_add_attention=False)).eval()
+
+
+# --- pipelines -------------------------------------------------------------------------------------------------
+
+def tiny_family_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None):
+    """The tiny full diffusers pipeline of ``family`` (see `FAMILIES`); call it with `CALL_KWARGS[family]`."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family not in CONFIGS:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(CONFIGS)}")
+    tr = transformer if transformer is not None else tiny_transformer(family, seed, dtype)
+    sched = FlowMatchEulerDiscreteScheduler()
+    if family == "qwenimage":
+        tok = tiny_qwen2_tokenizer()
+        parts = dict(vae=_vae_qwen(seed), text_encoder=tiny_qwen25_vl_text_encoder(tok, seed + 11), tokenizer=tok)
+        cls = diffusers.QwenImagePipeline
+    elif family == "wan":
+        from diffusers import UniPCMultistepScheduler
+
+        tok = tiny_t5_tokenizer()
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        parts = dict(vae=_vae_wan(seed), text_encoder=tiny_umt5_text_encoder(tok, seed + 11), tokenizer=tok)
+        cls = diffusers.WanPipeline
+    elif family == "sd3":
+        tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+        parts = dict(
+            vae=_vae_kl(seed, 16),
+            text_encoder=tiny_clip_text_encoder(tok, seed + 11, with_projection=True),
+            tokenizer=tok,
+            text_encoder_2=tiny_clip_text_encoder(tok2, seed + 12, with_projection=True),
+            tokenizer_2=tok2,
+            text_encoder_3=tiny_t5_text_encoder(tok3, seed + 13, 64),
+            tokenizer_3=tok3,
+        )
+        cls = diffusers.StableDiffusion3Pipeline
+    elif family == "zimage":
+        tok = tiny_qwen2_tokenizer()
+        parts = dict(vae=_vae_kl(seed, 16), text_encoder=tiny_qwen3_text_encoder(tok, seed + 11), tokenizer=tok)
+        cls = diffusers.ZImagePipeline
+    elif family == "flux2":
+        tok = tiny_qwen2_tokenizer()
+        parts = dict(vae=_vae_flux2(seed), text_encoder=tiny_qwen3_text_encoder(tok, seed + 11, causal_lm=True),
+                     tokenizer=tok)
+        cls = diffusers.Flux2KleinPipeline
+    else:  # chroma
+        tok = tiny_t5_tokenizer()
+        parts = dict(vae=_vae_kl(seed, 4), text_encoder=tiny_t5_text_encoder(tok, seed + 11, TEXT_HIDDEN), tokenizer=tok)
+        cls = diffusers.ChromaPipeline
+    parts = {k: (_cast(v, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
+    return cls(scheduler=sched, transformer=tr, **parts)

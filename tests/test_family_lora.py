@@ -1,0 +1,128 @@
+"""LoRA (diffusers / PEFT format) on generic-family models: Qwen-Image, Z-Image, Wan, FLUX.2.
+
+Per family, on the tiny transformer with the inputs of one real pipeline step (captured from its tiny
+pipeline): an adapter on every linear of the blocks (attention projections — fused groups included — MLPs,
+and the 16-bit modulation linears) loaded with `svdq.load_lora` into the quantized model must be as close
+to diffusers' own 16-bit load of the same file (``load_lora_adapter``, PEFT) as the quantized base is to
+the 16-bit base (ratio < 1.5, as tests/test_lora.py for FLUX.1 / SDXL / PixArt: a LoRA on the wrong rows
+or columns of a fused layer gives errors of the order of its effect), must change the output (> 3 %),
+and `unload_lora` must restore the quantized output bit for bit. Two adapters at once are checked against
+the sum of their diffusers deltas.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import svdq
+from svdq.models import generic, prepare
+from svdq.models import tiny_families as tf
+
+RANK = 4
+LORA_STD = 0.05
+LORA_FAMILIES = ("qwenimage", "zimage", "wan", "flux2")
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+_CACHE = {}
+
+
+def setup(family: str):
+    """(16-bit transformer, quantized copy, the transformer's call arguments of one pipeline step)."""
+    if family not in _CACHE:
+        pipe = tf.tiny_family_pipeline(family)
+        pipe.set_progress_bar_config(disable=True)
+        captured = {}
+        handle = pipe.transformer.register_forward_pre_hook(
+            lambda _m, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True
+        )
+        try:
+            pipe(prompt="a red fox", num_inference_steps=1, output_type="latent", **tf.CALL_KWARGS[family])
+        finally:
+            handle.remove()
+        full = pipe.transformer
+        quant = copy.deepcopy(full)
+        run_q = lambda m: run(m, captured["call"])  # noqa: E731
+        generic.analyze(quant, run_q)
+        family_obj = prepare(quant)
+        svdq.quantize(quant, calibration=run_q, progress=False,
+                      config=svdq.QuantizeConfig(alphas=(0.3, 0.5, 0.7), exclude=family_obj.exclude))
+        _CACHE[family] = (full, quant, captured["call"])
+    return _CACHE[family]
+
+
+def run(model, call) -> torch.Tensor:
+    args, kwargs = call
+    with torch.no_grad():
+        out = model(*args, **{**kwargs, "return_dict": False})[0]
+    return torch.stack(out) if isinstance(out, (list, tuple)) else out  # Z-Image returns a list per sample
+
+
+def make_peft_lora(model, seed: int) -> dict[str, torch.Tensor]:
+    """A diffusers-format adapter (``transformer.<module>.lora_A/B.weight``) on every linear in the blocks."""
+    blocks = generic.find_blocks(model)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
+        if type(m) is torch.nn.Linear and any(name.startswith(b + ".") for b in blocks):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(RANK, m.in_features, generator=g) * LORA_STD
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, RANK, generator=g) * LORA_STD
+    assert sd
+    return sd
+
+
+def diffusers_16bit(full, loras: list[tuple[dict, float]], call) -> torch.Tensor:
+    """The output with diffusers' own (PEFT) LoRA loading on the 16-bit model."""
+    m = copy.deepcopy(full)
+    names = []
+    for i, (sd, strength) in enumerate(loras):
+        m.load_lora_adapter(dict(sd), prefix="transformer", adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    m.set_adapters(names, [s for _, s in loras])
+    return run(m, call)
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_family_lora_matches_diffusers_and_unloads_exactly(family):
+    full, quant, call = setup(family)
+    base_16, base_q = run(full, call), run(quant, call)
+    lora = make_peft_lora(full, seed=1)
+    ref_16 = diffusers_16bit(full, [(lora, 1.0)], call)
+    assert rel(ref_16, base_16) > 0.03  # the adapter does something
+
+    svdq.load_lora(quant, lora, name="a")
+    try:
+        y = run(quant, call)
+        info = svdq.list_loras(quant)["a"]
+        assert info.format == "peft" and info.quantized_layers > 0 and info.fp16_layers > 0, info
+        # fused groups take their parts' adapters: fewer physical layers than adapted modules
+        assert info.quantized_layers + info.fp16_layers < len(lora) // 2
+    finally:
+        svdq.unload_lora(quant, "a")
+    assert torch.equal(run(quant, call), base_q)  # exact unload
+    base_err, lora_err = rel(base_q, base_16), rel(y, ref_16)
+    print(f"{family}: LoRA effect {rel(ref_16, base_16):.3f}, quantized base error {base_err:.4f}, "
+          f"quantized+LoRA vs diffusers 16-bit+LoRA {lora_err:.4f}")
+    assert rel(y, base_q) > 0.03
+    assert lora_err < 1.5 * base_err, (lora_err, base_err)
+
+
+@pytest.mark.parametrize("family", ["qwenimage"])
+def test_two_adapters_with_strengths(family):
+    full, quant, call = setup(family)
+    base_16, base_q = run(full, call), run(quant, call)
+    l1, l2 = make_peft_lora(full, seed=2), make_peft_lora(full, seed=3)
+    ref_16 = diffusers_16bit(full, [(l1, 0.7), (l2, -0.4)], call)
+    svdq.load_lora(quant, l1, name="one", strength=0.7)
+    svdq.load_lora(quant, l2, name="two", strength=-0.4)
+    try:
+        y = run(quant, call)
+    finally:
+        svdq.unload_lora(quant, "one")
+        svdq.unload_lora(quant, "two")
+    assert torch.equal(run(quant, call), base_q)
+    assert rel(y, ref_16) < 1.5 * rel(base_q, base_16)
