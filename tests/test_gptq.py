@@ -113,7 +113,7 @@ def test_quantize_gptq_beats_nearest_on_outlier_layers():
             if rounding == "gptq":
                 assert report["rounding"] == "gptq" and report["rel_error"] < report["rel_error_nearest"]
     mean = {r: sum(e) / len(e) for r, e in errors.items()}
-    assert mean["gptq"] <= 0.85 * mean["nearest"], errors  # measured ≈ 0.73
+    assert mean["gptq"] <= 0.85 * mean["nearest"], errors  # measured 0.81 (each seed 0.81–0.82)
     assert all(g <= 1.01 * n for g, n in zip(errors["gptq"], errors["nearest"])), errors
 
 
