@@ -290,6 +290,8 @@ def from_pretrained(
     try:
         with torch.device("meta"):
             model = cls.from_config(config)
+        if _meta_tensor_attributes(model):  # e.g. Qwen-Image's RoPE tables: plain attributes, not buffers
+            raise NotImplementedError("tensor attributes the file cannot provide")
         load(model, weights, device=device, verify=verify)
     except NotImplementedError:  # "Cannot copy out of meta tensor": a non-persistent buffer (e.g. pos_embed)
         model = cls.from_config(config)
@@ -353,6 +355,17 @@ def _checkpoint_dtype(path: Path) -> torch.dtype | None:
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _meta_tensor_attributes(model: nn.Module) -> list[str]:
+    """Tensors a module keeps as plain attributes (neither parameters nor buffers) that are on the meta
+    device: built by ``__init__``, never saved, so a meta skeleton would keep them without data."""
+    return [
+        f"{name}.{attr}" if name else attr
+        for name, m in model.named_modules()
+        for attr, v in vars(m).items()
+        if torch.is_tensor(v) and v.is_meta
+    ]
 
 
 def _match_buffer_dtype(model: nn.Module) -> None:
