@@ -4,16 +4,19 @@ models), held-out inputs.
 
 Why not the image PSNR of test_pipelines (≥ 30 dB): it only catches catastrophes — measured on tiny FLUX, naive
 W4A4 still gave 47.8 dB, swapped int4 nibbles 43.1 dB, a zeroed low-rank branch 46.6 dB. The relative error of
-the denoiser's output (‖y_q − y_16‖ / ‖y_16‖, two timesteps' worth of inputs not used for calibration) is far
-more sensitive. Measured with these settings (CPU backend):
+the denoiser's output (‖y_q − y_16‖ / ‖y_16‖ on an input not used for calibration) is far more sensitive.
+Measured with these settings (one calibration input, smoothing α ∈ {0.5} against λ = 1 — the short search
+keeps the test at ~90 CPU-seconds for all three families; CPU backend):
 
     family   svdquant   naive    swapped nibbles   zeroed low-rank   smoothing inverted (x·λ, not x/λ)
-    flux     0.0117     0.0590   0.0977            0.0672            1.43
-    sdxl     0.0316     0.2033   0.2386            0.2193            1.25
-    pixart   0.0065     0.0523   0.0668            0.1511            1.37
+    flux     0.0153     0.0576   0.0921            0.0701            1.36
+    sdxl     0.0309     0.2026   0.2383            0.2388            1.40
+    pixart   0.0061     0.0535   0.0639            0.1472            1.41
 
-The bound is twice the measured svdquant error (rounded up): a correct model has 2× headroom (numerics that
-change by a rounding step move it by far less), every broken variant exceeds it by ≥ 2.4×.
+(With the α grid {0.3, 0.5, 0.7} and two calibration inputs svdquant reaches 0.0117 / 0.0316 / 0.0065 and the
+broken variants stay as far away.) The bound is twice the measured svdquant error (rounded up): a correct
+model has 2× headroom (numerics that change by a rounding step move it by far less), every broken variant
+exceeds it by ≥ 1.8×.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from svdq.linear import SVDQLinear
 from svdq.models import FAMILIES
 
 BUILD = {"flux": tiny.tiny_flux_transformer, "sdxl": tiny.tiny_sdxl_unet, "pixart": tiny.tiny_pixart_transformer}
-BOUND = {"flux": 0.024, "sdxl": 0.064, "pixart": 0.013}  # 2 × measured svdquant error (module docstring)
-CALIB_SEEDS, EVAL_SEEDS = (0, 1), (7, 8)
+BOUND = {"flux": 0.031, "sdxl": 0.062, "pixart": 0.013}  # 2 × measured svdquant error (module docstring)
+CALIB_SEEDS, EVAL_SEEDS = (0,), (7,)
 
 
 def inputs(family: str, seed: int) -> dict:
@@ -59,7 +62,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def quantized(full, family: str, method: str):
     model = copy.deepcopy(full)
     svdq.models.prepare(model)
-    config = svdq.QuantizeConfig(method=method, alphas=(0.3, 0.5, 0.7), exclude=FAMILIES[family].exclude)
+    config = svdq.QuantizeConfig(method=method, alphas=(0.5,), exclude=FAMILIES[family].exclude)
     calibration = lambda m: [m(**inputs(family, s)) for s in CALIB_SEEDS]  # noqa: E731
     return svdq.quantize(model, calibration=calibration, config=config, progress=False)
 
