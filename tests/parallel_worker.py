@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import svdq
 from svdq.models import prepare
-from svdq.tiny import tiny_flux_transformer
+from svdq.testing.tiny import tiny_flux_transformer
 
 IMAGE_TOKENS, TEXT_TOKENS = 32, 8
 ALPHAS = (0.3, 0.5, 0.7)  # a short smoothing grid: the test compares choices, and CI time is scarce

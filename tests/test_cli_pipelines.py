@@ -6,7 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from svdq import cli, tiny
+from svdq import cli
+from svdq.testing import tiny
 
 SIZE = ["--height", "32", "--width", "32"]
 

@@ -9,7 +9,7 @@ from torch.profiler import profile
 
 import svdq
 from svdq.models import fuse_linears, prepare
-from svdq.tiny import tiny_flux_transformer
+from svdq.testing.tiny import tiny_flux_transformer
 
 
 class QKV(nn.Module):

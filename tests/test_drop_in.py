@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.linear import SVDQLinear
 from svdq.models import ProjectionSlice, fuse_linears
 

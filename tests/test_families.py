@@ -8,7 +8,7 @@
    → quantize → save_pretrained → from_pretrained into a fresh pipeline → generate, bit-exact.
 
 Quality bound: as tests/test_pipelines.py, PSNR ≥ 30 dB between the W4A4 and the 16-bit images (pixels in
-[0, 1]; the same fixed seed). The tiny transformers carry planted outlier channels (tiny_families:
+[0, 1]; the same fixed seed). The tiny transformers carry planted outlier channels (svdq.testing.families:
 attention value channels and MLP down-projection inputs ×30), so naive W4A4 (no smoothing, no low-rank
 branch) on the same pipeline must be ≥ 3 dB worse (≥ 1.4× the RMS error) — the images do measure what
 SVDQuant fixes. Two seeds of the same 16-bit pipeline are < 30 dB apart.
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.models import FAMILIES, SharedInputLinear, family_of, generic, pipeline_model, prepare
-from svdq.models import tiny_families as tf
+from svdq.testing import families as tf
 from svdq.quantize import matches
 
 from test_models import BUILDERS

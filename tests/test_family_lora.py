@@ -17,7 +17,7 @@ import torch
 
 import svdq
 from svdq.models import generic, prepare
-from svdq.models import tiny_families as tf
+from svdq.testing import families as tf
 
 RANK = 4
 # Factor std per family: adapters that change the 16-bit output by ~5–10 % (a typical style LoRA).

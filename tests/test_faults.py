@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.linear import SVDQLinear
 
 SMALL_FLUX = dict(num_layers=1, num_single_layers=1)
@@ -282,7 +282,7 @@ CHILD = textwrap.dedent(
     import torch
     from torch import nn
     import svdq
-    from svdq import tiny
+    from svdq.testing import tiny
     sys.path.insert(0, os.environ["TESTS_DIR"])
     from test_faults import SMALL_FLUX, make_lora, run, fingerprint, dir_state
 

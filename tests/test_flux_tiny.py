@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import svdq
-from svdq.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
+from svdq.testing.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
 
 SIZE = 32
 
@@ -57,7 +57,7 @@ def test_quantized_flux_output_error(quantized):
         y4 = quant(**inputs)[0]
     err = float((y4 - y16).norm() / y16.norm())
     # Bound: measured 0.012 for svdquant and 0.054 for naive when this test was written (the planted outlier
-    # channels of svdq.tiny make naive 4-bit bad, as on real FLUX checkpoints). 0.03 leaves 2.5× headroom for
+    # channels of svdq.testing.tiny make naive 4-bit bad, as on real FLUX checkpoints). 0.03 leaves 2.5× headroom for
     # numerical noise, still demands a clear win over naive, and a layout or scale bug in any layer gives
     # errors of order 1.
     assert err < 0.03, err

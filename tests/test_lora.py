@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.linear import SVDQLinear
 from svdq.lora import LoraError
 from svdq.models import ProjectionSlice
@@ -493,7 +493,7 @@ def test_rank_limit_is_checked_before_anything_changes():
     assert svdq.list_loras(quant) == {} and torch.equal(run(quant, "flux"), base)
 
 
-@pytest.mark.skipif(not hasattr(tiny, "tiny_flux_full_pipeline"), reason="needs svdq.tiny text encoders")
+@pytest.mark.skipif(not hasattr(tiny, "tiny_flux_full_pipeline"), reason="needs svdq.testing.tiny text encoders")
 def test_text_encoder_keys_need_the_pipeline(caplog):
     pipe = tiny.tiny_flux_full_pipeline(0)
     svdq.models.prepare(pipe.transformer)

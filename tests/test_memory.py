@@ -13,7 +13,7 @@ from svdq import _native, ops
 from svdq.bench.model import resident_bytes
 from svdq.linear import LAYOUT_STATS, SVDQLinear, prepare_layout
 from svdq.ops import reference
-from svdq.tiny import tiny_flux_transformer
+from svdq.testing.tiny import tiny_flux_transformer
 
 from test_flux_tiny import transformer_inputs
 

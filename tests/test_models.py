@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.models import FAMILIES, ProjectionSlice, SharedInputLinear, family_of, fuse_linears, prepare
 
 

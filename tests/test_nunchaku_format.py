@@ -440,7 +440,7 @@ def test_split_and_merge_single_block_layers_are_exact():
 @pytest.fixture(scope="module")
 def quantized_flux():
     import svdq
-    from svdq.tiny import tiny_flux_transformer
+    from svdq.testing.tiny import tiny_flux_transformer
 
     model = tiny_flux_transformer(0, dtype=torch.bfloat16)  # hidden 128: every layer's K, N a multiple of 128
     svdq.models.prepare(model)
@@ -505,7 +505,7 @@ def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quan
 
 def test_export_refuses_what_the_format_cannot_express(quantized_flux, tmp_path):
     import svdq
-    from svdq.tiny import tiny_flux_transformer
+    from svdq.testing.tiny import tiny_flux_transformer
 
     with pytest.raises(ValueError, match="not quantized"):
         nk.export_flux(tiny_flux_transformer(0, dtype=torch.bfloat16), tmp_path / "a.safetensors")

@@ -101,7 +101,8 @@ def test_generate_cli_under_torchrun(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from svdq import cli, tiny
+    from svdq import cli
+    from svdq.testing import tiny
 
     tiny.tiny_flux_full_pipeline(0).save_pretrained(tmp_path / "flux")
     assert cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(tmp_path / "q"), "--data-free"]) == 0

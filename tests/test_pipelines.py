@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.models import FAMILIES, call_defaults, pipeline_component, pipeline_model
 
 MIN_PSNR_DB = 30.0

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.linear import SVDQLinear
 from svdq.models import FAMILIES
 

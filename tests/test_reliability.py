@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import svdq
-from svdq import cli, tiny
+from svdq import cli
+from svdq.testing import tiny
 from svdq.checkpoint import CheckpointError
 from svdq.linear import SVDQLinear
 from svdq.lora import LoraError

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import svdq
-from svdq import cli, tiny
+from svdq import cli
+from svdq.testing import tiny
 from svdq.weight_only import (
     CPU_INT4,
     TEXT_ENCODERS_DIR,

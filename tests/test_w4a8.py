@@ -200,7 +200,7 @@ def test_backend_without_w4a8_kernels_says_so():
 
 
 def test_w4a8_is_more_accurate_than_w4a4_on_an_outlier_layer():
-    # docs/numerics.md §8.4 in small: 8 input channels ×30 (svdq.tiny's planted outliers), calibrated svdquant.
+    # docs/numerics.md §8.4 in small: 8 input channels ×30 (svdq.testing.tiny's planted outliers), calibrated svdquant.
     g = torch.Generator().manual_seed(0)
     k, n = 256, 128
     lin = torch.nn.Linear(k, n)
@@ -223,7 +223,8 @@ def test_w4a8_is_more_accurate_than_w4a4_on_an_outlier_layer():
 
 
 def test_cli_act_format(tmp_path, capsys):
-    from svdq import cli, tiny
+    from svdq import cli
+    from svdq.testing import tiny
 
     tiny.tiny_pixart_pipeline(0).save_pretrained(tmp_path / "base")
     size = ["--height", "32", "--width", "32"]

@@ -9,7 +9,7 @@ from torch import nn
 
 import svdq
 from svdq.ops import reference as ref
-from svdq.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
+from svdq.testing.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
 import svdq.weight_only as wo
 from svdq.weight_only import CANONICAL, CPU_INT4, SVDQWeightOnlyLinear, unpack_nibbles
 from test_flux_tiny import SIZE, _rewrite, transformer_inputs

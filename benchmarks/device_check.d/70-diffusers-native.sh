@@ -13,7 +13,7 @@ diffusers_native_check() {
   $PY - "$OUT/diffusers_native/check.json" <<'PYEOF'
 import json, sys, tempfile, threading, torch
 import svdq
-from svdq import tiny
+from svdq.testing import tiny
 from svdq.linear import SVDQLinear
 from diffusers import FluxTransformer2DModel
 dev, res = torch.device("cuda"), {}

@@ -1,10 +1,10 @@
 """W4A8 (FP8 e4m3 per-token activations) vs W4A4 vs 16-bit: output errors on CPU, reference numerics.
 
 Two measurements (docs/numerics.md §8.4 quotes them):
-  layers   synthetic FLUX-like layers (K = 3072, outlier input channels ×30 as svdq.tiny plants them), quantized
+  layers   synthetic FLUX-like layers (K = 3072, outlier input channels ×30 as svdq.testing.tiny plants them), quantized
            data-free ("naive" and rank 32) and calibrated ("svdquant"); relative output error ‖y − y16‖/‖y16‖
            of the same quantized layer run with act_format "int4" and "fp8".
-  pipeline the tiny FLUX transformer (svdq.tiny), calibrated through its pipeline as tests/test_flux_tiny.py
+  pipeline the tiny FLUX transformer (svdq.testing.tiny), calibrated through its pipeline as tests/test_flux_tiny.py
            does; relative error of one denoising step's output and of 3-step final latents vs the 16-bit model.
 Usage: python benchmarks/quality/w4a8_quality.py --out benchmarks/results/w4a8_quality_cpu.json
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 import svdq
 from svdq import ops
-from svdq.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
+from svdq.testing.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
 
 ROWS = 256
 
@@ -34,7 +34,7 @@ def layer_inputs(k: int, rows: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g)
     idx = torch.randperm(k, generator=g)[:8]
-    x[:, idx] *= 30.0  # outlier channels, as in real FLUX activations (svdq.tiny.plant_outliers)
+    x[:, idx] *= 30.0  # outlier channels, as in real FLUX activations (svdq.testing.tiny.plant_outliers)
     return x
 
 

@@ -120,3 +120,16 @@ def model_transaction(*models: nn.Module, extra=()) -> Iterator[None]:
             for e in extra:
                 e.restore()
             raise
+
+
+def read_all_tensors(f) -> dict:
+    """Every tensor of an open safetensors file (``safe_open``), one read at a time with SIGINT held.
+
+    Ctrl-C inside safetensors' reader reaches Python as a ValueError about an UntypedStorage (the
+    KeyboardInterrupt raised in its callback is converted), which callers would report as a corrupt file.
+    Holding the signal for one tensor's read keeps an interrupt an interrupt (tests/test_faults.py)."""
+    tensors = {}
+    for key in f.keys():
+        with deferred_interrupts():
+            tensors[key] = f.get_tensor(key)
+    return tensors

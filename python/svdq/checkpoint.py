@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction
+from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction, read_all_tensors
 from .linear import STORED_TENSORS, SVDQLinear
 from .ops.reference import GROUP_SIZE, padded_k
 from .quantize import QuantizeConfig, _set_submodule, quantized_layers
@@ -222,10 +222,9 @@ def _load(model: nn.Module, path: Path, meta: dict, device, verify: bool) -> nn.
     try:
         # Read on the CPU (memory-mapped, no copy), check, then move: the checksums hash the stored bytes.
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = read_all_tensors(f)  # Ctrl-C stays KeyboardInterrupt, never a "corrupt file"
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e
-
 
     replacements = {}
     entries = [(e, "quantized", _layer_from_state) for e in meta["quantized_layers"]]

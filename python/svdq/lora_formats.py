@@ -79,10 +79,12 @@ def read_source(source: str | os.PathLike | dict) -> tuple[dict[str, torch.Tenso
         raise ValueError(f"{path}: only .safetensors LoRA files are read (no pickle)")
     from safetensors import safe_open
 
+    from ._transaction import read_all_tensors
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = read_all_tensors(f)  # Ctrl-C stays KeyboardInterrupt, never an "unreadable file"
     except Exception as e:  # safetensors' own error types for truncated / garbage files
         raise ValueError(f"{path}: not a readable safetensors LoRA file ({type(e).__name__}: {e})") from e
     adapter_meta = {}

@@ -75,8 +75,8 @@ MODELS = {
 
 
 def cpu_spec(name: str) -> ModelSpec:
-    """The scaled-down stand-in for `name` in CPU mode (FLUX: CPU_FLUX; SDXL / PixArt-Σ: svdq.tiny's configs)."""
-    from .. import tiny
+    """The scaled-down stand-in for `name` in CPU mode (FLUX: CPU_FLUX; SDXL / PixArt-Σ: svdq.testing.tiny's configs)."""
+    from ..testing import tiny
 
     spec = MODELS[name]
     if spec.cls == "FluxTransformer2DModel":

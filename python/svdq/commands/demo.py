@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 
 
 def build_demo_pipeline(seed: int):
-    from .. import tiny
+    from ..testing import tiny
 
     transformer = tiny.tiny_flux_transformer(seed, **DEMO_FLUX_CONFIG)
     return tiny.tiny_flux_pipeline(seed, transformer=transformer), dict(transformer.config)

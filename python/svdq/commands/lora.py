@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 EXAMPLES = """examples:
-  svdq lora inspect style.safetensors --model tiny            # the tiny FLUX model of svdq.tiny
+  svdq lora inspect style.safetensors --model tiny            # the tiny FLUX model of svdq.testing.tiny
   svdq lora inspect style.safetensors --model tiny:sdxl       # tiny:flux, tiny:sdxl, tiny:pixart
   svdq lora inspect style.safetensors --model ./flux-svdq     # a directory from svdq.save_pretrained
   svdq lora inspect style.safetensors --model ./FLUX.1-dev/transformer --json   # a diffusers model config
@@ -56,7 +56,7 @@ def skeleton(spec: str):
     from ..quantize import QuantizeConfig, select_linears
 
     if spec == "tiny" or spec.startswith("tiny:"):
-        from .. import tiny
+        from ..testing import tiny
 
         family = spec.partition(":")[2] or "flux"
         builders = {"flux": "tiny_flux_transformer", "sdxl": "tiny_sdxl_unet", "pixart": "tiny_pixart_transformer"}
@@ -64,7 +64,7 @@ def skeleton(spec: str):
             raise ValueError(f"unknown tiny model {spec!r}; use tiny, tiny:flux, tiny:sdxl or tiny:pixart")
         model = getattr(tiny, builders[family])(0)
         quantized = None
-        desc = f"svdq.tiny {family}"
+        desc = f"svdq.testing.tiny {family}"
     else:
         import diffusers
 

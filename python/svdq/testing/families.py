@@ -1,6 +1,6 @@
 """Tiny seeded pipelines for the diffusers families svdq covers through its generic family (test fixtures).
 
-Like `svdq.tiny`: no download, seeded weights, tiny text encoders and tokenizers built in memory, 32×32
+Like `svdq.testing.tiny`: no download, seeded weights, tiny text encoders and tokenizers built in memory, 32×32
 images (Wan: 16×16, 5 frames). Families: Qwen-Image (`QwenImagePipeline`, Qwen2.5-VL text encoder), Wan 2.x
 (`WanPipeline`, UMT5), SD3.5 (`StableDiffusion3Pipeline`, CLIP-L/G + T5; QK RMSNorm and one dual-attention
 block as in SD3.5-medium), Z-Image (`ZImagePipeline`, Qwen3), FLUX.2 klein (`Flux2KleinPipeline`, Qwen3)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tiny import (
+from .tiny import (
     _byte_unicode_chars,
     _cast,
     _seeded,
@@ -112,7 +112,7 @@ def _scale_init(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 def plant_attention_outliers(model: torch.nn.Module, seed: int, channels: int = 4, factor: float = 30.0) -> None:
     """Scale ``channels`` rows of each attention's value projection by ``factor`` and divide the output
     projection's matching input columns by it (same function; heavy channels in the output projection's input)."""
-    from .generic import is_attention
+    from ..models.generic import is_attention
 
     gen = torch.Generator().manual_seed(seed + 5)
     with torch.no_grad():
@@ -238,7 +238,7 @@ def tiny_umt5_text_encoder(tokenizer, seed: int, d_model: int = TEXT_HIDDEN):
 def _vae_kl(seed: int, latent_channels: int, **extra):
     from diffusers import AutoencoderKL
 
-    from ..tiny import TINY_VAE_CONFIG
+    from .tiny import TINY_VAE_CONFIG
 
     return _seeded(seed + 7, lambda: AutoencoderKL(**{**TINY_VAE_CONFIG, "latent_channels": latent_channels, **extra})).eval()
 
