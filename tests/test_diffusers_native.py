@@ -40,23 +40,9 @@ def generate(pipe, seed: int = 1) -> np.ndarray:
                 **call_kwargs(pipe)).images[0]
 
 
-def model_inputs(family: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if family == "flux":
-        return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 64), pooled_projections=r(1, 32),
-                    timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                    return_dict=False)
-    if family == "sdxl":
-        return dict(sample=r(1, 4, 16, 16), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 8, 64),
-                    added_cond_kwargs={"text_embeds": r(1, 32), "time_ids": r(1, 6)}, return_dict=False)
-    return dict(hidden_states=r(1, 4, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=torch.tensor([500]),
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-
-
 def run(model, family: str) -> torch.Tensor:
     with torch.no_grad():
-        return model(**model_inputs(family))[0]
+        return model(**tiny.tiny_model_inputs(family))[0]
 
 
 def quantized_pipeline(family: str):
@@ -117,7 +103,7 @@ def test_bf16_round_trip_keeps_dtype(tmp_path):
     loaded = PixArtTransformer2DModel.from_pretrained(tmp_path, device_map="cpu")
     assert loaded.pos_embed.pos_embed.dtype == torch.bfloat16 and loaded.dtype == torch.bfloat16
     x = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-         for k, v in model_inputs("pixart").items()}
+         for k, v in tiny.tiny_model_inputs("pixart").items()}
     with torch.no_grad():
         assert torch.equal(loaded(**x)[0], model(**x)[0])
 

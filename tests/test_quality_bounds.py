@@ -36,23 +36,9 @@ BOUND = {"flux": 0.031, "sdxl": 0.062, "pixart": 0.013}  # 2 × measured svdquan
 CALIB_SEEDS, EVAL_SEEDS = (0,), (7,)
 
 
-def inputs(family: str, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if family == "flux":
-        return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 64), pooled_projections=r(1, 32),
-                    timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                    return_dict=False)
-    if family == "sdxl":
-        return dict(sample=r(1, 4, 16, 16), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 8, 64),
-                    added_cond_kwargs={"text_embeds": r(1, 32), "time_ids": r(1, 6)}, return_dict=False)
-    return dict(hidden_states=r(1, 4, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=torch.tensor([500]),
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-
-
 def outputs(model, family: str) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(**inputs(family, s))[0].flatten() for s in EVAL_SEEDS])
+        return torch.cat([model(**tiny.tiny_model_inputs(family, s))[0].flatten() for s in EVAL_SEEDS])
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -63,7 +49,7 @@ def quantized(full, family: str, method: str):
     model = copy.deepcopy(full)
     svdq.models.prepare(model)
     config = svdq.QuantizeConfig(method=method, alphas=(0.5,), exclude=FAMILIES[family].exclude)
-    calibration = lambda m: [m(**inputs(family, s)) for s in CALIB_SEEDS]  # noqa: E731
+    calibration = lambda m: [m(**tiny.tiny_model_inputs(family, s)) for s in CALIB_SEEDS]  # noqa: E731
     return svdq.quantize(model, calibration=calibration, config=config, progress=False)
 
 

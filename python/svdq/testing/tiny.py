@@ -381,3 +381,20 @@ def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
     if family not in TINY_PIPELINES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; choose from {sorted(TINY_PIPELINES)}")
     return TINY_PIPELINES[family](seed, dtype)
+
+
+def tiny_model_inputs(family: str, seed: int = 0) -> dict:
+    """Seeded keyword inputs for one forward of the tiny ``family`` denoiser ("flux", "sdxl", "pixart")."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if family == "flux":
+        return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 8, 64), pooled_projections=r(1, 32),
+                    timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                    return_dict=False)
+    if family == "sdxl":
+        return dict(sample=r(1, 4, 16, 16), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 8, 64),
+                    added_cond_kwargs={"text_embeds": r(1, 32), "time_ids": r(1, 6)}, return_dict=False)
+    if family == "pixart":
+        return dict(hidden_states=r(1, 4, 16, 16), encoder_hidden_states=r(1, 8, 32), timestep=torch.tensor([500]),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    raise ValueError(f"no tiny inputs for family {family!r} (flux, sdxl, pixart)")
