@@ -1,8 +1,8 @@
 """One rank of tests/test_parallel.py, launched by torchrun (gloo, CPU): runs the tiny FLUX model under diffusers'
 context parallelism and writes what it saw to ``$SVDQ_PARALLEL_OUT/rank<r>.safetensors`` for the test to compare.
 
-Cases: a quantized (fused) model under Ulysses (degree = world) and under ring attention (degree = world), each
-beside the single-process output computed by every rank itself; calibration of a 16-bit model run under
+Cases: a quantized (fused) model under Ulysses (degree = world) and under ring attention (degree = world), and a
+quantized tiny Wan video model under Ulysses, each beside the single-process output computed by every rank itself; calibration of a 16-bit model run under
 Ulysses with the statistics merged over the ranks and without (each rank's shard only), with the per-layer
 smoothing factors beside single-process ones.
 """
@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import svdq
 from svdq.models import prepare
+from svdq.testing import families
 from svdq.testing.tiny import tiny_flux_transformer
 
 IMAGE_TOKENS, TEXT_TOKENS = 32, 8
@@ -50,6 +51,16 @@ def flux_inputs(model, seed: int) -> dict:
     )
     if c.guidance_embeds:
         inputs["guidance"] = torch.tensor([3.5])
+    return {k: v.to(DEVICE, DTYPE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def wan_video_inputs(model, seed: int) -> dict:
+    """2 latent frames of 8×8 (32 tokens after the 1×2×2 patch), 8 text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    c = model.config
+    inputs = dict(hidden_states=torch.randn(1, c.in_channels, 2, 8, 8, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 8, c.text_dim, generator=gen),
+                  timestep=torch.tensor([500.0]), return_dict=False)
     return {k: v.to(DEVICE, DTYPE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
@@ -93,6 +104,15 @@ def main() -> int:
                 degrees = {"ulysses": world} if mode == "ulysses" else {"ring": world}
                 svdq.parallel.enable_context_parallel(model, **degrees)
                 result[f"{mode}_parallel"] = model(**x)[0]
+
+            # A video model: tiny Wan 2.x (frames × height × width tokens), quantized with calibration.
+            wan = families.tiny_transformer("wan", seed=0, dtype=DTYPE).to(DEVICE)
+            wan_inputs = [wan_video_inputs(wan, s) for s in (1, 2, 7)]
+            svdq.quantize(wan, calibration=lambda m: [m(**i) for i in wan_inputs[:2]], progress=False,
+                          config=svdq.QuantizeConfig(alphas=ALPHAS), process_group=None)
+            result["wan_single"] = wan(**wan_inputs[2])[0]
+            svdq.parallel.enable_context_parallel(wan, ulysses=world)
+            result["wan_parallel"] = wan(**wan_inputs[2])[0]
 
         # Calibration under context parallelism: each rank's layers see 1/world of the tokens.
         calib = [flux_inputs(tiny_model(), s) for s in (1, 2)]

@@ -2,6 +2,7 @@
 
 - Ulysses: the quantized (fused) tiny FLUX model gives the output of one process (activations are quantized
   per token, so splitting the sequence changes no quantized value; attention sums its keys in another order).
+- The same for a quantized tiny video model (Wan 2.x) under Ulysses.
 - Ring attention (svdq's CPU log-sum-exp path for diffusers' dispatcher): equal to one process within the
   rounding of the softmax merge.
 - Calibration under Ulysses: every rank ends with the smoothing exponents one process chooses from all tokens
@@ -63,6 +64,13 @@ def test_ulysses_output_equals_one_process(ranks):
         # Every quantized value is the same (activations are quantized per token); what differs is the order in
         # which attention sums over the keys (Ulysses gathers [txt₀ img₀ txt₁ img₁], one process [txt img]):
         # fp32 rounding. A shard quantized with another shard's scales, or a lost shard, is off by ≥ 1e-2.
+        assert rel(parallel, single) < 1e-6
+
+
+def test_video_model_under_ulysses_equals_one_process(ranks):
+    for r in ranks:  # tiny Wan 2.x: tokens are frames × patches; the same argument as for FLUX
+        single, parallel = r["wan_single"], r["wan_parallel"]
+        assert single.shape == parallel.shape and single.shape[2] == 2  # [B, C, frames, H, W]
         assert rel(parallel, single) < 1e-6
 
 
