@@ -247,9 +247,28 @@ def gather_input_stats(stats: dict[str, "InputStats"], capacity: int, group=None
             xtx = s.xtx.to("cpu").contiguous()
             dist.all_reduce(xtx, group=group)
             s.xtx = xtx.to(s.xtx.device)
-        rows = [None] * world
-        dist.all_gather_object(rows, (s.keys, s.sample), group=group)
-        s.keys, s.sample = merge_samples(rows, capacity)
+        s.keys, s.sample = merge_samples(_all_gather_rows(s.keys, s.sample, world, group), capacity)
+
+
+def _all_gather_rows(keys: torch.Tensor, rows: torch.Tensor, world: int, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every rank's (keys int64 [n], rows [n, K]) — tensors only (no pickling), rows sent as raw bytes (gloo has
+    no bfloat16), padded to the longest rank's n."""
+    n = torch.tensor([keys.numel()], dtype=torch.int64)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n, group=group)
+    longest = max(int(c) for c in counts)
+    raw = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    pad = longest - keys.numel()
+    keys_p = torch.cat([keys, keys.new_zeros(pad)])
+    raw_p = torch.cat([raw, raw.new_zeros(pad, raw.shape[1])])
+    all_keys = [torch.empty_like(keys_p) for _ in range(world)]
+    all_raw = [torch.empty_like(raw_p) for _ in range(world)]
+    dist.all_gather(all_keys, keys_p, group=group)
+    dist.all_gather(all_raw, raw_p, group=group)
+    return [
+        (k[: int(c)], r[: int(c)].view(rows.dtype).reshape(int(c), rows.shape[1]))
+        for k, r, c in zip(all_keys, all_raw, counts)
+    ]
 
 
 def merge_samples(per_rank: list[tuple[torch.Tensor, torch.Tensor]], capacity: int):
