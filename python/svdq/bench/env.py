@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[3]  # python/svdq/bench -> repository root (editable installs)
-
-
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20).stdout.strip()
@@ -21,11 +18,19 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout svdq runs from, with "+dirty" when tracked files differ; "unknown" outside git."""
-    commit = _run(["git", "rev-parse", "HEAD"], REPO) if (REPO / ".git").exists() else ""
+    """The svdq commit a benchmark ran: ``$SVDQ_GIT_COMMIT`` when set, else HEAD (with "+dirty" when tracked files
+    differ) of the svdq checkout in the working directory (the repository root, as benchmarks/device_check.sh
+    runs); "unknown" otherwise — an installed wheel has no repository around it, so the package never looks for
+    one beside itself."""
+    if os.environ.get("SVDQ_GIT_COMMIT"):
+        return os.environ["SVDQ_GIT_COMMIT"]
+    cwd = Path.cwd()
+    if not ((cwd / ".git").exists() and (cwd / "python" / "svdq").is_dir()):
+        return "unknown"
+    commit = _run(["git", "rev-parse", "HEAD"], cwd)
     if not commit:
         return "unknown"
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd)
     return commit + ("+dirty" if dirty else "")
 
 
