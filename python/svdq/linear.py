@@ -147,7 +147,8 @@ class SVDQLinear(nn.Module):
         self.lora_scales = lora_scales.to(torch.float32).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops.check_input(x, f"SVDQLinear [{self.in_features} -> {self.out_features}]")
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.dtype not in ops.INPUT_DTYPES:  # the error, named
+            ops.check_input(x, f"SVDQLinear [{self.in_features} -> {self.out_features}]")  # (no f-string per call)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"SVDQLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
