@@ -26,6 +26,10 @@ struct QuantizeActParams {
   int8_t* qact;              // [M, G * 32] packed INT4, low nibble = even k
   float* ascales;            // [M, G]
   float* lora_act;           // [M, r]
+  // Spec §10: 0 = signed codes (§4.1); δ > 0 = shifted unsigned activations: x̂ = (x + δ) / λ, codes 0..15
+  // (unsigned nibbles), scale = max|x̂| / 15. lora_act still reads the raw x. Zero-initialised callers
+  // (`QuantizeActParams p{}`) get §4.1.
+  float act_shift;
 };
 
 struct GemmParams {
@@ -43,6 +47,9 @@ struct GemmParams {
   int16_t* a_unpacked;       // [Mp, G * 64]  q_a as int16 (Mp = M rounded up to the row tile, zero rows)
   float* lora_act_c;         // [M, r]  C(lora_act)
   int64_t n_tasks_m;         // tasks split M into this many chunks (set by the caller)
+  // Spec §10.2: qact holds unsigned codes 0..15 (a quantize_act_rows run with act_shift > 0); the shift's
+  // correction is in `bias`. gemm_prepare_rows and gemm_tasks must see the same value.
+  bool act_unsigned;
 };
 
 // Sizes the caller needs to allocate the workspace and schedule tasks (same for every ISA).

@@ -19,7 +19,8 @@
 //     row m: q_a[m, 0..Kp)               [G][64 k][32 n] int16   (q_w transposed: 64 bytes per k)
 //
 //   for each 64-group g:
-//     I[4][32] (int16, exact: |I| <= 64 * 8 * 8 = 4096) += q_a[m, k] (broadcast) * panel[g][k][0..32)
+//     I[4][32] (int16, exact: |I| <= 64 * 8 * 8 = 4096; unsigned codes of spec §10: 64 * 15 * 8 = 7680)
+//             += q_a[m, k] (broadcast) * panel[g][k][0..32)
 //     acc[4][32] (fp32) += (s_a[m, g] * s_w[n, g]) * float(I)      <- same order as the reference
 //   epilogue: y = out_dtype((acc + Σ_j C(lora_act[m, j]) * lora_up[n, j]) + bias[n])
 //
@@ -150,19 +151,28 @@ void load_row(const void* x, DType d, int64_t K, int64_t Kp, float* out) {
 
 // One row of spec §4.1: smoothing, per-group absmax, scale, round-half-even, clamp, pack.
 // `smooth` is padded to Kp with ones (padding columns give 0 / 1 = 0, as in the reference).
-void quantize_row(const float* xr, const float* smooth, int64_t G, int8_t* qout, float* sout) {
+// shift > 0 (spec §10.1): x̂ = (x + shift) / λ on the K real columns (padding stays 0), scale amax / 15,
+// codes clamped to 0..15 and packed as unsigned nibbles.
+void quantize_row(const float* xr, const float* smooth, int64_t G, int64_t K, float shift, int8_t* qout,
+                  float* sout) {
+  const bool shifted = shift != 0.0f;
+  const float qmax = shifted ? 15.0f : 7.0f;
+  const int32_t qlo = shifted ? 0 : -8, qhi = shifted ? 15 : 7;
   for (int64_t g = 0; g < G; ++g) {
     float xh[kGroup];
     uint32_t amax_bits = 0;  // max of |x̂| on the bit patterns: monotone for non-NaN, vectorizes as int max
     for (int k = 0; k < kGroup; ++k) {
-      xh[k] = xr[g * kGroup + k] / smooth[g * kGroup + k];
+      const int64_t kk = g * kGroup + k;
+      // padding columns (kk >= K) hold x = 0 and must stay x̂ = 0 when shifted, not shift / 1
+      const float xv = (shifted && kk < K) ? xr[kk] + shift : xr[kk];
+      xh[k] = xv / smooth[kk];
       const uint32_t b = f32_bits(xh[k]) & 0x7fffffffu;
       amax_bits = b > amax_bits ? b : amax_bits;
     }
     // A NaN or ±Inf x̂ (bits >= 0x7F800000 sort above every finite |x̂|) makes the group's scale NaN and its
     // codes 0: every output of the row is then NaN in the GEMM (spec §4.1, non-finite input).
     const bool finite = amax_bits < 0x7f800000u;
-    const float s = finite ? f32_from_bits(amax_bits) / 7.0f : std::numeric_limits<float>::quiet_NaN();
+    const float s = finite ? f32_from_bits(amax_bits) / qmax : std::numeric_limits<float>::quiet_NaN();
     sout[g] = s;
     uint8_t* out = reinterpret_cast<uint8_t*>(qout) + g * (kGroup / 2);
     if (s == 0.0f || !finite) {
@@ -171,13 +181,13 @@ void quantize_row(const float* xr, const float* smooth, int64_t G, int8_t* qout,
     }
     int32_t q[kGroup];
     for (int k = 0; k < kGroup; ++k) {
-      // |x̂ / s| <= 7 (+1 ulp), far below 2^22: adding and subtracting 1.5 * 2^23 rounds to an integer in
+      // |x̂ / s| <= 15 (+1 ulp), far below 2^22: adding and subtracting 1.5 * 2^23 rounds to an integer in
       // the current (round-to-nearest-even) mode — exactly torch.round.
       float v = xh[k] / s;
       v = (v + 12582912.0f) - 12582912.0f;
       int32_t qi = int32_t(v);
-      qi = qi < -8 ? -8 : qi;
-      qi = qi > 7 ? 7 : qi;
+      qi = qi < qlo ? qlo : qi;
+      qi = qi > qhi ? qhi : qi;
       q[k] = qi;
     }
     for (int j = 0; j < kGroup / 2; ++j) out[j] = uint8_t((q[2 * j] & 0xf) | ((q[2 * j + 1] & 0xf) << 4));
@@ -200,7 +210,7 @@ void quantize_act_rows(const QuantizeActParams& p, int64_t m0, int64_t m1) {
     for (int64_t i = 0; i < nb; ++i) {
       const char* xrow = static_cast<const char*>(p.x) + (mb + i) * K * xsize;
       load_row(xrow, p.xdtype, K, Kp, xf + i * Kp);
-      quantize_row(xf + i * Kp, smooth, G, p.qact + (mb + i) * (Kp / 2), p.ascales + (mb + i) * G);
+      quantize_row(xf + i * Kp, smooth, G, K, p.act_shift, p.qact + (mb + i) * (Kp / 2), p.ascales + (mb + i) * G);
     }
     for (int64_t i = nb; i < kRB; ++i) std::memset(xf + i * Kp, 0, sizeof(float) * Kp);
 
@@ -233,16 +243,19 @@ void gemm_prepare_rows(const GemmParams& p, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
 #if SVDQ_VNNI
     // VNNI layout: row m is Kp bytes q_a + 8 in [0, 15] (vpdpbusd's unsigned operand); padding rows are 8
-    // (q_a = 0), so that the column-sum correction below stays exact for them too.
+    // (q_a = 0), so that the column-sum correction below stays exact for them too. Unsigned codes (spec
+    // §10.2) are vpdpbusd's operand as they are: the offset is 0 (gemm_groups_vnni skips the correction)
+    // and padding rows are 0.
     uint8_t* a = reinterpret_cast<uint8_t*>(p.a_unpacked) + m * Kp;
+    const uint8_t flip = p.act_unsigned ? 0 : 8;
     if (m >= p.M) {
-      std::memset(a, 8, Kp);
+      std::memset(a, flip, Kp);
       continue;
     }
     const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qact) + m * (Kp / 2);
     for (int64_t j = 0; j < Kp / 2; ++j) {
-      a[2 * j] = uint8_t((q[j] & 0xf) ^ 8);  // nibble v encodes (v ^ 8) - 8, so q + 8 = v ^ 8
-      a[2 * j + 1] = uint8_t((q[j] >> 4) ^ 8);
+      a[2 * j] = uint8_t((q[j] & 0xf) ^ flip);  // nibble v encodes (v ^ 8) - 8, so q + 8 = v ^ 8
+      a[2 * j + 1] = uint8_t((q[j] >> 4) ^ flip);
     }
 #else
     int16_t* a = p.a_unpacked + m * Kp;
@@ -251,10 +264,18 @@ void gemm_prepare_rows(const GemmParams& p, int64_t m0, int64_t m1) {
       continue;
     }
     const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qact) + m * (Kp / 2);
-    for (int64_t j = 0; j < Kp / 2; ++j) {
-      // sign-extend each nibble: (v ^ 8) - 8
-      a[2 * j] = int16_t(((q[j] & 0xf) ^ 8) - 8);
-      a[2 * j + 1] = int16_t(((q[j] >> 4) ^ 8) - 8);
+    if (p.act_unsigned) {
+      // unsigned codes 0..15 (spec §10.2): zero-extend; |I| <= 64 * 15 * 8 = 7680 stays exact in int16
+      for (int64_t j = 0; j < Kp / 2; ++j) {
+        a[2 * j] = int16_t(q[j] & 0xf);
+        a[2 * j + 1] = int16_t(q[j] >> 4);
+      }
+    } else {
+      for (int64_t j = 0; j < Kp / 2; ++j) {
+        // sign-extend each nibble: (v ^ 8) - 8
+        a[2 * j] = int16_t(((q[j] & 0xf) ^ 8) - 8);
+        a[2 * j + 1] = int16_t(((q[j] >> 4) ^ 8) - 8);
+      }
     }
 #endif
     for (int64_t j = 0; j < p.r; ++j) p.lora_act_c[m * p.r + j] = round_to(p.ydtype, p.lora_act[m * p.r + j]);
@@ -349,8 +370,11 @@ inline void gemm_groups_vnni(const GemmParams& p, const Panel& pan, int64_t m, f
         c[i][1] = _mm512_dpbusd_epi32(c[i][1], av, w1);
       }
     }
-    const __m512i corr0 = _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB), 3);
-    const __m512i corr1 = _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB + 16), 3);
+    // signed codes were stored as q + 8: subtract 8 · Σ q_w; unsigned codes (spec §10.2) as they are
+    const __m512i corr0 = p.act_unsigned ? _mm512_setzero_si512()
+                                         : _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB), 3);
+    const __m512i corr1 = p.act_unsigned ? _mm512_setzero_si512()
+                                         : _mm512_slli_epi32(_mm512_loadu_si512(pan.wsum + g * kNB + 16), 3);
     const __m512 sw0 = _mm512_loadu_ps(pan.sw + g * kNB), sw1 = _mm512_loadu_ps(pan.sw + g * kNB + 16);
     for (int i = 0; i < kRB; ++i) {
       const __m512 sa = _mm512_set1_ps((m + i < p.M) ? p.ascales[(m + i) * G + g] : 0.0f);

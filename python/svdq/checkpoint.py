@@ -100,6 +100,8 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
                     "rank": m.rank,
                     "bias": m.bias is not None,
                 }
+                # "act_shift" only for shifted layers (spec §10.3; their tensor key makes older svdq refuse them)
+                | ({"act_shift": m.act_shift} if getattr(m, "act_shift", 0.0) else {})
                 for name, m in layers.items()
             ]
         ),
@@ -323,7 +325,20 @@ def _layer_from_state(path: Path, name: str, entry: dict, state: dict, device) -
     n, k, r = entry["out_features"], entry["in_features"], entry["rank"]
     shapes = {"smooth": (k,), "lora_down": (k, r), "lora_up": (n, r)}
     dtype = _check_layer_tensors(path, name, "quantized", entry, state, shapes)
-    return SVDQLinear(k, n, r, entry["bias"], dtype, device)
+    shift = entry.get("act_shift", 0.0)  # absent: signed activations (files before spec §10)
+    key = f"{name}.act_shift"
+    stored = state.get(key)
+    if (shift != 0.0) != (stored is not None) or (
+        stored is not None and (stored.numel() != 1 or float(stored.reshape(())) != shift)
+    ):
+        raise CheckpointError(
+            f"{path}: layer {name!r}: metadata act_shift={shift!r} but tensor {key!r} is "
+            f"{'absent' if stored is None else stored.tolist()} (spec §10.3: both or neither)"
+        )
+    try:
+        return SVDQLinear(k, n, r, entry["bias"], dtype, device, act_shift=shift)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
 
 
 def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, device) -> SVDQWeightOnlyLinear:

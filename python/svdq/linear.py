@@ -8,10 +8,11 @@ from torch import nn
 from . import ops
 from .ops import autograd
 from .decompose import Decomposition, decompose
-from .ops.reference import GROUP_SIZE, padded_k
+from .ops.reference import GROUP_SIZE, check_act_shift, padded_k, shift_bias
 
 # Tensors in the canonical checkpoint layout (spec §3), in the order they are saved.
 STORED_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
+ACT_SHIFT_KEY = "act_shift"  # state_dict key of a shifted layer's activation shift (spec §10.3), fp32 [1]
 
 # Weight-layout conversions since import (tests and benchmarks read and reset it): "convert" = a layer's
 # resident weights rewritten in another backend's layout (on a move, a load, `prepare_layout`, or the first call
@@ -30,6 +31,11 @@ def _canonical_state_dict(module: "SVDQLinear", state_dict: dict, prefix: str, l
     if module.layout != ops.CANONICAL:
         qweight, wscales = module.canonical_weights()
         state_dict[prefix + "qweight"], state_dict[prefix + "wscales"] = qweight, wscales
+    if module.act_shift:
+        # Spec §10.3: the shift is part of a shifted layer's numerics (its bias cancels it), so it travels with
+        # the tensors; only shifted layers have the key (older readers refuse it as unexpected, never run it
+        # signed).
+        state_dict[prefix + ACT_SHIFT_KEY] = torch.tensor([module.act_shift], dtype=torch.float32, device=module.device)
 
 
 def weight_standin(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -58,11 +64,15 @@ class SVDQLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         act_format: str = "int4",
+        act_shift: float = 0.0,
     ):
         super().__init__()
         # How activations are quantized at run time (not stored with the weights: both formats read the same
         # checkpoint): "int4" = W4A4 (spec §4), "fp8" = W4A8 (spec §8). Per call: `svdq.ops.use_act_format`.
         self.act_format = ops.check_act_format(act_format)
+        # Shifted unsigned activations (spec §10): 0 = signed codes; δ > 0 = x + δ quantized to codes 0…15, with
+        # the bias storing the shift's correction. Stored with the tensors (state_dict key "act_shift").
+        self.act_shift = check_act_shift(act_shift)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"SVDQLinear needs positive sizes, got in={in_features} out={out_features}")
         if not dtype.is_floating_point:
@@ -113,21 +123,30 @@ class SVDQLinear(nn.Module):
         return weight_standin(self.out_features, self.in_features, self.dtype, self.device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int = 32, smooth: torch.Tensor | None = None) -> "SVDQLinear":
-        """Quantize ``linear`` (data-free when ``smooth`` is None). The rank is padded to a multiple of 16."""
+    def from_linear(
+        cls, linear: nn.Linear, rank: int = 32, smooth: torch.Tensor | None = None, act_shift: float = 0.0
+    ) -> "SVDQLinear":
+        """Quantize ``linear`` (data-free when ``smooth`` is None). The rank is padded to a multiple of 16.
+        ``act_shift`` δ > 0: shifted unsigned activations (spec §10; for inputs ≥ −δ, e.g. after GELU)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         dec = decompose(linear.weight, rank, smooth)
-        return cls.from_decomposition(dec, linear.bias)
+        return cls.from_decomposition(dec, linear.bias, act_shift=act_shift)
 
     @classmethod
-    def from_decomposition(cls, dec: Decomposition, bias: torch.Tensor | None) -> "SVDQLinear":
+    def from_decomposition(cls, dec: Decomposition, bias: torch.Tensor | None, act_shift: float = 0.0) -> "SVDQLinear":
+        """The layer of a decomposition. ``act_shift`` δ > 0: a shifted layer (spec §10), whose stored bias is
+        ``shift_bias`` (b − δ·Σ_k Ŵq/λ from the stored codes; a bias tensor even when ``bias`` is None)."""
+        act_shift = check_act_shift(act_shift)
         n, k = dec.lora_up.shape[0], dec.smooth.shape[0]
-        layer = cls(k, n, dec.rank, bias is not None, dec.wscales.dtype, dec.wscales.device)
+        has_bias = bias is not None or act_shift != 0.0
+        layer = cls(k, n, dec.rank, has_bias, dec.wscales.dtype, dec.wscales.device, act_shift=act_shift)
         with torch.no_grad():
             for name in STORED_TENSORS:
                 getattr(layer, name).copy_(getattr(dec, name))
-            if bias is not None:
+            if act_shift:
+                layer.bias.copy_(shift_bias(bias, dec.qweight, dec.wscales, dec.smooth, act_shift))
+            elif bias is not None:
                 layer.bias.copy_(bias.detach())
         layer._settle()
         return layer
@@ -167,17 +186,33 @@ class SVDQLinear(nn.Module):
         qweight, wscales = self._weights_for(backend)
         scales = None if self.rank == 0 else self.lora_scales
         act_format = ops.act_format_override() or self.act_format
+        shift = self.act_shift
+        if shift:
+            if act_format != "int4":
+                raise ValueError(
+                    f"SVDQLinear [{self.in_features} -> {self.out_features}] has shifted unsigned activations "
+                    f"(act_shift={shift}, spec §10): it runs W4A4 (act_format='int4') only, not {act_format!r}"
+                )
+            if not backend.shifted_act:  # no fused kernel for §10 here yet: the reference ops, canonical weights
+                backend = ops.registered_backend("reference")
+                qweight, wscales = self.canonical_weights()
         if autograd.needs_grad(x, self.smooth, self.lora_down, self.lora_up, self.bias, scales):
+            if shift and self.smooth.requires_grad:
+                raise NotImplementedError(
+                    f"SVDQLinear [{self.in_features} -> {self.out_features}]: no gradient for the smoothing of a "
+                    "shifted layer (act_shift; spec §9's formula assumes unshifted inputs); freeze `smooth`"
+                )
             # Training / input gradients: the same forward, plus a backward (svdq.ops.autograd, spec §9).
             return autograd.svdq_linear(
                 x, self.smooth, self.lora_down, self.lora_up, self.bias, scales,
                 forward_fn=lambda x_, s, d, u, b, sc: ops.svdq_linear(
-                    x_, qweight, wscales, s, d, u, b, sc, backend=backend.name, act_format=act_format),
+                    x_, qweight, wscales, s, d, u, b, sc, backend=backend.name, act_format=act_format,
+                    act_shift=shift),
                 weights_fn=self.canonical_weights, qweight=self.qweight, wscales=self.wscales,
             )
         return ops.svdq_linear(
             x, qweight, wscales, self.smooth, self.lora_down, self.lora_up, self.bias, scales, backend=backend.name,
-            act_format=act_format,
+            act_format=act_format, act_shift=shift,
         )
 
     def _weights_for(self, backend: ops.Backend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,10 +320,27 @@ class SVDQLinear(nn.Module):
         self._settle()
         return result
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # The incoming tensors are canonical: load them into canonical tensors, then settle for the device.
         self.prepare_layout(ops.CANONICAL)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + ACT_SHIFT_KEY
+        if key in state_dict:  # a shifted layer (spec §10.3); the key's absence means signed (0)
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+                error_msgs.append(f"{key}: expected one floating value (the activation shift), got {t!r}")
+                return
+            try:
+                self.act_shift = check_act_shift(float(t.reshape(())))
+            except ValueError as e:
+                error_msgs.append(f"{key}: {e}")
+                return
+        else:
+            self.act_shift = 0.0
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
         self._settle()
 
     def weight_bytes(self) -> int:
@@ -300,6 +352,7 @@ class SVDQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, dtype={self.dtype}"
             + (f", act_format={self.act_format}" if self.act_format != "int4" else "")
+            + (f", act_shift={self.act_shift}" if self.act_shift else "")
         )
 
 

@@ -72,6 +72,9 @@ class Backend:
     # W4A8 (spec §8): FP8 e4m3 activations with one scale per token; None where the backend has no kernel.
     quantize_act_fp8: Callable | None = None
     w4a8_gemm: Callable | None = None
+    # Shifted unsigned activations (spec §10): quantize_act takes ``act_shift=`` and w4a4_gemm ``act_unsigned=``.
+    # False: `svdq_linear` refuses act_shift on this backend (SVDQLinear falls back to the reference ops).
+    shifted_act: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -94,6 +97,7 @@ register_backend(
         w4a4_gemm=reference.w4a4_gemm,
         quantize_act_fp8=reference.quantize_act_fp8,
         w4a8_gemm=reference.w4a8_gemm,
+        shifted_act=True,
     )
 )
 
@@ -251,17 +255,34 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def svdq_linear(
-    x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None, act_format="int4"
+    x, qweight, wscales, smooth, lora_down, lora_up, bias=None, lora_scales=None, *, backend=None, act_format="int4",
+    act_shift=0.0,
 ):
     """The whole layer: ``y = W4A4(x) + (x · lora_down · scales) · lora_upᵀ + bias`` for x [..., K].
 
     ``qweight``/``wscales`` must already be in the backend's layout (`prepare_weight`). ``act_format="fp8"``
     quantizes the activations to FP8 e4m3 per token instead (W4A8, spec §8); the weights are the same.
+    ``act_shift`` δ > 0: shifted unsigned INT4 activations (spec §10; ``bias`` must be the shifted layer's
+    stored bias, which cancels the shift), on backends with ``shifted_act``.
     """
     check_input(x, "svdq_linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     be = select_backend(x.device, backend)
+    if reference.check_act_shift(act_shift):
+        if act_format != "int4":
+            raise ValueError(
+                f"svdq_linear: act_shift={act_shift} (shifted unsigned INT4 activations, spec §10) runs with "
+                f"act_format='int4' only, got {act_format!r}"
+            )
+        if not be.shifted_act:
+            raise ValueError(
+                f"svdq backend {be.name!r} has no shifted-activation kernels (act_shift, spec §10); use the "
+                "'reference' backend for this layer"
+            )
+        qact, ascales, lora_act = be.quantize_act(x2, smooth, lora_down, lora_scales, act_shift=act_shift)
+        y = be.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype, act_unsigned=True)
+        return y.reshape(*lead, qweight.shape[0])
     if check_act_format(act_format) == "fp8":
         quant, gemm = _w4a8_ops(be)
     else:
