@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -13,6 +15,7 @@ from .ops.reference import GROUP_SIZE, check_act_shift, padded_k, shift_bias
 # Tensors in the canonical checkpoint layout (spec §3), in the order they are saved.
 STORED_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
 ACT_SHIFT_KEY = "act_shift"  # state_dict key of a shifted layer's activation shift (spec §10.3), fp32 [1]
+FROZEN_TENSORS = ("qweight", "wscales")  # no gradient exists for them: `FrozenParameter`
 
 # Weight-layout conversions since import (tests and benchmarks read and reset it): "convert" = a layer's
 # resident weights rewritten in another backend's layout (on a move, a load, `prepare_layout`, or the first call
@@ -21,9 +24,55 @@ ACT_SHIFT_KEY = "act_shift"  # state_dict key of a shifted layer's activation sh
 LAYOUT_STATS = {"convert": 0, "transient": 0}
 
 
+class FrozenParameter(nn.Parameter):
+    """A 4-bit layer's codes and their scales (``qweight``, ``wscales``, W4A16's ``wzeros``): a Parameter, not a
+    buffer, because offload hooks (accelerate, diffusers group offloading) move parameters — but one that never
+    requires grad. Integer tensors cannot (torch raises), and neither has a gradient (the codes are fixed), so
+    ``requires_grad_`` leaves it frozen instead of raising: ``model.requires_grad_(True)`` (diffusers and PEFT
+    training code calls it) then makes the layer's floating tensors trainable as torch would (smoothing,
+    low-rank branch, bias: the backward covers them) and keeps the codes frozen. Setting ``.requires_grad =
+    True`` on the tensor itself still raises (an explicit request that cannot be met)."""
+
+    def __new__(cls, data=None, requires_grad=False):
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        return self
+
+    def __reduce_ex__(self, proto):  # pickling (multiprocessing) keeps the class; nothing else to carry
+        return (FrozenParameter, (self.data,))
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     # Parameters, not buffers: offload hooks (accelerate, diffusers group offloading) move parameters.
     return nn.Parameter(t.detach(), requires_grad=False)
+
+
+def keep_frozen(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Make ``module``'s parameters ``names`` `FrozenParameter`s again where torch replaced them with plain ones
+    (``load_state_dict(assign=True)``, `_apply`'s overwrite path): the class is restored on the object torch
+    left in place, so hooks keyed on that Parameter still find it."""
+    for name in names:
+        p = module._parameters.get(name)
+        if p is not None and type(p) is not FrozenParameter:
+            if p.requires_grad:
+                p.requires_grad = False
+            p.__class__ = FrozenParameter
+
+
+@contextlib.contextmanager
+def plain_parameters(module: nn.Module, names: tuple[str, ...]):
+    """Within: ``names`` are plain ``nn.Parameter``s (torch's own ``_apply`` / ``load_state_dict`` paths run
+    unchanged: with ``torch.__future__.set_swap_module_params_on_conversion(True)`` they wrap the tensor in
+    ``nn.Parameter(...)``, which refuses a Parameter subclass); after: `FrozenParameter`s again (`keep_frozen`)."""
+    for name in names:
+        p = module._parameters.get(name)
+        if type(p) is FrozenParameter:
+            p.__class__ = nn.Parameter
+    try:
+        yield
+    finally:
+        keep_frozen(module, names)
 
 
 def _canonical_state_dict(module: "SVDQLinear", state_dict: dict, prefix: str, local_metadata) -> None:
@@ -46,10 +95,11 @@ def weight_standin(out_features: int, in_features: int, dtype: torch.dtype, devi
 class SVDQLinear(nn.Module):
     """y = W4A4(x/λ) + (x · lora_down · lora_scales) · lora_upᵀ + bias.
 
-    Stored tensors (frozen ``nn.Parameter``s; ``state_dict`` gives the canonical layout, spec §3): ``qweight``
-    int8 [N, Kp/2], ``wscales`` [N, Kp/64], ``smooth`` [K], ``lora_down`` [K, r], ``lora_up`` [N, r], ``bias``
-    [N] (or None). ``lora_scales`` fp32 [r] (a buffer, not saved) is the per-rank strength of the low-rank
-    branch (ones for the SVD part; LoRA adapters set their own).
+    Stored tensors (``nn.Parameter``s created with ``requires_grad=False``; ``qweight``/``wscales`` are
+    `FrozenParameter`s that ``requires_grad_(True)`` leaves frozen; ``state_dict`` gives the canonical layout,
+    spec §3): ``qweight`` int8 [N, Kp/2], ``wscales`` [N, Kp/64], ``smooth`` [K], ``lora_down`` [K, r],
+    ``lora_up`` [N, r], ``bias`` [N] (or None). ``lora_scales`` fp32 [r] (a buffer, not saved) is the per-rank
+    strength of the low-rank branch (ones for the SVD part; LoRA adapters set their own).
     The backend (``svdq.ops``) is picked per call from the input's device. ``qweight``/``wscales`` are held
     once, in the layout of the backend that runs them (``layout``; the storage rules in ``svdq.ops``): on the
     CPU the canonical tensors themselves, on CUDA the GEMM's layout (converted when the layer moves there).
@@ -81,8 +131,8 @@ class SVDQLinear(nn.Module):
         self.out_features = out_features
         kp = padded_k(in_features)
         f = dict(dtype=dtype, device=device)
-        self.qweight = _frozen(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
-        self.wscales = _frozen(torch.zeros(out_features, kp // GROUP_SIZE, **f))
+        self.qweight = FrozenParameter(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
+        self.wscales = FrozenParameter(torch.zeros(out_features, kp // GROUP_SIZE, **f))
         self.smooth = _frozen(torch.ones(in_features, **f))
         self.lora_down = _frozen(torch.zeros(in_features, rank, **f))
         self.lora_up = _frozen(torch.zeros(out_features, rank, **f))
@@ -308,7 +358,8 @@ class SVDQLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         dtype = self.dtype
-        result = super()._apply(fn, recurse)
+        with plain_parameters(self, FROZEN_TENSORS):
+            result = super()._apply(fn, recurse)
         # `.to(dtype)` converts every floating tensor; the per-rank strengths are fp32 by spec (§4.1).
         self.lora_scales = self.lora_scales.to(torch.float32)
         if self.layout != ops.CANONICAL and self.dtype != dtype:
@@ -337,8 +388,9 @@ class SVDQLinear(nn.Module):
                 return
         else:
             self.act_shift = 0.0
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        with plain_parameters(self, FROZEN_TENSORS):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
         if key in unexpected_keys:
             unexpected_keys.remove(key)
         self._settle()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import weight_standin
+from .linear import FrozenParameter, plain_parameters, weight_standin
 from .ops import autograd, reference
 from .ops.reference import GROUP_SIZE, padded_k
 
@@ -231,9 +231,13 @@ def _check_numerics(kind: str, device: torch.device) -> bool:
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
-    """4-bit tensors are frozen Parameters, not buffers: accelerate's and diffusers' offload hooks move a
-    module's parameters (buffers only on request), so offloading moves them too."""
+    """The layer's tensors are Parameters created frozen, not buffers: accelerate's and diffusers' offload hooks
+    move a module's parameters (buffers only on request), so offloading moves them too. (Used for the bias; the
+    4-bit tensors are `FrozenParameter`s, which ``requires_grad_(True)`` leaves frozen.)"""
     return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+_FROZEN = ("qweight", "wscales", "wzeros")
 
 
 class SVDQWeightOnlyLinear(nn.Module):
@@ -265,9 +269,11 @@ class SVDQWeightOnlyLinear(nn.Module):
         self.out_features = out_features
         kp = padded_k(in_features)
         g = kp // GROUP_SIZE
-        self.qweight = _frozen(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
-        self.wscales = _frozen(torch.zeros(out_features, g, dtype=dtype, device=device))
-        self.wzeros = _frozen(torch.zeros(out_features, g, dtype=torch.uint8, device=device) if zero_point else None)
+        # The codes, scales and zero points never require grad (`FrozenParameter`); the bias may be trained.
+        self.qweight = FrozenParameter(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
+        self.wscales = FrozenParameter(torch.zeros(out_features, g, dtype=dtype, device=device))
+        self.wzeros = (FrozenParameter(torch.zeros(out_features, g, dtype=torch.uint8, device=device))
+                       if zero_point else None)
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._no_kernel: set[str] = set()  # kernels this layer's shapes were refused by (not retried)
 
@@ -385,10 +391,12 @@ class SVDQWeightOnlyLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.to_canonical()  # a state dict is canonical: shapes and meaning must match before it is copied in
-        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with plain_parameters(self, _FROZEN):
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
+        with plain_parameters(self, _FROZEN):
+            result = super()._apply(fn, recurse)
         # A dtype change rounds the kernel's offsets m = (8 − z)·s a second time: rebuild them from z and s.
         if self.wscales.dim() == 3 and self.wzeros is not None and self.wscales.device.type != "meta":
             with torch.no_grad():
