@@ -326,9 +326,8 @@ def test_truncated_file_and_other_models(tmp_path):
 @pytest.mark.parametrize(
     "layer,match",
     [
-        ("transformer_blocks.3.mlp_fc2", r"'transformer_blocks\.3\.mlp_fc2' \(transformer_blocks\.3\.ff\.net\.2\) needs W4A4 on GELU outputs shifted by \+0\.171875"),
-        ("single_transformer_blocks.1.mlp_fc2", r"single_transformer_blocks\.1\.proj_out\[:, inner_dim:\]\) needs W4A4 on GELU"),
         ("transformer_blocks.0.norm1.linear", r"norm1\.linear'.*needs AWQ W4A16 AdaNorm"),
+        ("single_transformer_blocks.2.norm.linear", r"single_transformer_blocks\.2\.norm\.linear'.*needs AWQ W4A16"),
     ],
 )
 def test_layers_needing_new_numerics_are_named(tmp_path, layer, match):
@@ -337,14 +336,25 @@ def test_layers_needing_new_numerics_are_named(tmp_path, layer, match):
         nk.check_layers(f)
 
 
+def test_shifted_mlp_fc2_layers_are_listed_as_runnable(tmp_path):
+    """Spec §10 runs Nunchaku's shifted-unsigned mlp_fc2 layers (tests/test_shifted_act.py loads them)."""
+    f = _flux_file(tmp_path / "s.safetensors", ["transformer_blocks.3.mlp_fc2", "single_transformer_blocks.1.mlp_fc2"])
+    assert nk.check_layers(f) == [
+        ("single_transformer_blocks.1.mlp_fc2", "shifted", "single_transformer_blocks.1.proj_out[:, inner_dim:]"),
+        ("transformer_blocks.3.mlp_fc2", "shifted", "transformer_blocks.3.ff.net.2"),
+    ]
+    assert nk.act_shift_of("shifted") == nk.SHIFT_GELU and nk.act_shift_of("w4a4") == 0.0
+
+
 def test_from_pretrained_detects_nunchaku_files_and_names_what_is_missing(tmp_path):
     import svdq
 
-    full = _flux_file(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", ["transformer_blocks.0.qkv_proj", "transformer_blocks.0.mlp_fc2"])
-    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.mlp_fc2' .* needs W4A4 on GELU outputs shifted"):
+    full = _flux_file(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors",
+                      ["transformer_blocks.0.qkv_proj", "transformer_blocks.0.mlp_fc2", "transformer_blocks.0.norm1.linear"])
+    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.norm1\.linear' .* needs AWQ W4A16 AdaNorm"):
         svdq.from_pretrained(full)
     # a directory holding the file is found too
-    with pytest.raises(CheckpointError, match=r"mlp_fc2"):
+    with pytest.raises(CheckpointError, match=r"norm1\.linear"):
         svdq.from_pretrained(tmp_path)
     part = tmp_path / "part"
     part.mkdir()
@@ -462,7 +472,7 @@ def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quan
     f = load_file(str(path))
     # complete: every layer Nunchaku's runtime builds for this depth
     assert set(nk.quantized_layer_names(f.keys())) == set(nk.flux_layer_names(2, 2))
-    with pytest.raises(CheckpointError, match="mlp_fc2"):  # and svdq still refuses to run the shifted layers
+    with pytest.raises(CheckpointError, match=r"norm\.linear' .*AWQ"):  # svdq still refuses the AWQ AdaNorm layers
         nk.check_layers(path)
     layer = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in f.items() if k.startswith(prefix + ".")}  # noqa: E731
     q, wo = quantized_layers(model), weight_only_layers(model)

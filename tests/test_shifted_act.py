@@ -357,3 +357,96 @@ def test_svdq_linear_shift_survives_state_dict_and_checkpoints(tmp_path):
     with pytest.raises(ValueError, match=r"W4A4 \(act_format='int4'\) only, not 'fp8'"):
         with svdq.ops.use_act_format("fp8"):
             model[0](x)
+
+
+# ---- Nunchaku-layout files: shifted mlp_fc2 layers load into shifted SVDQLinears ---------------------------------
+
+
+def _as_shifted(layer: SVDQLinear, delta: float) -> SVDQLinear:
+    """The same 4-bit layer run on shifted activations: same codes, scales, smoothing and branch; bias b' (§10.3)."""
+    t = {k: v.clone() for k, v in layer.state_dict().items()}
+    t["bias"] = ref.shift_bias(t.get("bias"), t["qweight"], t["wscales"], t["smooth"], delta)
+    t["act_shift"] = torch.tensor([delta])
+    new = SVDQLinear(layer.in_features, layer.out_features, layer.rank, True, layer.dtype, act_shift=delta)
+    new.load_state_dict(t)
+    return new
+
+
+def test_a_shifted_layer_round_trips_through_the_nunchaku_layout():
+    from svdq.formats import nunchaku as nk
+
+    layer = _as_shifted(SVDQLinear.from_linear(_layer(4, k=256, n=128).to(torch.bfloat16), rank=16), nk.SHIFT_GELU)
+    t = {k: v for k, v in layer.state_dict().items() if k != "act_shift"}
+    loaded = nk.svdq_layer(nk.layer_to_nunchaku(t, 256, 128), 256, 128, nk.act_shift_of("shifted"), where="f: fc2")
+    assert loaded.act_shift == nk.SHIFT_GELU
+    for k, v in layer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = _gelu_inputs(m=16, k=256, dtype=torch.bfloat16)
+    with svdq.ops.use_backend("reference"):
+        assert torch.equal(loaded(x), layer(x))
+    no_bias = {k: v for k, v in nk.layer_to_nunchaku(t, 256, 128).items() if k != "bias"}
+    with pytest.raises(svdq.checkpoint.CheckpointError, match="f: fc2: a shifted .* without 'bias'"):
+        nk.svdq_layer(no_bias, 256, 128, nk.SHIFT_GELU, where="f: fc2")
+
+
+def test_flux_file_with_shifted_fc2_layers_loads_layers_equal_to_the_svdq_model(tmp_path):
+    """A tiny FLUX.1 svdq model whose double-block fc2 layers are shifted (spec §10), exported to Nunchaku's layout:
+    the export keeps their bias (no second fold), and every double-block W4A4 layer of the file — shifted fc2 ones
+    with Nunchaku's act_shift — loads into an SVDQLinear equal to the model's, bit for bit, outputs included."""
+    from safetensors.torch import load_file
+
+    from svdq.formats import nunchaku as nk
+    from svdq.quantize import _set_submodule, quantized_layers
+    from svdq.testing.tiny import tiny_flux_transformer
+
+    model = tiny_flux_transformer(0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)  # hidden 128
+    svdq.models.prepare(model)
+    svdq.quantize(model, rank=16, progress=False, rounding="nearest", weight_only=svdq.models.FAMILIES["flux"].adaln)
+    layers = quantized_layers(model)
+    for name in ("transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2"):
+        _set_submodule(model, name, _as_shifted(layers[name], nk.SHIFT_GELU))
+    layers = quantized_layers(model)
+    f = load_file(str(nk.export_flux(model, tmp_path / "svdq-int4_r16-tiny.safetensors")))
+    # the header check no longer stops at the shifted fc2 layers: what it names is the AWQ AdaNorm (not run yet)
+    with pytest.raises(svdq.checkpoint.CheckpointError, match=r"norm1?\.linear' .*needs AWQ W4A16") as e:
+        nk.check_layers(tmp_path / "svdq-int4_r16-tiny.safetensors")
+    assert "mlp_fc2" not in str(e.value)
+    for theirs, (kind, _) in nk.FLUX_DOUBLE_LAYERS.items():
+        if kind == "awq":
+            continue
+        ours = next(o for o, t in nk._EXPORT_DOUBLE.items() if t == theirs)
+        mine = layers[f"transformer_blocks.0.{ours}"]
+        prefix = f"transformer_blocks.0.{theirs}."
+        tensors = {k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix)}
+        loaded = nk.svdq_layer(tensors, mine.in_features, mine.out_features, nk.act_shift_of(kind), where=theirs)
+        assert loaded.act_shift == mine.act_shift == (nk.SHIFT_GELU if kind == "shifted" else 0.0), theirs
+        want = mine.state_dict()
+        got = loaded.state_dict()
+        assert got.keys() == want.keys(), theirs
+        for k in want:
+            assert torch.equal(got[k], want[k]), (theirs, k)
+        x = _gelu_inputs(m=8, k=mine.in_features, dtype=torch.bfloat16)
+        with svdq.ops.use_backend("reference"):
+            assert torch.equal(loaded(x), mine(x)), theirs
+    # a shifted layer the runtime would not shift (not an fc2), or by another δ, is refused by the export
+    _set_submodule(model, "transformer_blocks.0.attn.to_out.0",
+                   _as_shifted(layers["transformer_blocks.0.attn.to_out.0"], nk.SHIFT_GELU))
+    with pytest.raises(ValueError, match=r"attn\.to_out\.0.*shifts only the double blocks' mlp_fc2"):
+        nk.export_flux(model, tmp_path / "bad.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shifted_layer_on_cuda_falls_back_to_the_reference_ops():
+    """No CUDA kernel for spec §10 yet: a shifted layer on the GPU (weights held in the CUDA layout) runs the
+    reference ops on canonical weights and equals the CPU reference (codes bit for bit, outputs to §4.3)."""
+    lin = _layer(5, k=256, n=128).to(torch.bfloat16)
+    layer = SVDQLinear.from_linear(lin, rank=16, act_shift=DELTA)
+    x = _gelu_inputs(m=33, k=256, dtype=torch.bfloat16)
+    with svdq.ops.use_backend("reference"):
+        want = layer(x).float()
+    gpu = layer.to("cuda")
+    got = gpu(x.cuda()).float().cpu()
+    assert float((got - want).norm() / want.norm()) < 1e-3
+    q_cpu = ref.quantize_act(x, layer.smooth.cpu(), layer.lora_down.cpu(), act_shift=DELTA)
+    q_gpu = ref.quantize_act(x.cuda(), gpu.smooth, gpu.lora_down, act_shift=DELTA)
+    assert torch.equal(q_gpu[0].cpu(), q_cpu[0]) and torch.equal(q_gpu[1].cpu(), q_cpu[1])

@@ -22,9 +22,10 @@ One W4A4 layer (K inputs, N outputs, rank R; ``Np``/``Kn`` = N/K rounded up to 1
     lora_up      D [N, r]                       D [Np, Rp]: 16×16 tiles, [N/16][R/16]
 
 What is not a layout question (the numerics the file needs, docs/formats.md): Nunchaku runs FLUX's ``mlp_fc2``
-layers on GELU outputs shifted by +0.171875 and quantized unsigned (u4, scale max/15), and its AdaNorm layers
-(``norm1.linear``, ``norm.linear``) are AWQ W4A16 with channel interleave and a folded +1; svdq does not run
-either yet, and `check_layers` names the first such layer of a file.
+layers on GELU outputs shifted by +0.171875 and quantized unsigned (u4, scale max/15) — svdq's spec §10, so
+`svdq_layer` loads them as shifted `SVDQLinear`s (``act_shift``) — and its AdaNorm layers (``norm1.linear``,
+``norm.linear``) are AWQ W4A16 with channel interleave and a folded +1, which svdq does not run yet:
+`check_layers` names the first such layer of a file.
 """
 
 from __future__ import annotations
@@ -443,10 +444,6 @@ FLUX_SINGLE_LAYERS = {
     "norm.linear": ("awq", "norm.linear"),
 }
 _NEEDS = {
-    "shifted": (
-        "W4A4 on GELU outputs shifted by +0.171875 and quantized unsigned (u4, scale = max/15): Nunchaku's "
-        "mlp_fc2 numerics, not in svdq's spec yet (docs/formats.md)"
-    ),
     "awq": (
         "AWQ W4A16 AdaNorm (unsigned codes with wzeros, TinyChat packing, 6/3-way channel interleave, +1 folded "
         "into the scale chunks' bias): not converted by svdq yet (docs/formats.md)"
@@ -474,7 +471,8 @@ def classify_flux_layer(name: str) -> tuple[str, str]:
 def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     """Read a Nunchaku FLUX.1 INT4 file's metadata and tensor names (header only) and list its quantized
     layers as (nunchaku name, kind, diffusers name). CheckpointError naming the file and the first layer whose
-    numerics svdq cannot run exactly yet (shifted-unsigned mlp_fc2, AWQ AdaNorm), or a model that is not FLUX.1."""
+    numerics svdq cannot run exactly yet (AWQ AdaNorm; shifted-unsigned mlp_fc2 layers run as spec §10), or a
+    model that is not FLUX.1."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -494,9 +492,36 @@ def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
             raise CheckpointError(f"{path}: {e}") from None
         layers.append((name, kind, target))
     for name, kind, target in layers:
-        if kind != "w4a4":
+        if kind in _NEEDS:
             raise CheckpointError(f"{path}: layer {name!r} ({target}) needs {_NEEDS[kind]}")
     return layers
+
+
+def act_shift_of(kind: str) -> float:
+    """The activation shift (spec §10) Nunchaku's INT4 runtime applies to a layer of this kind: `SHIFT_GELU`
+    for "shifted" (``mlp_fc2``, ``mlp_context_fc2``), 0 (signed) for "w4a4"."""
+    if kind not in ("w4a4", "shifted"):
+        raise ValueError(f"act_shift_of: {kind!r} is not a W4A4 layer kind")
+    return SHIFT_GELU if kind == "shifted" else 0.0
+
+
+def svdq_layer(
+    tensors: dict[str, torch.Tensor], in_features: int, out_features: int, act_shift: float = 0.0,
+    where: str = "layer",
+):
+    """One Nunchaku INT4 W4A4 layer's tensors → an `SVDQLinear` holding them exactly (`layer_from_nunchaku`).
+    ``act_shift``: `act_shift_of` the layer's kind — `SHIFT_GELU` for ``mlp_fc2`` layers, whose stored bias
+    already cancels the shift (DeepCompressor's, spec §10.3), so it is kept as is. A layer without a bias
+    gets none; a shifted one needs its bias (CheckpointError naming ``where`` otherwise)."""
+    from ..linear import SVDQLinear
+
+    t = layer_from_nunchaku(tensors, in_features, out_features, where)
+    if act_shift and "bias" not in t:
+        raise CheckpointError(f"{where}: a shifted (mlp_fc2) layer without 'bias': the shift's correction lives there")
+    layer = SVDQLinear(in_features, out_features, t["lora_down"].shape[1], "bias" in t, t["wscales"].dtype,
+                       act_shift=act_shift)
+    layer.load_state_dict(t | ({"act_shift": torch.tensor([act_shift])} if act_shift else {}), strict=True)
+    return layer
 
 
 def flux_layer_names(num_layers: int, num_single_layers: int) -> list[str]:
@@ -535,17 +560,17 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 def from_pretrained(path: str | os.PathLike):
     """Load a Nunchaku FLUX.1 INT4 checkpoint as an svdq model (`svdq.from_pretrained` calls this for a
     Nunchaku file or directory). Checked from the header before anything is built: metadata, model class, every
-    layer's numerics, completeness. A published FLUX.1 file always has ``mlp_fc2`` layers (shifted unsigned
-    activations) and AWQ AdaNorm layers, which svdq does not run yet: the CheckpointError names the first one
-    (docs/formats.md lists what is missing). Nothing is loaded, so nothing is half-loaded."""
+    layer's numerics, completeness. A published FLUX.1 file always has AWQ AdaNorm layers, which svdq does not
+    run yet: the CheckpointError names the first one (docs/formats.md lists what is missing; its W4A4 layers,
+    shifted ``mlp_fc2`` ones included, load one by one with `svdq_layer`). Nothing is loaded, so nothing is
+    half-loaded."""
     path = Path(path)
     meta = read_metadata(path)
     layers = check_layers(path)  # raises for the numerics svdq lacks, naming the layer
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     # FLUX.1's depth when the config does not say (diffusers' FluxTransformer2DModel defaults)
     expected = flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
-    # Every complete file has mlp_fc2 / AdaNorm layers, which check_layers refused: reaching here means some are
-    # missing.
+    # Every complete file has AdaNorm layers, which check_layers refused: reaching here means some are missing.
     missing = sorted(set(expected) - {name for name, _, _ in layers})
     raise CheckpointError(
         f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
@@ -662,13 +687,12 @@ _SHIFTED = ("mlp_fc2", "mlp_context_fc2")
 
 def fold_shift_into_bias(t: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
     """The bias a Nunchaku runtime needs for a layer svdq quantized for signed activations when it runs the
-    layer on shifted ones (``mlp_fc2``): b − δ·Σ_k Ŵ[n, k]/λ_k (fp64, rounded once to D). Exact in real
-    arithmetic only — the one value of an export that is not a copy (docs/formats.md)."""
-    q = ref.unpack_int4(t["qweight"]).double()[:, :in_features]
-    s = t["wscales"].double().repeat_interleave(GROUP_SIZE, dim=1)[:, :in_features]
-    shift = (q * s / t["smooth"].double()).sum(dim=1) * SHIFT_GELU
-    bias = t["bias"].double() if t.get("bias") is not None else torch.zeros_like(shift)
-    return (bias - shift).to(t["wscales"].dtype)
+    layer on shifted ones (``mlp_fc2``): b − δ·Σ_k Ŵ[n, k]/λ_k (fp64, rounded once to D) — spec §10.3's
+    `shift_bias`, which a layer svdq quantized shifted already stores. Exact in real arithmetic only for a signed
+    layer — the one value of an export that is not a copy (docs/formats.md)."""
+    if t["smooth"].shape[0] != in_features:
+        raise ValueError(f"fold_shift_into_bias: smooth has {t['smooth'].shape[0]} entries, expected K={in_features}")
+    return ref.shift_bias(t.get("bias"), t["qweight"], t["wscales"], t["smooth"], SHIFT_GELU)
 
 
 def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
@@ -736,6 +760,12 @@ def export_flux(model, path: str | os.PathLike) -> Path:
                 f"export --format nunchaku: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
                 f"need K and N multiples of 128"
             )
+        fc2 = name.rsplit(".", 3)[-3:] in (["ff", "net", "2"], ["ff_context", "net", "2"])
+        if m.act_shift and not (fc2 and m.act_shift == SHIFT_GELU):
+            raise ValueError(
+                f"export --format nunchaku: layer {name!r} has shifted activations (act_shift={m.act_shift}); Nunchaku's "
+                f"runtime shifts only the double blocks' mlp_fc2 / mlp_context_fc2, by {SHIFT_GELU}"
+            )
     rank = _up(max(m.rank for m in qlayers.values()), LOWRANK_TILE)  # their runtime builds every layer with one rank
 
     def canonical(name: str) -> dict[str, torch.Tensor]:
@@ -768,7 +798,8 @@ def export_flux(model, path: str | os.PathLike) -> Path:
         for ours, theirs in _EXPORT_DOUBLE.items():
             t = canonical(f"{b}.{ours}")
             k, n = qlayers[f"{b}.{ours}"].in_features, qlayers[f"{b}.{ours}"].out_features
-            if theirs in _SHIFTED:
+            if theirs in _SHIFTED and not qlayers[f"{b}.{ours}"].act_shift:
+                # a signed svdq layer: fold the shift Nunchaku applies into its bias (a shifted one stores it)
                 t["bias"] = fold_shift_into_bias(t, k)
             put(f"{b}.{theirs}", layer_to_nunchaku(t, k, n))
             done.add(f"{b}.{ours}")
