@@ -32,8 +32,9 @@ from .gptq import layers_within_memory
 from ._transaction import model_transaction
 from .linear import SVDQLinear
 from .parallel import gather_input_stats, row_keys
+from . import ops
 from .ops import ACT_FORMATS
-from .ops.reference import MAX_RANK, RANK_MULTIPLE
+from .ops.reference import MAX_RANK, RANK_MULTIPLE, check_act_shift
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
@@ -88,6 +89,11 @@ class QuantizeConfig:
     # configs without it load as "int4".
     act_format: str = "int4"
     rank_budget: int | None = None  # added after version 1 shipped: configs without it load as None
+    # Shifted unsigned activations (docs/numerics.md §10): 0 = off (default); δ > 0 = for each layer whose
+    # calibration sample is ≥ −δ (the layer after GELU: δ = 0.171875), keep the shifted layer where its output
+    # error on the sample is lower than the signed one's (`choose_act_shift`). Added after version 1 shipped:
+    # configs without it load as 0.
+    act_shift: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +109,7 @@ class QuantizeConfig:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
         if self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        self.act_shift = check_act_shift(self.act_shift)
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must be a non-empty grid within [0, 1], got {self.alphas}")
         self.include = None if self.include is None else tuple(self.include)
@@ -335,9 +342,14 @@ def quantize(
     rounding: str = "gptq",
     act_format: str = "int4",
     rank_budget: int | None = None,
+    act_shift: float = 0.0,
     progress: bool = True,
     config: QuantizeConfig | None = None,
     process_group="auto",
+    streaming: bool = False,
+    state_dir=None,
+    device=None,
+    propagate: str = "quantized",
 ) -> nn.Module:
     """Replace the selected `nn.Linear` layers of `model` with `SVDQLinear`, in place; returns `model`.
 
@@ -349,9 +361,18 @@ def quantize(
     (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
     ``None`` → none. rounding: "gptq" (default) | "nearest" (`QuantizeConfig.rounding`). rank_budget: bytes
     of all low-rank branches, spread per layer where the error drops most (`QuantizeConfig.rank_budget`).
+    act_shift: 0 (default) or δ > 0 — shifted unsigned activations (docs/numerics.md §10) for the layers whose
+    calibration inputs are ≥ −δ, kept per layer where they lower the error (`QuantizeConfig.act_shift`;
+    0.171875 for the layers after GELU, Nunchaku's choice).
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
+    streaming: quantize block by block (`svdq.streaming`, docs/quality.md "Streaming"): calibration inputs are
+    captured at the first repeated block, then each block in turn is moved to ``device``, calibrated on them,
+    quantized, and run to give the next block's inputs (``propagate``: "quantized" — GPTQ's sequential order,
+    default — or "16bit", which equals the non-streaming result); memory = one block + the captured activations.
+    state_dir: with streaming, a directory where finished blocks are kept, so that a rerun with the same
+    arguments resumes after an interruption (never a loadable checkpoint on its own).
     Per-layer results (chosen α, relative output error on the calibration sample) end up in
     ``model.svdq_report`` and the config in ``model.svdq_config``.
     """
@@ -369,6 +390,7 @@ def quantize(
             rounding=rounding,
             act_format=act_format,
             rank_budget=rank_budget,
+            act_shift=act_shift,
         )
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
@@ -380,6 +402,11 @@ def quantize(
     # (otherwise the SVD fails deep inside LAPACK, with no layer name, after minutes of work).
     for name, linear in {**layers, **wo_layers}.items():
         _check_finite(name, {"weight": linear.weight, "bias": linear.bias})
+    if streaming:
+        from .streaming import quantize_streaming
+
+        return quantize_streaming(model, calibration, config, layers, wo_layers, state_dir=state_dir, device=device,
+                                  propagate=propagate, progress=progress, process_group=process_group)
     stats = None
     if calibration is not None:  # naive ignores the statistics for λ but still reports its error
         hessian_layers = layers_within_memory(layers) if config.rounding == "gptq" and config.method != "naive" else ()
@@ -387,24 +414,9 @@ def quantize(
                                     process_group)
     # Build every new layer first, without touching the model; then swap them all in one step
     # (svdq._transaction: all or nothing, also on Ctrl-C).
-    new_layers, report = {}, dict(getattr(model, "svdq_report", {}) or {})
+    report = dict(getattr(model, "svdq_report", {}) or {})
     layer_ranks = {} if config.rank_budget is None else allocate_layer_ranks(layers, stats, config, progress)
-    for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
-        with torch.no_grad():
-            dec, info = quantize_layer(linear, None if stats is None else stats.pop(name), config,
-                                       layer_ranks.get(name))
-        _check_finite(name, {"smooth": dec.smooth, "wscales": dec.wscales, "lora_down": dec.lora_down,
-                             "lora_up": dec.lora_up})
-        new = new_layers[name] = SVDQLinear.from_decomposition(dec, linear.bias)
-        new.act_format = config.act_format
-        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
-    for name, linear in wo_layers.items():
-        with torch.no_grad():
-            new = new_layers[name] = SVDQWeightOnlyLinear.from_linear(linear)
-            info = _weight_only_info(linear, new, None if stats is None else stats.pop(name))
-        _check_finite(name, {"wscales": new.wscales})
-        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "precision": "w4a16",
-                        **info}
+    new_layers = build_layers(layers, wo_layers, stats, config, report, layer_ranks, progress)
     with model_transaction(model):
         for name, new in new_layers.items():
             _set_submodule(model, name, new)
@@ -414,6 +426,41 @@ def quantize(
 
     attach(model)  # diffusers' save_pretrained / LoRA API work on it (no-op for non-diffusers models)
     return model
+
+
+def build_layers(
+    layers: dict[str, nn.Linear],
+    wo_layers: dict[str, nn.Linear],
+    stats: dict[str, InputStats] | None,
+    config: QuantizeConfig,
+    report: dict,
+    layer_ranks: dict[str, int] | None = None,
+    progress: bool = False,
+) -> dict[str, nn.Module]:
+    """The quantized replacements of ``layers`` (W4A4) and ``wo_layers`` (W4A16), by name, built without
+    touching the model; each layer's entry is added to ``report`` and its statistics popped from ``stats``
+    (freed as soon as used). Shared by `quantize` and the block-by-block `svdq.streaming`."""
+    new_layers, layer_ranks = {}, layer_ranks or {}
+    for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
+        layer_stats = None if stats is None else stats.pop(name, None)
+        with torch.no_grad():
+            dec, info = quantize_layer(linear, layer_stats, config, layer_ranks.get(name))
+        _check_finite(name, {"smooth": dec.smooth, "wscales": dec.wscales, "lora_down": dec.lora_down,
+                             "lora_up": dec.lora_up})
+        new = new_layers[name] = SVDQLinear.from_decomposition(dec, linear.bias)
+        if config.act_shift:
+            with torch.no_grad():
+                new = new_layers[name] = choose_act_shift(linear, dec, new, layer_stats, config.act_shift, info)
+        new.act_format = config.act_format
+        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
+    for name, linear in wo_layers.items():
+        with torch.no_grad():
+            new = new_layers[name] = SVDQWeightOnlyLinear.from_linear(linear)
+            info = _weight_only_info(linear, new, None if stats is None else stats.pop(name, None))
+        _check_finite(name, {"wscales": new.wscales})
+        report[name] = {"in_features": new.in_features, "out_features": new.out_features, "precision": "w4a16",
+                        **info}
+    return new_layers
 
 
 def _check_finite(layer: str, tensors: dict) -> None:
@@ -427,6 +474,32 @@ def _check_finite(layer: str, tensors: dict) -> None:
                 f"svdq.quantize: layer {layer!r} has {bad} non-finite value(s) (NaN/inf) in its {what} "
                 f"{tuple(t.shape)}; the model was not changed"
             )
+
+
+def choose_act_shift(
+    linear: nn.Linear, dec: Decomposition, signed: SVDQLinear, stats: InputStats | None, act_shift: float, info: dict
+) -> SVDQLinear:
+    """``signed`` or the same decomposition as a shifted layer (spec §10, ``act_shift``), whichever has the lower
+    output error (bias included: a shifted layer's bias carries the shift's correction) on the calibration
+    sample, both run by the reference ops. Only layers whose sample is ≥ −act_shift are candidates (below it
+    codes would clamp); no sample → signed. Records ``act_shift`` (and both errors when measured) in ``info``.
+    The sample bounds the choice, not a guarantee: an unseen input below −δ clamps to code 0 (error ≤ its
+    distance to −δ)."""
+    info["act_shift"] = 0.0
+    if stats is None or stats.sample is None or float(stats.sample.min()) < -act_shift:
+        return signed
+    shifted = SVDQLinear.from_decomposition(dec, linear.bias, act_shift=act_shift)
+    x = stats.sample.to(device=linear.weight.device, dtype=dec.wscales.dtype)
+    want = torch.nn.functional.linear(
+        x.float(), linear.weight.detach().float(), None if linear.bias is None else linear.bias.detach().float()
+    )
+    with ops.use_backend("reference"):
+        err_signed, err_shifted = relative_error(signed(x).float(), want), relative_error(shifted(x).float(), want)
+    info["rel_error_signed"], info["rel_error_shifted"] = err_signed, err_shifted
+    if err_shifted < err_signed:
+        info["act_shift"] = act_shift
+        return shifted
+    return signed
 
 
 def _weight_only_info(linear: nn.Linear, layer: SVDQWeightOnlyLinear, stats: InputStats | None) -> dict:
