@@ -291,3 +291,22 @@ def test_peak_gpu_memory_is_one_block_when_the_model_stays_on_the_cpu():
     peak = torch.cuda.max_memory_allocated() - base
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert peak < model_bytes, (peak, model_bytes, block_bytes)
+
+
+def test_cli_streaming(tmp_path, capsys):
+    from svdq import cli
+    from svdq.testing.tiny import tiny_flux_full_pipeline
+
+    tiny_flux_full_pipeline(0).save_pretrained(tmp_path / "flux")
+    out = tmp_path / "flux-q"
+    assert cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--streaming", "--data-free"]) != 0
+    assert "--streaming needs calibration" in capsys.readouterr().err
+    assert not out.exists()
+    rc = cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--streaming",
+                   "--num-calib-prompts", "1", "--steps", "1", "--rank", "16", "--height", "32", "--width", "32"])
+    assert rc == 0
+    assert "streaming block by block" in capsys.readouterr().out
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "flux-q.svdq-state").exists()  # removed once the model is saved
+    model = svdq.from_pretrained(out)
+    assert len(svdq.quantized_layers(model)) == 2 * 8 + 2 * 2  # every block projection (fused groups as one)

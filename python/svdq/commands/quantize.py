@@ -139,6 +139,15 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="calibration noise seed (default: 0)")
+    p.add_argument("--streaming", action="store_true",
+                   help="quantize block by block (svdq.streaming): one block's calibration statistics in memory at a "
+                        "time, progress and ETA per block, resumable: rerun the same command after an interruption")
+    p.add_argument("--state-dir", default=None,
+                   help="with --streaming: where finished blocks are kept until the model is saved (default: "
+                        "OUT.svdq-state next to --out; removed after a successful save)")
+    p.add_argument("--propagate", choices=("quantized", "16bit"), default="quantized",
+                   help="with --streaming: which block outputs calibrate the next block: the quantized ones (GPTQ's "
+                        "order, default) or the 16-bit ones (same result as without --streaming)")
     add_common_pipeline_args(p)
     p.set_defaults(func=run)
 
@@ -156,6 +165,16 @@ def run(args) -> int:
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
     check_output_dir(args.out)
+    streaming = getattr(args, "streaming", False)
+    if streaming and args.data_free:
+        raise ValueError("--streaming needs calibration (it streams the calibration activations): drop --data-free")
+    state_dir = None
+    if streaming:
+        from pathlib import Path
+
+        out_path = Path(args.out)
+        state_dir = check_output_dir(args.state_dir or out_path.with_name(out_path.name + ".svdq-state"),
+                                     "--state-dir")
     device, dtype = device_and_dtype(args)
     adaln = getattr(args, "adaln", "16bit")
     text_encoder = getattr(args, "text_encoder", "16bit")
@@ -194,9 +213,18 @@ def run(args) -> int:
             **call_kwargs(args, pipe),
         )
     t0 = time.perf_counter()
+    stream = {} if not streaming else dict(streaming=True, state_dir=state_dir, device=device,
+                                           propagate=getattr(args, "propagate", "quantized"))
+    if streaming:
+        print(f"streaming block by block; finished blocks are kept in {state_dir} (rerun to resume)")
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
-                  act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"))
+                  act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"),
+                  **stream)
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
+    if streaming:
+        import shutil
+
+        shutil.rmtree(state_dir)  # the saved model is complete: the per-block state is not needed any more
     if getattr(args, "text_encoder", "16bit") == "w4a16":
         # After the calibration run (it needs the 16-bit encoders' embeddings) and the denoiser's save.
         from ..weight_only import quantize_pipeline_text_encoders, save_text_encoders
