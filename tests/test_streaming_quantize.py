@@ -93,7 +93,7 @@ def test_quantized_propagation_feeds_later_blocks_quantized_outputs(runs):
     # before them produce, so their smoothing / low-rank / codes differ.
     assert_same(first, {k: seq[k] for k in first})
     assert later and any(not torch.equal(whole[k], seq[k]) for k in later)
-    # Documented tolerance (docs/quality.md "Streaming"): the end-to-end error against the 16-bit model stays
+    # Documented tolerance (docs/streaming.md): the end-to-end error against the 16-bit model stays
     # within 10 % of the non-streaming quantizer's (measured: 0.00942 vs 0.00939 when this test was written).
     e_whole, e_seq = output_error(runs["whole"]), output_error(runs["quantized"])
     assert e_seq < 1.1 * e_whole, (e_seq, e_whole)

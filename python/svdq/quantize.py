@@ -356,7 +356,7 @@ def quantize(
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
-    streaming: quantize block by block (`svdq.streaming`, docs/quality.md "Streaming"): calibration inputs are
+    streaming: quantize block by block (`svdq.streaming`, docs/streaming.md): calibration inputs are
     captured at the first repeated block, then each block in turn is moved to ``device``, calibrated on them,
     quantized, and run to give the next block's inputs (``propagate``: "quantized" — GPTQ's sequential order,
     default — or "16bit", which equals the non-streaming result); memory = one block + the captured activations.
