@@ -450,3 +450,33 @@ def test_shifted_layer_on_cuda_falls_back_to_the_reference_ops():
     q_cpu = ref.quantize_act(x, layer.smooth.cpu(), layer.lora_down.cpu(), act_shift=DELTA)
     q_gpu = ref.quantize_act(x.cuda(), gpu.smooth, gpu.lora_down, act_shift=DELTA)
     assert torch.equal(q_gpu[0].cpu(), q_cpu[0]) and torch.equal(q_gpu[1].cpu(), q_cpu[1])
+
+
+# ---- the quantizer's per-layer choice ---------------------------------------------------------------------------
+
+
+def test_quantizer_shifts_the_layer_after_gelu_where_it_measures_lower():
+    from svdq.quantize import QuantizeConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(256, 64))
+    x = torch.randn(64, 128) * 2
+    with torch.no_grad():
+        y16 = model(x)
+    svdq.quantize(model, calibration=lambda m: m(x), rank=16, rounding="nearest", act_shift=DELTA, exclude=(),
+                  progress=False)
+    report = model.svdq_report
+    assert report["0"]["act_shift"] == 0.0 and "rel_error_shifted" not in report["0"]  # inputs below −δ
+    after_gelu = report["2"]
+    assert after_gelu["rel_error_shifted"] < after_gelu["rel_error_signed"]  # measured on the sample, both ways
+    assert after_gelu["act_shift"] == DELTA and model[2].act_shift == DELTA and model[0].act_shift == 0.0
+    assert model.svdq_config.act_shift == DELTA
+    assert QuantizeConfig.from_dict(model.svdq_config.to_dict()).act_shift == DELTA
+    # configs written before the field load as 0 (off); the default is off
+    old = model.svdq_config.to_dict()
+    old.pop("act_shift")
+    assert QuantizeConfig.from_dict(old).act_shift == 0.0 and QuantizeConfig().act_shift == 0.0
+    with torch.no_grad():  # the model runs (the shifted layer through the reference ops on a CPU build)
+        assert torch.isfinite(model(x)).all() and model(x).shape == y16.shape
+    with pytest.raises(ValueError, match="act_shift"):
+        QuantizeConfig(act_shift=-1.0)

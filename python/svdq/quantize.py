@@ -32,8 +32,9 @@ from .gptq import layers_within_memory
 from ._transaction import model_transaction
 from .linear import SVDQLinear
 from .parallel import gather_input_stats, row_keys
+from . import ops
 from .ops import ACT_FORMATS
-from .ops.reference import MAX_RANK, RANK_MULTIPLE
+from .ops.reference import MAX_RANK, RANK_MULTIPLE, check_act_shift
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
@@ -88,6 +89,11 @@ class QuantizeConfig:
     # configs without it load as "int4".
     act_format: str = "int4"
     rank_budget: int | None = None  # added after version 1 shipped: configs without it load as None
+    # Shifted unsigned activations (docs/numerics.md §10): 0 = off (default); δ > 0 = for each layer whose
+    # calibration sample is ≥ −δ (the layer after GELU: δ = 0.171875), keep the shifted layer where its output
+    # error on the sample is lower than the signed one's (`choose_act_shift`). Added after version 1 shipped:
+    # configs without it load as 0.
+    act_shift: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +109,7 @@ class QuantizeConfig:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
         if self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        self.act_shift = check_act_shift(self.act_shift)
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must be a non-empty grid within [0, 1], got {self.alphas}")
         self.include = None if self.include is None else tuple(self.include)
@@ -335,6 +342,7 @@ def quantize(
     rounding: str = "gptq",
     act_format: str = "int4",
     rank_budget: int | None = None,
+    act_shift: float = 0.0,
     progress: bool = True,
     config: QuantizeConfig | None = None,
     process_group="auto",
@@ -353,6 +361,9 @@ def quantize(
     (`SVDQWeightOnlyLinear`, W4A16), e.g. ``svdq.models.FAMILIES["flux"].adaln`` for the AdaLN modulation;
     ``None`` → none. rounding: "gptq" (default) | "nearest" (`QuantizeConfig.rounding`). rank_budget: bytes
     of all low-rank branches, spread per layer where the error drops most (`QuantizeConfig.rank_budget`).
+    act_shift: 0 (default) or δ > 0 — shifted unsigned activations (docs/numerics.md §10) for the layers whose
+    calibration inputs are ≥ −δ, kept per layer where they lower the error (`QuantizeConfig.act_shift`;
+    0.171875 for the layers after GELU, Nunchaku's choice).
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
@@ -379,6 +390,7 @@ def quantize(
             rounding=rounding,
             act_format=act_format,
             rank_budget=rank_budget,
+            act_shift=act_shift,
         )
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
@@ -430,12 +442,15 @@ def build_layers(
     (freed as soon as used). Shared by `quantize` and the block-by-block `svdq.streaming`."""
     new_layers, layer_ranks = {}, layer_ranks or {}
     for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
+        layer_stats = None if stats is None else stats.pop(name, None)
         with torch.no_grad():
-            dec, info = quantize_layer(linear, None if stats is None else stats.pop(name, None), config,
-                                       layer_ranks.get(name))
+            dec, info = quantize_layer(linear, layer_stats, config, layer_ranks.get(name))
         _check_finite(name, {"smooth": dec.smooth, "wscales": dec.wscales, "lora_down": dec.lora_down,
                              "lora_up": dec.lora_up})
         new = new_layers[name] = SVDQLinear.from_decomposition(dec, linear.bias)
+        if config.act_shift:
+            with torch.no_grad():
+                new = new_layers[name] = choose_act_shift(linear, dec, new, layer_stats, config.act_shift, info)
         new.act_format = config.act_format
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
     for name, linear in wo_layers.items():
@@ -459,6 +474,32 @@ def _check_finite(layer: str, tensors: dict) -> None:
                 f"svdq.quantize: layer {layer!r} has {bad} non-finite value(s) (NaN/inf) in its {what} "
                 f"{tuple(t.shape)}; the model was not changed"
             )
+
+
+def choose_act_shift(
+    linear: nn.Linear, dec: Decomposition, signed: SVDQLinear, stats: InputStats | None, act_shift: float, info: dict
+) -> SVDQLinear:
+    """``signed`` or the same decomposition as a shifted layer (spec §10, ``act_shift``), whichever has the lower
+    output error (bias included: a shifted layer's bias carries the shift's correction) on the calibration
+    sample, both run by the reference ops. Only layers whose sample is ≥ −act_shift are candidates (below it
+    codes would clamp); no sample → signed. Records ``act_shift`` (and both errors when measured) in ``info``.
+    The sample bounds the choice, not a guarantee: an unseen input below −δ clamps to code 0 (error ≤ its
+    distance to −δ)."""
+    info["act_shift"] = 0.0
+    if stats is None or stats.sample is None or float(stats.sample.min()) < -act_shift:
+        return signed
+    shifted = SVDQLinear.from_decomposition(dec, linear.bias, act_shift=act_shift)
+    x = stats.sample.to(device=linear.weight.device, dtype=dec.wscales.dtype)
+    want = torch.nn.functional.linear(
+        x.float(), linear.weight.detach().float(), None if linear.bias is None else linear.bias.detach().float()
+    )
+    with ops.use_backend("reference"):
+        err_signed, err_shifted = relative_error(signed(x).float(), want), relative_error(shifted(x).float(), want)
+    info["rel_error_signed"], info["rel_error_shifted"] = err_signed, err_shifted
+    if err_shifted < err_signed:
+        info["act_shift"] = act_shift
+        return shifted
+    return signed
 
 
 def _weight_only_info(linear: nn.Linear, layer: SVDQWeightOnlyLinear, stats: InputStats | None) -> dict:
