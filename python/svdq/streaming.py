@@ -41,6 +41,7 @@ next ones; on ``device``) + one block on ``device`` + that block's statistics. L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from tqdm.auto import tqdm
 from ._transaction import ModuleSnapshot, deferred_interrupts, read_all_tensors
 from .gptq import layers_within_memory
 from .linear import SVDQLinear
-from .quantize import InputStats, QuantizeConfig, _set_submodule, build_layers, collect_input_stats
+from .quantize import QuantizeConfig, _set_submodule, build_layers, collect_input_stats
 from .weight_only import SVDQWeightOnlyLinear
 
 log = logging.getLogger("svdq")
@@ -258,25 +259,20 @@ class _Capture:
         self.prev_out: list | None = None
         self.moved: dict[int, torch.device] = {}  # block index -> where its inputs / outputs live (offloaded)
 
+    @contextlib.contextmanager
     def hooks(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def installed():
-            handles = []
-            for i, block in enumerate(self.blocks):
-                handles.append(block.register_forward_pre_hook(
-                    lambda m, a, k, _i=i: self._pre(_i, a, k), with_kwargs=True))
-                handles.append(block.register_forward_hook(
-                    lambda m, a, k, out, _i=i: self._post(_i, out), with_kwargs=True))
-            try:
-                yield
-            finally:
-                for h in handles:
-                    h.remove()
-                self.prev_in = self.prev_out = None
-
-        return installed()
+        handles = []
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(
+                lambda m, a, k, _i=i: self._pre(_i, a, k), with_kwargs=True))
+            handles.append(block.register_forward_hook(
+                lambda m, a, k, out, _i=i: self._post(_i, out), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.prev_in = self.prev_out = None
 
     def _pre(self, i: int, args, kwargs):
         leaves, paths, spec = _leaves_with_paths((args, kwargs))
@@ -354,7 +350,8 @@ class _Capture:
 
     def fingerprint(self) -> list:
         """Per call: each input leaf's shape and (sum, sum of |x|) — what a rerun's capture must match."""
-        return [[_fingerprint_tensor(v) if torch.is_tensor(v) else repr(v) for v in call] for call in self.calls]
+        return [[_fingerprint_tensor(v) if torch.is_tensor(v) else _fingerprint_value(v) for v in call]
+                for call in self.calls]
 
     def next_inputs(self, i: int, inputs: list, outputs) -> list:
         """Block i+1's flattened inputs from block i's inputs and outputs (the chain found at capture)."""
@@ -406,6 +403,11 @@ def _calibrate_block(block, blk_layers, blk_wo, inputs, capture: _Capture, i: in
 def _fingerprint_tensor(t: torch.Tensor) -> list:
     t64 = t.detach().to(torch.float64)
     return [list(t.shape), str(t.dtype).removeprefix("torch."), float(t64.sum()), float(t64.abs().sum())]
+
+
+def _fingerprint_value(v) -> str:
+    # Plain values by value; other objects by type only (their repr may hold a memory address).
+    return repr(v) if isinstance(v, (bool, int, float, str, type(None))) else type(v).__qualname__
 
 
 def _fingerprint_module(module: nn.Module) -> dict:
