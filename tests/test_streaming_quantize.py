@@ -94,7 +94,8 @@ def test_quantized_propagation_feeds_later_blocks_quantized_outputs(runs):
     assert_same(first, {k: seq[k] for k in first})
     assert later and any(not torch.equal(whole[k], seq[k]) for k in later)
     # Documented tolerance (docs/streaming.md): the end-to-end error against the 16-bit model stays
-    # within 10 % of the non-streaming quantizer's (measured: 0.00942 vs 0.00939 when this test was written).
+    # within 10 % of the non-streaming quantizer's (measured with CONFIG: 0.00947 vs 0.00937 when this test was
+    # written).
     e_whole, e_seq = output_error(runs["whole"]), output_error(runs["quantized"])
     assert e_seq < 1.1 * e_whole, (e_seq, e_whole)
 
@@ -279,18 +280,31 @@ def test_refuses_what_it_cannot_stream():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_peak_gpu_memory_is_one_block_when_the_model_stays_on_the_cpu():
-    pipe, cal = make(prompts=1, steps=1)
-    model = pipe.transformer
-    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    svdq.quantize(model, calibration=cal, config=CONFIG, progress=False, streaming=True, device="cuda")
-    peak = torch.cuda.max_memory_allocated() - base
-    assert all(p.device.type == "cpu" for p in model.parameters())
-    assert peak < model_bytes, (peak, model_bytes, block_bytes)
+def test_peak_gpu_memory_with_the_model_on_the_cpu():
+    """Streaming with ``device="cuda"`` and the model on the CPU: blocks visit the GPU one at a time and go
+    back; the GPU peak stays below the whole-model run's on the GPU by most of the other blocks' Hessians."""
+    peaks = {}
+    for key in ("whole", "streaming"):
+        pipe, cal = make(prompts=1, steps=2)
+        if key == "whole":
+            pipe.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        kw = dict(streaming=True, device="cuda", propagate="16bit") if key == "streaming" else {}
+        svdq.quantize(pipe.transformer, calibration=cal, config=CONFIG, progress=False, **kw)
+        peaks[key] = torch.cuda.max_memory_allocated() - base
+        if key == "streaming":
+            assert all(t.device.type == "cpu" for t in pipe.transformer.state_dict().values())
+            assert len(svdq.quantized_layers(pipe.transformer)) == 2 * 8 + 2 * 2
+    m = tiny_flux_transformer(0)
+    prepare(m)
+    hessians: dict[str, int] = {}
+    for name, lin in select_linears(m, CONFIG).items():
+        block = ".".join(name.split(".")[:2])
+        hessians[block] = hessians.get(block, 0) + 4 * lin.in_features ** 2
+    total, largest = sum(hessians.values()), max(hessians.values())
+    assert peaks["streaming"] < peaks["whole"] - (total - largest) / 2, (peaks, total, largest)
 
 
 def test_cli_streaming(tmp_path, capsys):
