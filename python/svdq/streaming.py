@@ -117,10 +117,17 @@ def quantize_streaming(
     outside = {n: m for n, m in {**layers, **wo_layers}.items() if not any(_inside(n, b) for b in block_names)}
 
     # 1. Capture: the first block's inputs per call, the outside layers' statistics, the block chain.
+    homes = [_device_of(b) for b in blocks]
     capture = _Capture(block_names, blocks, device)
     hessians = _hessian_layers(config, {n: m for n, m in layers.items() if n in outside})
-    with capture.hooks():
-        outside_stats = collect_input_stats(model, outside, calibration, config.calib_tokens, hessians)
+    try:
+        with capture.hooks():
+            outside_stats = collect_input_stats(model, outside, calibration, config.calib_tokens, hessians)
+    except BaseException:
+        with deferred_interrupts():  # a failed forward may have left an offloaded block on `device`
+            for block, home in zip(blocks, homes):
+                block.to(home)
+        raise
     capture.check_complete()
     run = {
         "config": config.to_dict(),
@@ -132,7 +139,6 @@ def quantize_streaming(
     state = _State(Path(state_dir), run) if state_dir is not None else None
 
     report = dict(getattr(model, "svdq_report", {}) or {})
-    homes = [_device_of(b) for b in blocks]
     snapshot = ModuleSnapshot(model)  # the 16-bit structure: put back on any failure (all-or-nothing)
     replaced: list[tuple[nn.Module, torch.device]] = []  # 16-bit layers swapped out, and their home devices
     inputs = capture.calls  # per call: the flattened inputs of the current block (leaves on `device`)
