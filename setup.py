@@ -1,24 +1,30 @@
-"""Build glue: one extension, ``svdq._C``, compiled by CMake (CMakeLists.txt owns every compiler flag).
+"""Build glue: svdq's native libraries (``svdq/_C.so``, ``svdq/_C_cuda.so``), compiled by CMake (CMakeLists.txt
+owns every compiler flag).
 
-    pip install --no-build-isolation -e .     # development
-    pip install --no-build-isolation .        # install
+    pip install --no-build-isolation -e .     # development (builds against the torch you have: fastest)
+    pip install .                             # install; build isolation works too (stable ABI, see below)
+    pip wheel --no-build-isolation -w dist .  # a wheel: svdq-<version>+cu13-py3-none-linux_x86_64.whl
 
-`--no-build-isolation` makes the build use the torch already installed in the environment (the extension
-must be compiled against the torch it is loaded into). Environment variables passed through:
+The libraries use only PyTorch's stable C ABI and no Python headers, so one build runs on every torch >= 2.10
+and every CPython 3: the wheel is tagged ``py3-none-<platform>``. Its local version label names what the CUDA
+kernels need: ``+cu13`` (built with CUDA 13: a torch built for CUDA 13 and a driver for it) or ``+cpu``.
+Environment variables passed through:
 
     MAX_JOBS=N            parallel compile jobs (default: number of CPUs)
     CMAKE_ARGS="..."      extra arguments for the CMake configure step (e.g. -DCMAKE_BUILD_TYPE=Debug)
-    SVDQ_NO_CUDA=1        build the CPU-only extension even when a CUDA toolkit is present
+    SVDQ_NO_CUDA=1        build without CUDA kernels even when a CUDA toolkit is present
     SVDQ_CUDA_ARCHS="80;89;90"   GPU architectures (default: the GPU present, else all shipped)
     CUDA_HOME / CUDAToolkit_ROOT  which CUDA toolkit to use (default /usr/local/cuda)
-    SVDQ_BUILD_DIR=path   CMake build tree (default: build/cmake-<python tag>, reused: incremental)
+    SVDQ_BUILD_DIR=path   CMake build tree (default: build/cmake, reused: incremental)
 
 The approach follows vLLM's setup.py: an Extension with no sources whose build step runs CMake + Ninja.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +32,7 @@ import time
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -48,28 +55,48 @@ def _num_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def check_build_torch(torch_file: str, env: dict) -> None:
-    """Stop the build when the torch it would compile against lives in pip's temporary build environment.
+def _version() -> str:
+    text = (ROOT / "python" / "svdq" / "version.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
 
-    With build isolation pip installs a second torch (whatever version is newest) into a throw-away
-    environment and the extension is compiled against it; your environment keeps its own torch, which then
-    cannot load the extension (undefined symbols) or, worse, loads it with a mismatched ABI.
-    ``SVDQ_ALLOW_BUILD_ISOLATION=1`` builds anyway (e.g. when the isolated torch is known to be the same).
-    """
-    if "pip-build-env-" in torch_file and env.get("SVDQ_ALLOW_BUILD_ISOLATION") != "1":
-        raise RuntimeError(
-            f"svdq: refusing to build against the torch in pip's temporary build environment ({torch_file}): the "
-            "extension must be compiled against the torch installed in your environment. Build with\n"
-            "    pip install --no-build-isolation .      (or -e . for development)\n"
-            "after installing torch (docs/building.md); SVDQ_ALLOW_BUILD_ISOLATION=1 overrides this check."
-        )
+
+def _toolkit_root(env: dict) -> Path:
+    """The CUDA toolkit CMake will use (the same rule as svdq_find_cuda_toolkit in cmake/svdq_utils.cmake)."""
+    return Path(env.get("CUDA_HOME") or env.get("CUDAToolkit_ROOT") or "/usr/local/cuda")
+
+
+def cuda_label(env: dict, torch_cuda: str | None) -> str:
+    """The wheel's local version label: "cu<major>" when CUDA kernels will be built, else "cpu". Built when
+    SVDQ_NO_CUDA is unset, torch is a CUDA build and the toolkit has nvcc (CMakeLists.txt's rule); the major is
+    nvcc's. `CMakeBuild` checks the label against what CMake actually built (_C.json)."""
+    if env.get("SVDQ_NO_CUDA", "").lower() in ("1", "on", "yes", "true") or not torch_cuda:
+        return "cpu"
+    nvcc = _toolkit_root(env) / "bin" / "nvcc"
+    if not nvcc.exists():
+        return "cpu"
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.", out)
+    return f"cu{m.group(1)}" if m else "cpu"
+
+
+def _torch_cuda() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None  # metadata only (e.g. an sdist): the build step imports torch and fails clearly there
+    return torch.version.cuda
 
 
 class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
-        import torch  # the torch this build compiles against (setup.py runs in the build environment)
-
-        check_build_torch(str(Path(torch.__file__).resolve()), dict(os.environ))
+        try:
+            import torch  # noqa: F401  (CMake asks this interpreter's torch for its headers and libraries)
+        except ImportError as e:
+            raise RuntimeError(
+                "svdq: building needs torch >= 2.10 importable by the Python running the build "
+                f"({sys.executable}): {e}. Install torch first, then `pip install --no-build-isolation .`, or "
+                "build with isolation (plain `pip install .`), which installs one into the build environment."
+            ) from e
         subprocess.check_call(["cmake", "--version"], stdout=subprocess.DEVNULL)
         for ext in self.extensions:
             self._build_one(ext)
@@ -77,7 +104,8 @@ class CMakeBuild(build_ext):
     def _build_one(self, ext: CMakeExtension) -> None:
         out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
         # A fixed build tree in the checkout (not setuptools' per-run temp dir) so rebuilds are incremental.
-        default_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        # One build tree for every Python: nothing built depends on the Python version.
+        default_dir = ROOT / "build" / "cmake"
         build_dir = Path(os.environ.get("SVDQ_BUILD_DIR") or default_dir).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
@@ -88,9 +116,8 @@ class CMakeBuild(build_ext):
             "-G", "Ninja",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            # put _C.<abi>.so exactly where setuptools expects it (the package dir for -e installs)
+            # the libraries go exactly where setuptools expects the extension (the package dir for -e installs)
             f"-DSVDQ_OUTPUT_DIR={out_file.parent}",
-            f"-DSVDQ_OUTPUT_NAME={out_file.name}",
         ]
         configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         jobs = _num_jobs()
@@ -100,9 +127,30 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "--target", "_C", "-j", str(jobs)])
         t2 = time.time()
         print(f"svdq: configure {t1 - t0:.1f} s, build {t2 - t1:.1f} s with {jobs} jobs -> {out_file}")
+        built = json.loads((out_file.parent / "_C.json").read_text())
+        label = f"cu{built['cuda_major']}" if built["cuda"] else "cpu"
+        expected = self.distribution.get_version().partition("+")[2]
+        if label != expected:
+            raise RuntimeError(
+                f"svdq: the package version says +{expected} but CMake built {label} kernels "
+                f"({built.get('cuda_not_built_because') or 'CUDA ' + built.get('nvcc_version', '')}); "
+                "setup.py's cuda_label() and CMakeLists.txt disagree"
+            )
+
+    def get_ext_filename(self, fullname: str) -> str:
+        # svdq/_C.so: not a Python extension module (no PyInit, no Python ABI tag), loaded by torch.ops.load_library.
+        return os.path.join(*fullname.split(".")) + ".so"
+
+
+class PlatformWheel(bdist_wheel):
+    """py3-none-<platform>: the libraries need a platform, not a Python version or ABI."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        return ("py3", "none", super().get_tag()[2])
 
 
 setup(
+    version=f"{_version()}+{cuda_label(dict(os.environ), _torch_cuda())}",
     ext_modules=[CMakeExtension("svdq._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "bdist_wheel": PlatformWheel},
 )

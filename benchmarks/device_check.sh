@@ -13,7 +13,8 @@
 #     memcheck.txt   compute-sanitizer --tool memcheck on a small case of both ops (both MMA paths)
 #     bench.json / bench.md   benchmarks/bench_cuda_layers.py (copy them into benchmarks/results/)
 #     svdq_bench.tgz  `svdq bench --layers` and `--model flux-dev` outputs (JSON, markdown, PNG)
-# Needs: python3 with torch (CUDA), cmake, ninja, pybind11, pytest, nvcc. No network, no diffusers.
+# Needs: python3 with torch >= 2.10 (CUDA), pytest; cmake, ninja and nvcc unless a wheel built here is carried
+# (build stage below). No network, no diffusers.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,9 +31,12 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 # Wheels the image lacks (diffusers, for `svdq bench --model`): scripts/fetch_device_wheels.sh puts them in
 # .whl here; carry=[".whl"] brings them. Installed after the repo on the path, so python/svdq stays first.
-if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+# (svdq's own wheel, when carried, is not installed: the build stage uses its libraries.)
+_deps=$(ls "$ROOT"/.whl/*.whl 2>/dev/null | grep -v '/svdq-' || true)
+if [ -n "$_deps" ]; then
+  # shellcheck disable=SC2086
   ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/svdq_site "$ROOT"/.whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/svdq_site
+    --target /tmp/svdq_site $_deps && export PYTHONPATH=$PYTHONPATH:/tmp/svdq_site
 fi
 export ROOT OUT LOG ARCHS JOBS PY BUILD_DIR
 STAGES=$OUT/.stages.tsv
@@ -81,7 +85,7 @@ env_info() {
   "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -2 || nvcc --version | tail -2
   cmake --version | head -1
   ninja --version
-  $PY -c "import pybind11, pytest; print('pybind11', pybind11.__version__, 'pytest', pytest.__version__)"
+  $PY -c "import pytest; print('pytest', pytest.__version__)"
   command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
   echo "--- C++ toolchains: g++ on PATH = $(command -v g++) ($(g++ -dumpfullversion 2>&1)); system: $(ls /usr/bin/g++* 2>&1 | tr '\n' ' ')"
   ldconfig -p | grep -E "libstdc\+\+" || true
@@ -98,10 +102,31 @@ stage env 40 env_info
 for f in "$ROOT"/benchmarks/device_check.d/pre-*.sh; do [ -f "$f" ] && . "$f"; done
 
 # ---------------------------------------------------------------------------------------------- 2. build
-# Direct CMake (what setup.py runs), output python/svdq/_C*.so; PYTHONPATH=python picks it up. The fallback
-# is pip's editable install, in case the direct build is what breaks.
+# A carried wheel first: `bash scripts/fetch_device_wheels.sh` builds svdq's wheel here (GCC 12, CUDA 13, sm_90)
+# into .whl/; its libraries are built on torch's stable ABI, so they load into the lent machine's torch as they
+# are (no compile: ~5 minutes of device time saved). They are unpacked into $BUILD_DIR/wheel-lib and used
+# through SVDQ_LIBRARY_DIR with the Python code of this checkout (PYTHONPATH=python); the wheel must come from
+# this commit (build_info's version/ABI are printed, and the tests check the ops). Without a wheel: direct CMake
+# (what setup.py runs), output python/svdq/_C*.so; the fallback is pip's editable install, in case the direct
+# build is what breaks.
+build_from_wheel() {
+  local whl
+  whl=$(ls "$ROOT"/.whl/svdq-*.whl 2>/dev/null | head -1)
+  [ -n "$whl" ] || return 1
+  rm -rf "$BUILD_DIR/wheel-lib" && mkdir -p "$BUILD_DIR/wheel-lib"
+  $PY -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [open(sys.argv[2] + '/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in z.namelist() if n.startswith('svdq/_C')]" "$whl" "$BUILD_DIR/wheel-lib"
+  echo "using the carried wheel $whl: $(ls "$BUILD_DIR/wheel-lib" | tr '\n' ' ')"
+}
 build() {
   local t0=$SECONDS
+  if [ -n "${SVDQ_LIBRARY_DIR:-}" ]; then
+    echo "libraries from the carried wheel (SVDQ_LIBRARY_DIR=$SVDQ_LIBRARY_DIR)" >"$OUT/build.log"
+    $PY -c "import svdq, json; i = svdq.build_info(); print(json.dumps(i)); assert i['native'] and i['cuda_loaded'], i" \
+      >>"$OUT/build.log" 2>&1
+    local rc=$?
+    tail -5 "$OUT/build.log"
+    return $rc
+  fi
   # GCC 13 in C++20 mode emits its own copies of std::basic_ostream members into the extension (91 weak
   # symbols; GCC 12: none). On the lent H200 image (default CXX=/opt/gcc/bin/g++ 13.3) those copies segfault
   # in std::ostream::operator<<(long), i.e. in every TORCH_CHECK message that formats a number — CPU and
@@ -127,26 +152,26 @@ build() {
   echo "build: rc=$rc in $((SECONDS - t0)) s (archs $ARCHS, $JOBS jobs)" | tee -a "$OUT/build.log"
   tail -25 "$OUT/build.log"
   local so
-  so=$(ls "$ROOT"/python/svdq/_C*.so 2>/dev/null | head -1)
+  so=$(ls "$ROOT"/python/svdq/_C_cuda.so 2>/dev/null | head -1)
   [ -n "$so" ] && { ldd "$so" | grep -E "stdc|gcc_s" || echo "no shared libstdc++ dependency (static?)"; }
   $PY -c "import svdq, json; print(json.dumps(svdq.build_info()))" || return 1
   # the CUDA kernels are registered with the dispatcher (independent of python/svdq/_native.py)
   $PY -c "
 import sys, torch, svdq
-try:
-    import svdq._C  # noqa: F401
-except ImportError as e:
-    print('cannot import svdq._C:', e); sys.exit(3)
 ok = all(torch._C._dispatch_has_kernel_for_dispatch_key('svdq::' + op, 'CUDA')
          for op in ('quantize_act', 'prepare_weight', 'w4a4_gemm'))
-print('CUDA kernels registered:', ok, '| build_info cuda:', svdq.build_info().get('cuda'))
+print('CUDA kernels registered:', ok, '| build_info:', {k: svdq.build_info().get(k) for k in ('cuda', 'cuda_loaded', 'cuda_not_loaded_because')})
 sys.exit(0 if ok else 3)" || {
-    echo "svdq._C has no CUDA kernels"
+    echo "svdq's CUDA kernels are not registered"
     return 3
   }
   return $rc
 }
 export -f build
+if build_from_wheel >"$OUT/wheel.log" 2>&1; then
+  export SVDQ_LIBRARY_DIR="$BUILD_DIR/wheel-lib"
+fi
+cat "$OUT/wheel.log"
 BUILD_T0=$SECONDS
 stage build 300 build
 BUILD_S=$((SECONDS - BUILD_T0))

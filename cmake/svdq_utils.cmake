@@ -15,22 +15,22 @@ function(svdq_python_query out_var code)
   set(${out_var} "${_out}" PARENT_SCOPE)
 endfunction()
 
-# svdq_import_torch()
-#   Describes the torch installed in ${Python_EXECUTABLE} as the INTERFACE target `svdq::torch`
-#   (headers, libtorch/libtorch_cpu/libc10, the C++ ABI flag) and, when torch is a CUDA build,
-#   `svdq::torch_cuda` (libtorch_cuda, libc10_cuda). Sets in the caller's scope:
+# svdq_import_torch(<min-version>)
+#   Describes the torch installed in ${Python_EXECUTABLE} as the INTERFACE target `svdq::torch` (headers,
+#   libtorch_cpu, which exports the stable C shim, and TORCH_TARGET_VERSION = <min-version>) and, when torch
+#   is a CUDA build, `svdq::torch_cuda` (libtorch_cuda: the CUDA part of the shim). Stops the configure step
+#   when torch is older than <min-version> (no stable ABI to build on). Sets in the caller's scope:
 #     SVDQ_TORCH_VERSION   e.g. "2.14.1+cu130"
 #     SVDQ_TORCH_CUDA      torch.version.cuda, "" for a CPU-only torch
 #     SVDQ_TORCH_GPU_ARCH  compute capability of GPU 0 as "90", "" when no GPU is visible
-#   Example: svdq_import_torch()  target_link_libraries(_C PRIVATE svdq::torch)
+#   Example: svdq_import_torch("2.10")  target_link_libraries(_C PRIVATE svdq::torch)
 #
 #   Why not find_package(Torch): for a CUDA build of torch, TorchConfig.cmake runs the deprecated FindCUDA,
 #   then looks for nvrtc/cuDNN/cuSPARSELt, and aborts ("Your installed Caffe2 version uses CUDA but I cannot
-#   find the CUDA libraries") when no toolkit is found, so a CPU-only extension against a CUDA torch (this
-#   project's CI) cannot configure. It also derives the toolkit from `which nvcc`, which is a wrapper script
-#   on our CI machine. The extension needs only headers, four shared libraries and one ABI define; asking
-#   torch for them directly (as torch.utils.cpp_extension does) works for every torch build.
-function(svdq_import_torch)
+#   find the CUDA libraries") when no toolkit is found, so a CPU-only build against a CUDA torch (this
+#   project's CI) cannot configure; it also adds the C++ API (and its ABI flag), which the stable ABI avoids.
+#   The libraries need only the headers and two shared libraries.
+function(svdq_import_torch min_version)
   svdq_python_query(_info [=[
 import os, torch
 root = os.path.dirname(torch.__file__)
@@ -41,58 +41,99 @@ try:
         gpu = f"{major}{minor}"
 except Exception:
     pass
-print(torch.__version__, torch.version.cuda or "none", int(torch._C._GLIBCXX_USE_CXX11_ABI),
-      os.path.join(root, "include"), os.path.join(root, "lib"), gpu or "none", sep=";")
+print(torch.__version__, torch.version.cuda or "none", os.path.join(root, "include"), os.path.join(root, "lib"),
+      gpu or "none", sep=";")
 ]=])
   list(GET _info 0 _version)
   list(GET _info 1 _cuda)
-  list(GET _info 2 _abi)
-  list(GET _info 3 _inc)
-  list(GET _info 4 _lib)
-  list(GET _info 5 _gpu)
+  list(GET _info 2 _inc)
+  list(GET _info 3 _lib)
+  list(GET _info 4 _gpu)
   if(_cuda STREQUAL "none")
     set(_cuda "")
   endif()
   if(_gpu STREQUAL "none")
     set(_gpu "")
   endif()
+  string(REGEX MATCH "^[0-9]+\\.[0-9]+" _mm "${_version}")
+  if(_mm VERSION_LESS min_version)
+    message(FATAL_ERROR "svdq: torch ${_version} (from ${Python_EXECUTABLE}) is older than ${min_version}: svdq is "
+                        "built on PyTorch's stable ABI, which needs torch >= ${min_version} to build and to run. "
+                        "Install a newer torch (pip install 'torch>=${min_version}') and build again.")
+  endif()
+  string(REGEX MATCH "^([0-9]+)\\.([0-9]+)" _ "${min_version}")
+  math(EXPR _target "(${CMAKE_MATCH_1} << 56) | (${CMAKE_MATCH_2} << 48)" OUTPUT_FORMAT HEXADECIMAL)
 
   add_library(svdq_torch INTERFACE)
   add_library(svdq::torch ALIAS svdq_torch)
-  target_include_directories(svdq_torch SYSTEM INTERFACE "${_inc}" "${_inc}/torch/csrc/api/include")
-  target_compile_definitions(svdq_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_abi})
-  foreach(_name torch torch_cpu c10)
-    find_library(_path_${_name} NAMES ${_name} PATHS "${_lib}" NO_DEFAULT_PATH REQUIRED)
-    target_link_libraries(svdq_torch INTERFACE "${_path_${_name}}")
-  endforeach()
-  # at::parallel_for is an inline template: with an OpenMP torch it runs in parallel only when *our* code
-  # is compiled with -fopenmp (otherwise the pragma is ignored and every op runs on one thread). Link the
-  # libgomp torch ships (same soname as the one already loaded by `import torch`: one OpenMP runtime).
-  find_library(_path_gomp NAMES gomp libgomp.so.1 PATHS "${_lib}" NO_DEFAULT_PATH)
-  if(_path_gomp)
-    target_compile_options(svdq_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fopenmp>)
-    target_link_libraries(svdq_torch INTERFACE "${_path_gomp}")
-    message(STATUS "svdq: OpenMP via torch's ${_path_gomp}")
-  else()
-    find_package(OpenMP COMPONENTS CXX)
-    if(OpenMP_CXX_FOUND)
-      target_link_libraries(svdq_torch INTERFACE OpenMP::OpenMP_CXX)
-    endif()
-  endif()
+  target_include_directories(svdq_torch SYSTEM INTERFACE "${_inc}")
+  target_compile_definitions(svdq_torch INTERFACE TORCH_TARGET_VERSION=${_target}ULL)
+  find_library(_path_torch_cpu NAMES torch_cpu PATHS "${_lib}" NO_DEFAULT_PATH REQUIRED)
+  target_link_libraries(svdq_torch INTERFACE "${_path_torch_cpu}")
   if(_cuda)
     add_library(svdq_torch_cuda INTERFACE)
     add_library(svdq::torch_cuda ALIAS svdq_torch_cuda)
-    foreach(_name torch_cuda c10_cuda)
-      find_library(_path_${_name} NAMES ${_name} PATHS "${_lib}" NO_DEFAULT_PATH)
-      if(_path_${_name})
-        target_link_libraries(svdq_torch_cuda INTERFACE "${_path_${_name}}")
-      endif()
-    endforeach()
+    find_library(_path_torch_cuda NAMES torch_cuda PATHS "${_lib}" NO_DEFAULT_PATH)
+    if(_path_torch_cuda)
+      target_link_libraries(svdq_torch_cuda INTERFACE "${_path_torch_cuda}")
+    endif()
   endif()
-  message(STATUS "svdq: torch ${_version} (CUDA: ${_cuda}) from ${_lib}")
+  message(STATUS "svdq: torch ${_version} (CUDA: ${_cuda}) from ${_lib}; stable ABI target ${min_version} "
+                 "(TORCH_TARGET_VERSION=${_target})")
   set(SVDQ_TORCH_VERSION "${_version}" PARENT_SCOPE)
   set(SVDQ_TORCH_CUDA "${_cuda}" PARENT_SCOPE)
   set(SVDQ_TORCH_GPU_ARCH "${_gpu}" PARENT_SCOPE)
+endfunction()
+
+# svdq_json_string(<out-var> <text>)
+#   <text> as a JSON string literal (quotes, backslashes and control characters escaped).
+#   Example: svdq_json_string(j "a\"b")  ->  j = "a\\"b" with the surrounding quotes
+function(svdq_json_string out_var text)
+  string(REPLACE "\\" "\\\\" text "${text}")
+  string(REPLACE "\"" "\\\"" text "${text}")
+  string(REPLACE "\n" "\\n" text "${text}")
+  string(REPLACE "\t" "\\t" text "${text}")
+  set(${out_var} "\"${text}\"" PARENT_SCOPE)
+endfunction()
+
+# svdq_json_object(<out-var> KEY TYPE VALUE [KEY TYPE VALUE ...])
+#   A JSON object from triples; TYPE is str (VALUE escaped), list (a ;- or ,-separated list of strings) or raw
+#   (VALUE inserted as is: numbers, true/false). Example: svdq_json_object(j version str 1.0 cuda raw true)
+function(svdq_json_object out_var)
+  set(_json "")
+  set(_args "${ARGN}")  # quoted: keeps empty values
+  list(LENGTH _args _n)
+  math(EXPR _last "${_n} - 1")
+  foreach(_i RANGE 0 ${_last} 3)
+    math(EXPR _t "${_i} + 1")
+    math(EXPR _v "${_i} + 2")
+    list(GET _args ${_i} _key)
+    list(GET _args ${_t} _type)
+    if(_v LESS _n)
+      list(GET _args ${_v} _value)
+    else()
+      set(_value "")
+    endif()
+    if(_type STREQUAL "str")
+      svdq_json_string(_value "${_value}")
+    elseif(_type STREQUAL "list")
+      string(REPLACE "," ";" _items "${_value}")
+      set(_value "")
+      foreach(_item IN LISTS _items)
+        svdq_json_string(_q "${_item}")
+        if(_value)
+          string(APPEND _value ", ")
+        endif()
+        string(APPEND _value "${_q}")
+      endforeach()
+      set(_value "[${_value}]")
+    endif()
+    if(_json)
+      string(APPEND _json ", ")
+    endif()
+    string(APPEND _json "\"${_key}\": ${_value}")
+  endforeach()
+  set(${out_var} "{${_json}}" PARENT_SCOPE)
 endfunction()
 
 # svdq_find_cuda_toolkit(<root-var> <reason-var>)

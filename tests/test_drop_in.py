@@ -11,6 +11,7 @@ raised on ``ProjectionSlice``; 4 threads sharing one fused group gave wrong outp
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -239,21 +240,23 @@ def test_use_backend_is_context_local():
     assert seen == {"thread": default, "with": "reference", "without": default}
 
 
-def test_failed_native_import_warns_once_with_the_fix():
+def test_failed_native_import_warns_once_with_the_fix(tmp_path):
     code = (
-        "import sys, warnings; sys.modules['svdq._C'] = None\n"  # what a failed import of the extension gives
+        "import warnings\n"
         "warnings.simplefilter('always')\n"
         "import svdq, importlib; import svdq._native\n"
         "print('native', svdq.build_info()['native'], svdq.ops.available_backends())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a directory without the libraries: what an install without them gives
+    env = {**os.environ, "SVDQ_LIBRARY_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert "native False ['reference']" in out.stdout
-    assert out.stderr.count("svdq._C did not load") == 1
+    assert out.stderr.count("svdq/_C.so did not load") == 1
     assert "pip install --no-build-isolation -e ." in out.stderr and "svdq doctor" in out.stderr
 
 
-def test_doctor_reports_backends_and_problems():
+def test_doctor_reports_backends_and_problems(tmp_path):
     import json
 
     from svdq.cli import main
@@ -269,9 +272,9 @@ def test_doctor_reports_backends_and_problems():
     assert main(["doctor"]) in (0, 1)
 
     broken = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['svdq._C'] = None\nfrom svdq.cli import main\n"
-         "sys.exit(main(['doctor']))"], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", "import sys\nfrom svdq.cli import main\nsys.exit(main(['doctor']))"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "SVDQ_LIBRARY_DIR": str(tmp_path)},
     )
     assert broken.returncode == 1
-    assert "svdq._C does not load" in broken.stdout and "--no-build-isolation" in broken.stdout
-    assert "reference: svdq._C is not loaded" in broken.stdout
+    assert "native library does not load" in broken.stdout and "--no-build-isolation" in broken.stdout
+    assert "reference: svdq's native library is not loaded" in broken.stdout

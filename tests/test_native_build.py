@@ -1,11 +1,14 @@
-"""The native extension as built: it loads, says what it was built with, registers the op schemas of
-docs/dev/contracts.md, and the CMake configure step takes the documented CUDA decisions.
+"""The native libraries as built: they load, say what they were built with, register the op schemas of
+docs/dev/contracts.md, use nothing of torch but its stable C ABI, and the CMake configure step takes the
+documented CUDA and torch-version decisions. (That one build runs in another torch is proven by
+scripts/wheel_check.sh, which CI runs: the wheel in a venv with torch 2.13.)
 
-CI always builds svdq._C, so a missing extension fails here; SVDQ_ALLOW_NO_NATIVE=1 relaxes that.
+CI always builds the libraries, so a missing one fails here; SVDQ_ALLOW_NO_NATIVE=1 relaxes that.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 import svdq
-from svdq import _native
+from svdq import _library, _native
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOW_NO_NATIVE = os.environ.get("SVDQ_ALLOW_NO_NATIVE") == "1"
@@ -28,8 +31,8 @@ def test_extension_loads():
     if ALLOW_NO_NATIVE and not _native.AVAILABLE:
         info = svdq.build_info()
         assert info["native"] is False and info["cuda"] is False
-        pytest.skip("svdq._C not built (allowed by SVDQ_ALLOW_NO_NATIVE=1)")
-    assert _native.AVAILABLE, f"svdq._C does not load: {_native.IMPORT_ERROR}"
+        pytest.skip("native library not built (allowed by SVDQ_ALLOW_NO_NATIVE=1)")
+    assert _native.AVAILABLE, f"svdq's native library does not load: {_native.IMPORT_ERROR}"
 
 
 @needs_native
@@ -37,9 +40,13 @@ def test_build_info():
     info = svdq.build_info()
     assert info["native"] is True
     assert info["version"] == svdq.__version__
-    # built against the torch it runs with (same release; local tags such as +cu130 may differ)
-    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    # built on the stable ABI of 2.10, with any torch at least that new, loaded into one at least that new
+    assert info["torch_abi_min"] == "2.10"
+    assert _library._major_minor(info["torch_version"]) >= (2, 10)
+    assert _library._major_minor(torch.__version__) >= (2, 10)
     assert isinstance(info["cuda"], bool)
+    # CUDA kernels load exactly into a torch built for the same CUDA major
+    assert info["cuda_loaded"] == (info["cuda"] and (torch.version.cuda or "").split(".")[0] == info["cuda_major"])
     assert info["cxx_compiler"] and info["build_type"]
     assert "base" in info["cpu_isas_compiled"]  # the portable variant is always built (CMakeLists.txt)
     assert info["cpu_isa"] in info["cpu_isas_supported"]
@@ -88,7 +95,7 @@ def configure(tmp_path: Path, **env) -> str:
     full_env = {**os.environ, **env}
     proc = subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-G", "Ninja",
-         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}", "-DSVDQ_OUTPUT_NAME=_C.so"],
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}"],
         env=full_env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -101,8 +108,11 @@ def test_configure_cpu_only_when_asked(cmake_tree):
     out = configure(tmp_path, SVDQ_NO_CUDA="1")
     assert "Not building svdq CUDA kernels because SVDQ_NO_CUDA is set" in out
     assert "svdq: CPU kernels for ISAs" in out
+    info = json.loads((tmp_path / "_C.json").read_text())  # beside the libraries, read before loading them
+    assert info["cuda"] is False and info["cuda_not_built_because"] == "SVDQ_NO_CUDA is set"
+    assert info["cuda_archs"] == [] and "base" in info["cpu_isas_compiled"]
     header = (tmp_path / "build" / "generated" / "svdq_build_info.h").read_text()
-    assert "#define SVDQ_BI_CUDA 0" in header
+    assert json.loads(header.split('R"svdq_json(')[1].split(")svdq_json")[0]) == info  # the same text in _C.so
 
 
 @needs_cmake
@@ -175,7 +185,7 @@ def test_configure_stops_on_nvcc_major_mismatch(tmp_path):
         pytest.skip("no CUDA sources")
     proc = subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-G", "Ninja",
-         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}", "-DSVDQ_OUTPUT_NAME=_C.so"],
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}"],
         env={**os.environ, "CUDA_HOME": str(fake), "SVDQ_NO_CUDA": ""}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
@@ -184,8 +194,83 @@ def test_configure_stops_on_nvcc_major_mismatch(tmp_path):
     assert "SVDQ_NO_CUDA=1" in err
 
 
-def test_setup_refuses_pip_build_isolation():
-    """setup.py stops when it would compile against the torch in pip's temporary build environment."""
+@needs_cmake
+def test_configure_refuses_a_torch_without_the_stable_abi(tmp_path):
+    """A torch older than 2.10 stops the configure step with a message naming both versions (the build would
+    otherwise fail deep in the headers, or produce libraries that cannot load)."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "2.9.1+cpu"\n\nclass version:\n    cuda = None\n')
+    proc = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-G", "Ninja",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DSVDQ_OUTPUT_DIR={tmp_path}"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    err = " ".join((proc.stdout + proc.stderr).split())
+    assert "torch 2.9.1+cpu" in err and "older than 2.10" in err and "pip install 'torch>=2.10'" in err
+
+
+def test_loader_refuses_an_older_torch_naming_both_versions():
+    with pytest.raises(_library.NativeLibraryError, match=r"built with torch 2\.14\.1\+cu130 .* 2\.10, .* torch 2\.9\.1"):
+        _library.check_torch("2.9.1", "2.10", "2.14.1+cu130")
+    _library.check_torch("2.10.0", "2.10", "2.14.1+cu130")  # the oldest supported
+    _library.check_torch("2.13.0+cpu", "2.10", "2.14.1+cu130")  # older than the build: fine (stable ABI)
+    _library.check_torch("3.0.0", "2.10", "2.14.1+cu130")
+
+
+def test_cuda_kernels_load_only_into_a_torch_for_the_same_cuda_major():
+    info = {"cuda": True, "cuda_major": "13", "nvcc_version": "13.0.88"}
+    assert _library.cuda_mismatch(info, "13.0", "2.14.1+cu130") == ""
+    assert _library.cuda_mismatch(info, "13.2", "2.16.0+cu132") == ""
+    assert "CPU-only build" in _library.cuda_mismatch(info, None, "2.13.0+cpu")
+    why = _library.cuda_mismatch(info, "12.8", "2.11.0+cu128")
+    assert "CUDA 13.0.88" in why and "CUDA 12.8" in why and "cu12" in why
+    assert _library.cuda_mismatch({"cuda": False}, None, "2.13.0+cpu") == ""
+
+
+def test_loader_reports_missing_libraries(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDQ_LIBRARY_DIR", str(tmp_path))
+    with pytest.raises(_library.NativeLibraryError, match="not built: no .*_C.so"):
+        _library.load()
+    (tmp_path / "_C.so").write_bytes(b"")
+    with pytest.raises(_library.NativeLibraryError, match="_C.json .* missing or unreadable"):
+        _library.load()
+
+
+def _undefined_symbols(path: Path) -> list[str]:
+    out = subprocess.run(["nm", "-DC", "--undefined-only", str(path)], capture_output=True, text=True, check=True)
+    return [line.split(None, 1)[-1] for line in out.stdout.splitlines() if line.strip()]
+
+
+def _needed(path: Path) -> list[str]:
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return [m for m in re.findall(r"Shared library: \[([^\]]+)\]", out)]
+
+
+@needs_native
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None, reason="binutils missing")
+def test_libraries_use_only_the_stable_abi():
+    """What makes one build load into every torch >= 2.10 and every Python: nothing from torch's C++ API
+    (c10::, at::, torch:: symbols change between releases), only its C shim; no libpython, no pybind11."""
+    libs = [_library.library_dir() / "_C.so"]
+    if svdq.build_info()["cuda"]:
+        libs.append(_library.library_dir() / "_C_cuda.so")
+    for lib in libs:
+        symbols = _undefined_symbols(lib)
+        cxx_torch = [s for s in symbols if re.match(r"(c10|at|torch|caffe2|pybind11)::", s)]
+        assert not cxx_torch, f"{lib.name} uses torch's C++ ABI: {cxx_torch[:5]}"
+        assert not [s for s in symbols if s.startswith("Py")], f"{lib.name} uses the Python C API"
+        shim = [s for s in symbols if s.startswith(("aoti_torch_", "torch_"))]
+        assert shim, f"{lib.name} does not call torch's stable C shim"
+        needed = _needed(lib)
+        assert not [n for n in needed if n.startswith(("libpython", "libc10", "libtorch_python", "libtorch.so"))], needed
+        assert "libtorch_cpu.so" in needed
+    if len(libs) == 2:
+        assert "libtorch_cuda.so" in _needed(libs[1]) and "libtorch_cuda.so" not in _needed(libs[0])
+
+
+def _load_setup_module():
     import importlib.util
     from unittest import mock
 
@@ -193,8 +278,16 @@ def test_setup_refuses_pip_build_isolation():
     module = importlib.util.module_from_spec(spec)
     with mock.patch("setuptools.setup", lambda **kw: None):  # load its functions without running a build
         spec.loader.exec_module(module)
-    isolated = "/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages/torch/__init__.py"
-    with pytest.raises(RuntimeError, match="--no-build-isolation"):
-        module.check_build_torch(isolated, {})
-    module.check_build_torch(isolated, {"SVDQ_ALLOW_BUILD_ISOLATION": "1"})
-    module.check_build_torch(torch.__file__, {})  # the installed torch: fine
+    return module
+
+
+def test_wheel_label_names_the_cuda_major(tmp_path):
+    """setup.py's version label (+cu13 / +cpu) follows CMakeLists.txt's rule for building CUDA."""
+    module = _load_setup_module()
+    assert module.cuda_label({"SVDQ_NO_CUDA": "1"}, "13.0") == "cpu"
+    assert module.cuda_label({}, None) == "cpu"  # a CPU-only torch
+    assert module.cuda_label({"CUDA_HOME": str(tmp_path)}, "13.0") == "cpu"  # no nvcc there
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.8, V12.8.93'\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    assert module.cuda_label({"CUDA_HOME": str(tmp_path)}, "12.8") == "cu12"

@@ -1,20 +1,18 @@
-// ops_cuda.cpp — CUDA implementations of the svdq ops (schemas: csrc/bindings.cpp, contracts:
+// ops_cuda.cpp — CUDA implementations of the svdq ops (schemas: csrc/registration.cpp, contracts:
 // docs/dev/contracts.md, numerics: docs/numerics.md §4).
 //
 // Each op: shape comments, checks that name the tensor / shape / dtype / device, a device guard, the
 // current stream, then one launcher call (csrc/cuda/*.h: plain pointers, cudaError_t back). Error codes are
-// turned into messages that print M/N/K/R and the MMA path.
+// turned into messages that print M/N/K/R and the MMA path. Compiled into _C_cuda.so, which only a CUDA
+// torch loads (python/svdq/_library.py); like the CPU bindings it uses only torch's stable ABI
+// (csrc/torch_stable.h; the stream and device guard come from its C shim).
 //
 // Environment (read on every call, so tests can switch per call):
 //   SVDQ_FORCE_INT4_MMA=1   w4a4_gemm uses the native int4 mma path even on sm_90 (emulated there, slow;
 //                           for cross-checking). Default: int8 path on sm_90–sm_10x, int4 elsewhere.
 //   SVDQ_QACT_KSPLIT=n      quantize_act uses n K-splits instead of its automatic plan (benchmark sweeps).
 
-#include <torch/library.h>
-
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdlib>
@@ -25,6 +23,9 @@
 
 #include "cuda/quantize_act.h"
 #include "cuda/w4a4_gemm.h"
+#include "torch_stable.h"
+
+#include <torch/csrc/stable/accelerator.h>
 
 namespace svdq {
 namespace {
@@ -34,34 +35,40 @@ constexpr int64_t kMaxRank = 512;
 
 int64_t padded_k(int64_t k) { return (k + kGroup - 1) / kGroup * kGroup; }
 
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 // "x [4, 8] BFloat16 on cuda:0"
-std::string describe(const char* name, const at::Tensor& t) {
-  return std::string(name) + " " + shape_str(t) + " " + std::string(c10::toString(t.scalar_type())) + " on " +
-         t.device().str();
+std::string describe(const char* name, const Tensor& t) {
+  return cat(name, " ", shape_str(t), " ", dtype_name(t.scalar_type()), " on ", device_str(t));
 }
 
-void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", describe(name, t), " must be a CUDA tensor (the CUDA implementation was ",
-              "selected because another argument is on ", dev.str(), ")");
-  TORCH_CHECK(t.device() == dev, op, ": ", describe(name, t), " must be on the same device as the other ",
-              "inputs (", dev.str(), ")");
+// The CUDA device all of an op's tensors must be on (the first tensor's).
+struct Dev {
+  int32_t index;
+  std::string str() const { return "cuda:" + std::to_string(index); }
+};
+
+void check_cuda(const char* op, const char* name, const Tensor& t, const Dev& dev) {
+  SVDQ_CHECK(t.is_cuda(), op, ": ", describe(name, t), " must be a CUDA tensor (the CUDA implementation was ",
+             "selected because another argument is on ", dev.str(), ")");
+  SVDQ_CHECK(t.get_device_index() == dev.index, op, ": ", describe(name, t),
+             " must be on the same device as the other inputs (", dev.str(), ")");
 }
 
-bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+bool is_16bit(ScalarType t) { return t == dtype::bf16 || t == dtype::f16; }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // contiguous and 16-byte aligned (a copy when needed; kernels vectorize their loads)
-at::Tensor dense16(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (c.numel() > 0 && !aligned16(c)) c = c.clone(at::MemoryFormat::Contiguous);
+Tensor dense16(const Tensor& t) {
+  Tensor c = torch::stable::contiguous(t);
+  if (c.numel() > 0 && !aligned16(c)) c = torch::stable::clone(c);  // a fresh allocation is aligned
   return c;
+}
+
+// torch's current stream on device dev (what every op must launch on).
+cudaStream_t current_stream(const Dev& dev) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev.index, &stream));
+  return static_cast<cudaStream_t>(stream);
 }
 
 bool env_flag(const char* name) {
@@ -91,98 +98,97 @@ cuda::MmaPath choose_path(int cc_major, int cc_minor) {
 //     -> (Tensor qact, Tensor ascales, Tensor lora_act)
 // ------------------------------------------------------------------------------------------------------------
 // e4m3 = true: svdq::quantize_act_e4m3 — the same kernel writes qact as uint8 [M, Kp] e4m3 bytes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_impl(const at::Tensor& x,        // [M, K] bf16/fp16
-                                                                 const at::Tensor& smooth,   // [K]
-                                                                 const at::Tensor& lora_down,  // [K, r] x.dtype
-                                                                 const std::optional<at::Tensor>& lora_scales,  // [r] fp32
-                                                                 bool e4m3) {
+std::tuple<Tensor, Tensor, Tensor> quantize_act_impl(const Tensor& x,        // [M, K] bf16/fp16
+                                                     const Tensor& smooth,   // [K]
+                                                     const Tensor& lora_down,  // [K, r] x.dtype
+                                                     const std::optional<Tensor>& lora_scales,  // [r] fp32
+                                                     bool e4m3) {
   const char* op = e4m3 ? "svdq::quantize_act_e4m3 (CUDA)" : "svdq::quantize_act (CUDA)";
-  TORCH_CHECK(x.is_cuda(), op, ": ", describe("x", x), " must be a CUDA tensor");
-  const at::Device dev = x.device();
+  SVDQ_CHECK(x.is_cuda(), op, ": ", describe("x", x), " must be a CUDA tensor");
+  const Dev dev{x.get_device_index()};
   check_cuda(op, "smooth", smooth, dev);
   check_cuda(op, "lora_down", lora_down, dev);
-  TORCH_CHECK(x.dim() == 2, op, ": ", describe("x", x), " must be 2-D [M, K] (flatten leading dims first)");
-  TORCH_CHECK(is_16bit(x.scalar_type()), op, ": ", describe("x", x),
-              " must be bfloat16 or float16 (fp32 activations run on the CPU/reference backends only)");
+  SVDQ_CHECK(x.dim() == 2, op, ": ", describe("x", x), " must be 2-D [M, K] (flatten leading dims first)");
+  SVDQ_CHECK(is_16bit(x.scalar_type()), op, ": ", describe("x", x),
+             " must be bfloat16 or float16 (fp32 activations run on the CPU/reference backends only)");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K >= 1, op, ": ", describe("x", x), " must have K >= 1 columns");
-  TORCH_CHECK(smooth.dim() == 1 && smooth.size(0) == K, op, ": ", describe("smooth", smooth), " must be [K] = [",
-              K, "] to match ", describe("x", x));
-  TORCH_CHECK(smooth.scalar_type() == at::kFloat || is_16bit(smooth.scalar_type()), op, ": ",
-              describe("smooth", smooth), " must be float32, bfloat16 or float16");
-  TORCH_CHECK(lora_down.dim() == 2 && lora_down.size(0) == K, op, ": ", describe("lora_down", lora_down),
-              " must be [K, r] with K = ", K, " (from ", describe("x", x), ")");
+  SVDQ_CHECK(K >= 1, op, ": ", describe("x", x), " must have K >= 1 columns");
+  SVDQ_CHECK(smooth.dim() == 1 && smooth.size(0) == K, op, ": ", describe("smooth", smooth), " must be [K] = [",
+             K, "] to match ", describe("x", x));
+  SVDQ_CHECK(smooth.scalar_type() == dtype::f32 || is_16bit(smooth.scalar_type()), op, ": ",
+             describe("smooth", smooth), " must be float32, bfloat16 or float16");
+  SVDQ_CHECK(lora_down.dim() == 2 && lora_down.size(0) == K, op, ": ", describe("lora_down", lora_down),
+             " must be [K, r] with K = ", K, " (from ", describe("x", x), ")");
   const int64_t r = lora_down.size(1);
-  TORCH_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": ", describe("lora_down", lora_down),
-              " has rank r = ", r, "; the CUDA kernels need r % 16 == 0 and r <= ", kMaxRank,
-              " (SVDQLinear pads the rank with zero columns)");
-  TORCH_CHECK(r == 0 || lora_down.scalar_type() == x.scalar_type(), op, ": ", describe("lora_down", lora_down),
-              " must have the dtype of ", describe("x", x), " (the low-rank branch runs on 16-bit tensor cores)");
-  at::Tensor scales;
-  if (lora_scales.has_value() && lora_scales->defined()) {
-    scales = *lora_scales;
-    check_cuda(op, "lora_scales", scales, dev);
-    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == r, op, ": ", describe("lora_scales", scales),
-                " must be [r] = [", r, "] (r from ", describe("lora_down", lora_down), ")");
-    TORCH_CHECK(scales.scalar_type() == at::kFloat, op, ": ", describe("lora_scales", scales),
-                " must be float32");
-    scales = scales.contiguous();
+  SVDQ_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": ", describe("lora_down", lora_down),
+             " has rank r = ", r, "; the CUDA kernels need r % 16 == 0 and r <= ", kMaxRank,
+             " (SVDQLinear pads the rank with zero columns)");
+  SVDQ_CHECK(r == 0 || lora_down.scalar_type() == x.scalar_type(), op, ": ", describe("lora_down", lora_down),
+             " must have the dtype of ", describe("x", x), " (the low-rank branch runs on 16-bit tensor cores)");
+  std::optional<Tensor> scales;
+  if (lora_scales.has_value()) {
+    const Tensor& sc = *lora_scales;
+    check_cuda(op, "lora_scales", sc, dev);
+    SVDQ_CHECK(sc.dim() == 1 && sc.size(0) == r, op, ": ", describe("lora_scales", sc),
+               " must be [r] = [", r, "] (r from ", describe("lora_down", lora_down), ")");
+    SVDQ_CHECK(sc.scalar_type() == dtype::f32, op, ": ", describe("lora_scales", sc),
+               " must be float32");
+    scales = torch::stable::contiguous(sc);
   }
 
-  const c10::cuda::CUDAGuard guard(dev);
+  const torch::stable::accelerator::DeviceGuard guard(dev.index);
   const int64_t kp = padded_k(K), groups = kp / kGroup;
-  const auto opts = x.options();
-  at::Tensor qact = e4m3 ? at::empty({M, kp}, opts.dtype(at::kByte)) : at::empty({M, kp / 2}, opts.dtype(at::kChar));
-  at::Tensor ascales = at::empty({M, groups}, opts.dtype(at::kFloat));
-  at::Tensor lora_act = at::empty({M, r}, opts.dtype(at::kFloat));
+  Tensor qact = e4m3 ? empty_like_device(x, {M, kp}, dtype::u8) : empty_like_device(x, {M, kp / 2}, dtype::i8);
+  Tensor ascales = empty_like_device(x, {M, groups}, dtype::f32);
+  Tensor lora_act = empty_like_device(x, {M, r}, dtype::f32);
   if (M == 0) return {qact, ascales, lora_act};
 
-  at::Tensor xc = x.stride(1) == 1 && x.stride(0) >= K ? x : x.contiguous();
+  Tensor xc = x.stride(1) == 1 && x.stride(0) >= K ? x : torch::stable::contiguous(x);
   // λ: the kernel reads x's dtype or fp32; any other float dtype is converted to fp32 (exact).
-  at::Tensor lam = smooth.scalar_type() == x.scalar_type() ? smooth.contiguous() : smooth.to(at::kFloat).contiguous();
-  at::Tensor down = r > 0 ? dense16(lora_down) : lora_down;
+  Tensor lam = smooth.scalar_type() == x.scalar_type() ? torch::stable::contiguous(smooth) : as_contiguous(smooth, dtype::f32);
+  Tensor down = r > 0 ? dense16(lora_down) : lora_down;
 
   const int ksplit_override = env_int("SVDQ_QACT_KSPLIT", 0);
   const size_t ws_bytes = cuda::quantize_act_workspace_bytes(M, K, (int)r, ksplit_override);
-  at::Tensor ws;
-  if (ws_bytes > 0) ws = at::empty({(int64_t)(ws_bytes / sizeof(float))}, opts.dtype(at::kFloat));
+  std::optional<Tensor> ws;
+  if (ws_bytes > 0) ws = empty_like_device(x, {(int64_t)(ws_bytes / sizeof(float))}, dtype::f32);
 
   cuda::QuantizeActParams p;
   p.x = xc.data_ptr();
   p.M = M;
   p.K = K;
   p.ldx = xc.stride(0);
-  p.dtype = x.scalar_type() == at::kBFloat16 ? cuda::ActDtype::kBF16 : cuda::ActDtype::kFP16;
+  p.dtype = x.scalar_type() == dtype::bf16 ? cuda::ActDtype::kBF16 : cuda::ActDtype::kFP16;
   p.smooth = lam.data_ptr();
-  p.smooth_fp32 = lam.scalar_type() == at::kFloat;
+  p.smooth_fp32 = lam.scalar_type() == dtype::f32;
   p.lora_down = r > 0 ? down.data_ptr() : nullptr;
   p.r = (int)r;
-  p.lora_scales = scales.defined() ? scales.data_ptr<float>() : nullptr;
+  p.lora_scales = scales ? scales->mutable_data_ptr<float>() : nullptr;
   p.qact = static_cast<int8_t*>(qact.data_ptr());
   p.e4m3 = e4m3;
-  p.ascales = ascales.data_ptr<float>();
-  p.lora_act = r > 0 ? lora_act.data_ptr<float>() : nullptr;
-  p.workspace = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  p.ascales = ascales.mutable_data_ptr<float>();
+  p.lora_act = r > 0 ? lora_act.mutable_data_ptr<float>() : nullptr;
+  p.workspace = ws ? ws->mutable_data_ptr<float>() : nullptr;
   p.ksplit_override = ksplit_override;
 
-  const cudaError_t err = cuda::launch_quantize_act(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed (", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err), ") for M=", M, " K=", K, " Kp=", kp, " r=", r, " x dtype ",
-              c10::toString(x.scalar_type()), ", smooth dtype ", c10::toString(lam.scalar_type()), ", on ",
-              dev.str());
+  const cudaError_t err = cuda::launch_quantize_act(p, current_stream(dev));
+  SVDQ_CHECK(err == cudaSuccess, op, ": kernel launch failed (", cudaGetErrorName(err), ": ",
+             cudaGetErrorString(err), ") for M=", M, " K=", K, " Kp=", kp, " r=", r, " x dtype ",
+             dtype_name(x.scalar_type()), ", smooth dtype ", dtype_name(lam.scalar_type()), ", on ",
+             dev.str());
   return {qact, ascales, lora_act};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
-                                                                 const at::Tensor& lora_down,
-                                                                 const std::optional<at::Tensor>& lora_scales) {
+std::tuple<Tensor, Tensor, Tensor> quantize_act_cuda(const Tensor& x, const Tensor& smooth,
+                                                     const Tensor& lora_down,
+                                                     const std::optional<Tensor>& lora_scales) {
   return quantize_act_impl(x, smooth, lora_down, lora_scales, false);
 }
 
 // svdq::quantize_act_e4m3: qact uint8 [M, Kp], each INT4 code as its float8_e4m3fn byte (exact).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_e4m3_cuda(const at::Tensor& x, const at::Tensor& smooth,
-                                                                      const at::Tensor& lora_down,
-                                                                      const std::optional<at::Tensor>& lora_scales) {
+std::tuple<Tensor, Tensor, Tensor> quantize_act_e4m3_cuda(const Tensor& x, const Tensor& smooth,
+                                                          const Tensor& lora_down,
+                                                          const std::optional<Tensor>& lora_scales) {
   return quantize_act_impl(x, smooth, lora_down, lora_scales, true);
 }
 
@@ -194,168 +200,165 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_e4m3_cuda(const at::
 // Should the GEMM's prepared sizes ever exceed N rows (padded tiles), the returned tensors are views of the
 // first N rows of the padded buffer, and w4a4_gemm checks that the storage behind them is large enough.
 // ------------------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> prepare_weight_cuda(const at::Tensor& qweight,   // [N, Kp/2] int8
-                                                       const at::Tensor& wscales) {  // [N, Kp/64] bf16/fp16
+std::tuple<Tensor, Tensor> prepare_weight_cuda(const Tensor& qweight,   // [N, Kp/2] int8
+                                               const Tensor& wscales) {  // [N, Kp/64] bf16/fp16
   constexpr const char* op = "svdq::prepare_weight (CUDA)";
-  TORCH_CHECK(qweight.is_cuda(), op, ": ", describe("qweight", qweight), " must be a CUDA tensor");
-  const at::Device dev = qweight.device();
+  SVDQ_CHECK(qweight.is_cuda(), op, ": ", describe("qweight", qweight), " must be a CUDA tensor");
+  const Dev dev{qweight.get_device_index()};
   check_cuda(op, "wscales", wscales, dev);
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, op, ": ", describe("qweight", qweight),
-              " must be int8 [N, Kp/2] (canonical packing, docs/numerics.md §3)");
+  SVDQ_CHECK(qweight.dim() == 2 && qweight.scalar_type() == dtype::i8, op, ": ", describe("qweight", qweight),
+             " must be int8 [N, Kp/2] (canonical packing, docs/numerics.md §3)");
   const int64_t N = qweight.size(0), kp = qweight.size(1) * 2;
-  TORCH_CHECK(N >= 1 && kp >= kGroup && kp % kGroup == 0, op, ": ", describe("qweight", qweight),
-              " must have N >= 1 rows and Kp/2 columns with Kp a positive multiple of 64");
-  TORCH_CHECK(wscales.dim() == 2 && wscales.size(0) == N && wscales.size(1) == kp / kGroup, op, ": ",
-              describe("wscales", wscales), " must be [N, Kp/64] = [", N, ", ", kp / kGroup, "] to match ",
-              describe("qweight", qweight));
-  TORCH_CHECK(is_16bit(wscales.scalar_type()), op, ": ", describe("wscales", wscales),
-              " must be bfloat16 or float16 on CUDA (fp32 models run on the CPU/reference backends)");
-  TORCH_CHECK(N <= INT_MAX && kp <= INT_MAX, op, ": N=", N, " Kp=", kp, " exceed the kernel's int range");
+  SVDQ_CHECK(N >= 1 && kp >= kGroup && kp % kGroup == 0, op, ": ", describe("qweight", qweight),
+             " must have N >= 1 rows and Kp/2 columns with Kp a positive multiple of 64");
+  SVDQ_CHECK(wscales.dim() == 2 && wscales.size(0) == N && wscales.size(1) == kp / kGroup, op, ": ",
+             describe("wscales", wscales), " must be [N, Kp/64] = [", N, ", ", kp / kGroup, "] to match ",
+             describe("qweight", qweight));
+  SVDQ_CHECK(is_16bit(wscales.scalar_type()), op, ": ", describe("wscales", wscales),
+             " must be bfloat16 or float16 on CUDA (fp32 models run on the CPU/reference backends)");
+  SVDQ_CHECK(N <= INT_MAX && kp <= INT_MAX, op, ": N=", N, " Kp=", kp, " exceed the kernel's int range");
 
-  const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor qw = qweight.contiguous();
-  at::Tensor ws = wscales.contiguous();
+  const torch::stable::accelerator::DeviceGuard guard(dev.index);
+  Tensor qw = torch::stable::contiguous(qweight);
+  Tensor ws = torch::stable::contiguous(wscales);
   const size_t qbytes = cuda::prepared_qweight_bytes((int)N, (int)kp);
   const size_t sbytes = cuda::prepared_wscales_bytes((int)N, (int)kp);
   const int64_t n_pad = (int64_t)(qbytes / (size_t)(kp / 2));
-  TORCH_CHECK(n_pad >= N && (size_t)n_pad * (size_t)(kp / 2) == qbytes &&
-                  (size_t)n_pad * (size_t)(kp / kGroup) * sizeof(float) == sbytes,
-              op, ": the GEMM's prepared sizes (", qbytes, " B, ", sbytes, " B for N=", N, ", Kp=", kp,
-              ") are not whole padded rows; ops_cuda.cpp and w4a4_gemm.h disagree");
-  at::Tensor qbuf = at::empty({n_pad, kp / 2}, qweight.options().dtype(at::kChar));
-  at::Tensor sbuf = at::empty({n_pad, kp / kGroup}, qweight.options().dtype(at::kFloat));
+  SVDQ_CHECK(n_pad >= N && (size_t)n_pad * (size_t)(kp / 2) == qbytes &&
+                 (size_t)n_pad * (size_t)(kp / kGroup) * sizeof(float) == sbytes,
+             op, ": the GEMM's prepared sizes (", qbytes, " B, ", sbytes, " B for N=", N, ", Kp=", kp,
+             ") are not whole padded rows; ops_cuda.cpp and w4a4_gemm.h disagree");
+  Tensor qbuf = empty_like_device(qweight, {n_pad, kp / 2}, dtype::i8);
+  Tensor sbuf = empty_like_device(qweight, {n_pad, kp / kGroup}, dtype::f32);
   const cudaError_t err =
-      cuda::launch_repack_weight(qw.data_ptr<int8_t>(), ws.data_ptr(), ws.scalar_type() == at::kBFloat16, (int)N,
-                                 (int)kp, qbuf.data_ptr(), sbuf.data_ptr(), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": repack kernel failed (", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err), ") for N=", N, " Kp=", kp, " on ", dev.str());
+      cuda::launch_repack_weight(qw.const_data_ptr<int8_t>(), ws.data_ptr(), ws.scalar_type() == dtype::bf16, (int)N,
+                                 (int)kp, qbuf.data_ptr(), sbuf.data_ptr(), current_stream(dev));
+  SVDQ_CHECK(err == cudaSuccess, op, ": repack kernel failed (", cudaGetErrorName(err), ": ",
+             cudaGetErrorString(err), ") for N=", N, " Kp=", kp, " on ", dev.str());
   if (n_pad == N) return {qbuf, sbuf};
-  return {qbuf.narrow(0, 0, N), sbuf.narrow(0, 0, N)};
-}
-
-// Bytes of storage reachable from t's data pointer.
-int64_t storage_bytes_from(const at::Tensor& t) {
-  return (int64_t)t.storage().nbytes() - t.storage_offset() * (int64_t)t.element_size();
+  return {torch::stable::narrow(qbuf, 0, 0, N), torch::stable::narrow(sbuf, 0, 0, N)};
 }
 
 // ------------------------------------------------------------------------------------------------------------
 // svdq::w4a4_gemm(Tensor qact, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act, Tensor lora_up,
 //                 Tensor? bias, ScalarType out_dtype) -> Tensor y [M, N] out_dtype
 // ------------------------------------------------------------------------------------------------------------
-at::Tensor w4a4_gemm_cuda(const at::Tensor& qact,      // [M, Kp/2] int8 (quantize_act)
-                          const at::Tensor& ascales,   // [M, Kp/64] fp32
-                          const at::Tensor& qweight,   // [N, Kp/2] int8, prepared (prepare_weight on CUDA)
-                          const at::Tensor& wscales,   // [N, Kp/64] fp32, prepared
-                          const at::Tensor& lora_act,  // [M, r] fp32
-                          const at::Tensor& lora_up,   // [N, r] out_dtype
-                          const std::optional<at::Tensor>& bias,  // [N] out_dtype or None
-                          at::ScalarType out_dtype) {
+Tensor w4a4_gemm_cuda(const Tensor& qact,      // [M, Kp/2] int8 (quantize_act)
+                      const Tensor& ascales,   // [M, Kp/64] fp32
+                      const Tensor& qweight,   // [N, Kp/2] int8, prepared (prepare_weight on CUDA)
+                      const Tensor& wscales,   // [N, Kp/64] fp32, prepared
+                      const Tensor& lora_act,  // [M, r] fp32
+                      const Tensor& lora_up,   // [N, r] out_dtype
+                      const std::optional<Tensor>& bias,  // [N] out_dtype or None
+                      ScalarType out_dtype) {
   constexpr const char* op = "svdq::w4a4_gemm (CUDA)";
-  TORCH_CHECK(qact.is_cuda(), op, ": ", describe("qact", qact), " must be a CUDA tensor");
-  const at::Device dev = qact.device();
+  SVDQ_CHECK(qact.is_cuda(), op, ": ", describe("qact", qact), " must be a CUDA tensor");
+  const Dev dev{qact.get_device_index()};
   check_cuda(op, "ascales", ascales, dev);
   check_cuda(op, "qweight", qweight, dev);
   check_cuda(op, "wscales", wscales, dev);
   check_cuda(op, "lora_act", lora_act, dev);
   check_cuda(op, "lora_up", lora_up, dev);
-  TORCH_CHECK(is_16bit(out_dtype), op, ": out_dtype ", c10::toString(out_dtype),
-              " must be bfloat16 or float16 on CUDA");
-  TORCH_CHECK(qact.dim() == 2 && qact.scalar_type() == at::kChar, op, ": ", describe("qact", qact),
-              " must be int8 [M, Kp/2] from svdq::quantize_act");
+  SVDQ_CHECK(is_16bit(out_dtype), op, ": out_dtype ", dtype_name(out_dtype),
+             " must be bfloat16 or float16 on CUDA");
+  SVDQ_CHECK(qact.dim() == 2 && qact.scalar_type() == dtype::i8, op, ": ", describe("qact", qact),
+             " must be int8 [M, Kp/2] from svdq::quantize_act");
   const int64_t M = qact.size(0), kp = qact.size(1) * 2, groups = kp / kGroup;
-  TORCH_CHECK(kp >= kGroup && kp % kGroup == 0, op, ": ", describe("qact", qact),
-              " must have Kp/2 columns with Kp a positive multiple of 64");
-  TORCH_CHECK(ascales.dim() == 2 && ascales.size(0) == M && ascales.size(1) == groups &&
-                  ascales.scalar_type() == at::kFloat,
-              op, ": ", describe("ascales", ascales), " must be float32 [M, Kp/64] = [", M, ", ", groups,
-              "] to match ", describe("qact", qact));
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.size(1) * 2 == kp, op, ": ",
-              describe("qweight", qweight), " must be the prepared int8 [N, Kp/2] with Kp = ", kp,
-              " (from ", describe("qact", qact), ")");
+  SVDQ_CHECK(kp >= kGroup && kp % kGroup == 0, op, ": ", describe("qact", qact),
+             " must have Kp/2 columns with Kp a positive multiple of 64");
+  SVDQ_CHECK(ascales.dim() == 2 && ascales.size(0) == M && ascales.size(1) == groups &&
+                 ascales.scalar_type() == dtype::f32,
+             op, ": ", describe("ascales", ascales), " must be float32 [M, Kp/64] = [", M, ", ", groups,
+             "] to match ", describe("qact", qact));
+  SVDQ_CHECK(qweight.dim() == 2 && qweight.scalar_type() == dtype::i8 && qweight.size(1) * 2 == kp, op, ": ",
+             describe("qweight", qweight), " must be the prepared int8 [N, Kp/2] with Kp = ", kp,
+             " (from ", describe("qact", qact), ")");
   const int64_t N = qweight.size(0);
-  TORCH_CHECK(N >= 1, op, ": ", describe("qweight", qweight), " must have N >= 1 rows");
-  TORCH_CHECK(wscales.dim() == 2 && wscales.size(0) == N && wscales.size(1) == groups &&
-                  wscales.scalar_type() == at::kFloat,
-              op, ": ", describe("wscales", wscales), " must be the prepared float32 [N, Kp/64] = [", N, ", ",
-              groups, "] (call svdq::prepare_weight on the CUDA tensors first)");
-  TORCH_CHECK(M <= INT_MAX && N <= INT_MAX && kp <= INT_MAX, op, ": M=", M, " N=", N, " Kp=", kp,
-              " exceed the kernel's int range");
+  SVDQ_CHECK(N >= 1, op, ": ", describe("qweight", qweight), " must have N >= 1 rows");
+  SVDQ_CHECK(wscales.dim() == 2 && wscales.size(0) == N && wscales.size(1) == groups &&
+                 wscales.scalar_type() == dtype::f32,
+             op, ": ", describe("wscales", wscales), " must be the prepared float32 [N, Kp/64] = [", N, ", ",
+             groups, "] (call svdq::prepare_weight on the CUDA tensors first)");
+  SVDQ_CHECK(M <= INT_MAX && N <= INT_MAX && kp <= INT_MAX, op, ": M=", M, " N=", N, " Kp=", kp,
+             " exceed the kernel's int range");
   const size_t qbytes = cuda::prepared_qweight_bytes((int)N, (int)kp);
   const size_t sbytes = cuda::prepared_wscales_bytes((int)N, (int)kp);
-  TORCH_CHECK(qweight.is_contiguous() && storage_bytes_from(qweight) >= (int64_t)qbytes, op, ": ",
-              describe("qweight", qweight), " is not a prepared weight: the GEMM reads ", qbytes,
-              " contiguous bytes (N padded to whole tiles) but the tensor's storage holds ",
-              storage_bytes_from(qweight), " (pass the tensors returned by svdq::prepare_weight unchanged; do not "
-              "clone/slice them)");
-  TORCH_CHECK(wscales.is_contiguous() && storage_bytes_from(wscales) >= (int64_t)sbytes, op, ": ",
-              describe("wscales", wscales), " is not a prepared scale tensor: the GEMM reads ", sbytes,
-              " bytes but the storage holds ", storage_bytes_from(wscales),
-              " (pass the tensors returned by svdq::prepare_weight unchanged)");
-  TORCH_CHECK(aligned16(qweight) && reinterpret_cast<uintptr_t>(wscales.data_ptr()) % 4 == 0, op,
-              ": prepared ", describe("qweight", qweight), " must be 16-byte aligned and ",
-              describe("wscales", wscales), " 4-byte aligned (as prepare_weight returns them)");
-  TORCH_CHECK(lora_up.dim() == 2 && lora_up.size(0) == N, op, ": ", describe("lora_up", lora_up),
-              " must be [N, r] with N = ", N, " (from ", describe("qweight", qweight), ")");
+  SVDQ_CHECK(qweight.is_contiguous() && storage_bytes_from(qweight) >= (int64_t)qbytes, op, ": ",
+             describe("qweight", qweight), " is not a prepared weight: the GEMM reads ", qbytes,
+             " contiguous bytes (N padded to whole tiles) but the tensor's storage holds ",
+             storage_bytes_from(qweight), " (pass the tensors returned by svdq::prepare_weight unchanged; do not "
+             "clone/slice them)");
+  SVDQ_CHECK(wscales.is_contiguous() && storage_bytes_from(wscales) >= (int64_t)sbytes, op, ": ",
+             describe("wscales", wscales), " is not a prepared scale tensor: the GEMM reads ", sbytes,
+             " bytes but the storage holds ", storage_bytes_from(wscales),
+             " (pass the tensors returned by svdq::prepare_weight unchanged)");
+  SVDQ_CHECK(aligned16(qweight) && reinterpret_cast<uintptr_t>(wscales.data_ptr()) % 4 == 0, op,
+             ": prepared ", describe("qweight", qweight), " must be 16-byte aligned and ",
+             describe("wscales", wscales), " 4-byte aligned (as prepare_weight returns them)");
+  SVDQ_CHECK(lora_up.dim() == 2 && lora_up.size(0) == N, op, ": ", describe("lora_up", lora_up),
+             " must be [N, r] with N = ", N, " (from ", describe("qweight", qweight), ")");
   const int64_t r = lora_up.size(1);
-  TORCH_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": rank r = ", r, " (", describe("lora_up", lora_up),
-              ") must be a multiple of 16 and <= ", kMaxRank);
-  TORCH_CHECK(lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == r &&
-                  lora_act.scalar_type() == at::kFloat,
-              op, ": ", describe("lora_act", lora_act), " must be float32 [M, r] = [", M, ", ", r, "]");
-  TORCH_CHECK(r == 0 || lora_up.scalar_type() == out_dtype, op, ": ", describe("lora_up", lora_up),
-              " must have dtype out_dtype = ", c10::toString(out_dtype));
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = *bias;
-    check_cuda(op, "bias", b, dev);
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": ", describe("bias", b), " must be [N] = [", N, "]");
-    TORCH_CHECK(b.scalar_type() == out_dtype, op, ": ", describe("bias", b), " must have dtype out_dtype = ",
-                c10::toString(out_dtype));
-    b = dense16(b);
+  SVDQ_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": rank r = ", r, " (", describe("lora_up", lora_up),
+             ") must be a multiple of 16 and <= ", kMaxRank);
+  SVDQ_CHECK(lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == r &&
+                 lora_act.scalar_type() == dtype::f32,
+             op, ": ", describe("lora_act", lora_act), " must be float32 [M, r] = [", M, ", ", r, "]");
+  SVDQ_CHECK(r == 0 || lora_up.scalar_type() == out_dtype, op, ": ", describe("lora_up", lora_up),
+             " must have dtype out_dtype = ", dtype_name(out_dtype));
+  std::optional<Tensor> b;
+  if (bias.has_value()) {
+    const Tensor& bt = *bias;
+    check_cuda(op, "bias", bt, dev);
+    SVDQ_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": ", describe("bias", bt), " must be [N] = [", N, "]");
+    SVDQ_CHECK(bt.scalar_type() == out_dtype, op, ": ", describe("bias", bt), " must have dtype out_dtype = ",
+               dtype_name(out_dtype));
+    b = dense16(bt);
   }
 
-  const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor y = at::empty({M, N}, qact.options().dtype(out_dtype));
+  const torch::stable::accelerator::DeviceGuard guard(dev.index);
+  Tensor y = empty_like_device(qact, {M, N}, out_dtype);
   if (M == 0) return y;
-  at::Tensor qa = dense16(qact);
-  at::Tensor as = ascales.contiguous();
-  at::Tensor la = r > 0 ? dense16(lora_act) : lora_act;
-  at::Tensor lu = r > 0 ? dense16(lora_up) : lora_up;
+  Tensor qa = dense16(qact);
+  Tensor as = torch::stable::contiguous(ascales);
+  Tensor la = r > 0 ? dense16(lora_act) : lora_act;
+  Tensor lu = r > 0 ? dense16(lora_up) : lora_up;
 
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const cuda::MmaPath path = choose_path(prop->major, prop->minor);
+  int cc_major = 0, cc_minor = 0;
+  cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev.index);
+  cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev.index);
+  const cuda::MmaPath path = choose_path(cc_major, cc_minor);
 
   cuda::W4A4GemmParams p;
-  p.qact = qa.data_ptr<int8_t>();
-  p.ascales = as.data_ptr<float>();
+  p.qact = qa.const_data_ptr<int8_t>();
+  p.ascales = as.const_data_ptr<float>();
   p.qweight = qweight.data_ptr();
   p.wscales = wscales.data_ptr();
-  p.lora_act = r > 0 ? la.data_ptr<float>() : nullptr;
+  p.lora_act = r > 0 ? la.const_data_ptr<float>() : nullptr;
   p.lora_up = r > 0 ? lu.data_ptr() : nullptr;
-  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.bias = b ? b->data_ptr() : nullptr;
   p.out = y.data_ptr();
   p.M = (int)M;
   p.N = (int)N;
   p.K = (int)kp;
   p.R = (int)r;
-  p.out_bf16 = out_dtype == at::kBFloat16;
+  p.out_bf16 = out_dtype == dtype::bf16;
   p.path = path;
-  const cudaError_t err = cuda::launch_w4a4_gemm(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": kernel failed (", cudaGetErrorName(err), ": ", cudaGetErrorString(err),
-              ") for M=", M, " N=", N, " K=", kp, " R=", r, " path=", path_name(path), " on sm_", prop->major,
-              prop->minor, " (", dev.str(), ")",
-              err == cudaErrorInvalidValue ? "; invalid value: a size/alignment outside the kernel's contract "
-                                             "(w4a4_gemm.h), or the int8 path below sm_80"
-                                           : "");
+  const cudaError_t err = cuda::launch_w4a4_gemm(p, current_stream(dev));
+  SVDQ_CHECK(err == cudaSuccess, op, ": kernel failed (", cudaGetErrorName(err), ": ", cudaGetErrorString(err),
+             ") for M=", M, " N=", N, " K=", kp, " R=", r, " path=", path_name(path), " on sm_", cc_major,
+             cc_minor, " (", dev.str(), ")",
+             err == cudaErrorInvalidValue ? "; invalid value: a size/alignment outside the kernel's contract "
+                                            "(w4a4_gemm.h), or the int8 path below sm_80"
+                                          : "");
   return y;
 }
 
 }  // namespace
 }  // namespace svdq
 
-TORCH_LIBRARY_IMPL(svdq, CUDA, m) {
-  m.impl("quantize_act", &svdq::quantize_act_cuda);
-  m.impl("quantize_act_e4m3", &svdq::quantize_act_e4m3_cuda);
-  m.impl("prepare_weight", &svdq::prepare_weight_cuda);
-  m.impl("w4a4_gemm", &svdq::w4a4_gemm_cuda);
+STABLE_TORCH_LIBRARY_IMPL(svdq, CUDA, m) {
+  m.impl("quantize_act", TORCH_BOX(&svdq::quantize_act_cuda));
+  m.impl("quantize_act_e4m3", TORCH_BOX(&svdq::quantize_act_e4m3_cuda));
+  m.impl("prepare_weight", TORCH_BOX(&svdq::prepare_weight_cuda));
+  m.impl("w4a4_gemm", TORCH_BOX(&svdq::w4a4_gemm_cuda));
 }

@@ -1,12 +1,12 @@
-"""The native extension ``svdq._C``: typed wrappers for its ops, their fakes, and the backends they provide.
+"""svdq's native libraries: typed wrappers for their ops, their fakes, and the backends they provide.
 
-Importing this module loads ``svdq._C`` when it was built, which registers the torch ops ``svdq::*``
-(schemas in csrc/bindings.cpp; CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda). It then registers a
-fake (meta) implementation per op, right below its wrapper, so ``torch.compile`` can trace through, and the
-``"cpu"`` backend (and ``"cuda"`` when the extension has CUDA kernels and a GPU is visible) with
-``svdq.ops.register_backend``.
+Importing this module loads the libraries when they were built (`svdq._library`: ``_C.so`` registers the
+torch ops ``svdq::*`` — schemas in csrc/registration.cpp, CPU kernels in csrc/cpu — and ``_C_cuda.so`` the
+CUDA kernels, in a CUDA torch). It then registers a fake (meta) implementation per op, right below its
+wrapper, so ``torch.compile`` can trace through, and the ``"cpu"`` backend (and ``"cuda"`` when the CUDA
+kernels loaded and a GPU is visible) with ``svdq.ops.register_backend``.
 
-Without the extension this module still imports: ``AVAILABLE`` is False, ``build_info()`` says
+Without the libraries this module still imports: ``AVAILABLE`` is False, ``build_info()`` says
 ``native=False`` and only the reference backend exists.
 """
 
@@ -17,48 +17,59 @@ import os
 
 import torch
 
+from . import _library
 from . import ops as _ops
 from .version import __version__
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
-
+    _C: _library.NativeLibrary | None = _library.load()
     AVAILABLE = True
     IMPORT_ERROR: ImportError | None = None
-except ImportError as e:  # not built (pure-Python install) or built against another torch
+except _library.NativeLibraryError as e:  # not built (pure-Python install), or a torch without its stable ABI
     _C = None
     AVAILABLE = False
     IMPORT_ERROR = e
 
+if AVAILABLE:
+    from .ops import w4a8_cpu as _w4a8_cpu
+
+    _w4a8_cpu.register()  # the W4A8 ops' CPU kernels are torch ops (svdq/ops/w4a8_cpu.py)
+
 
 def _fix_hint(error: BaseException | None) -> str:
-    """What to do about a failed ``svdq._C`` import, from the error's text."""
+    """What to do about native libraries that did not load, from the error's text."""
     text = str(error)
-    if "undefined symbol" in text:
-        return (
-            f"it was most likely built against another torch than the installed {torch.__version__} (pip's build "
-            "isolation does that): rebuild with `pip install --no-build-isolation -e .`"
-        )
-    if "No module named" in text:
-        return "it is not built: build it with `pip install --no-build-isolation -e .` (docs/building.md)"
-    return "rebuild it with `pip install --no-build-isolation -e .` (docs/building.md)"
+    if "install torch >=" in text:
+        return "upgrade torch (the message above names the version needed)"
+    if "not built" in text:
+        return "build them with `pip install --no-build-isolation -e .` (docs/building.md)"
+    return "rebuild them with `pip install --no-build-isolation -e .` (docs/building.md)"
 
 
 def _warn_if_missing() -> None:
     """Warn once per process that the native kernels did not load, with the reason and the fix: without them
-    every layer silently runs the reference backend, about 10x slower. ``SVDQ_NO_NATIVE_WARNING=1`` silences it
-    (pure-Python use on purpose)."""
-    if AVAILABLE or os.environ.get("SVDQ_NO_NATIVE_WARNING") == "1":
+    every layer silently runs the reference backend, about 10x slower. Warns too when the CUDA kernels were
+    built but did not load into a CUDA torch. ``SVDQ_NO_NATIVE_WARNING=1`` silences it (pure-Python use on
+    purpose)."""
+    if os.environ.get("SVDQ_NO_NATIVE_WARNING") == "1":
         return
     import warnings
 
-    warnings.warn(
-        f"svdq: the native extension svdq._C did not load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); every "
-        f"layer runs the slow PyTorch reference backend. Fix: {_fix_hint(IMPORT_ERROR)}. `svdq doctor` shows "
-        "the build and the environment.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    if not AVAILABLE:
+        warnings.warn(
+            f"svdq: the native library svdq/_C.so did not load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); "
+            f"every layer runs the slow PyTorch reference backend. Fix: {_fix_hint(IMPORT_ERROR)}. `svdq doctor` "
+            "shows the build and the environment.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif _C.info["cuda"] and not _C.info["cuda_loaded"] and torch.version.cuda:
+        warnings.warn(
+            f"svdq: the CUDA kernels did not load ({_C.info['cuda_not_loaded_because']}); CUDA layers run the "
+            "reference backend. `svdq doctor` shows the build and the environment.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _warn_if_missing()  # module import runs once per process, so this warns once
@@ -67,8 +78,9 @@ _warn_if_missing()  # module import runs once per process, so this warns once
 def build_info() -> dict:
     """What the native extension was built with.
 
-    Keys: ``version``, ``native`` (extension loaded), ``cuda`` (CUDA kernels compiled in), ``cuda_archs``,
-    ``cuda_toolkit_root``, ``nvcc_version``, ``cxx_compiler``, ``torch_version`` (built against),
+    Keys: ``version``, ``native`` (libraries loaded), ``cuda`` (CUDA kernels compiled in), ``cuda_loaded``
+    (and ``cuda_not_loaded_because``), ``cuda_major``, ``cuda_archs``, ``cuda_toolkit_root``, ``nvcc_version``,
+    ``cxx_compiler``, ``torch_version`` (built with), ``torch_abi_min`` (the oldest torch it loads into),
     ``torch_version_runtime``, ``cpu_isas_compiled``, ``cpu_isa`` (variant in use), and more.
     """
     if not AVAILABLE:
@@ -80,7 +92,10 @@ def build_info() -> dict:
             "torch_version_runtime": torch.__version__,
             "import_error": str(IMPORT_ERROR),
         }
-    info = dict(_C.build_info())
+    info = dict(_C.info)
+    info["native"] = True
+    info["cpu_isas_supported"] = _C.cpu_isas()
+    info["cpu_isa"] = _C.active_cpu_isa()
     info["torch_version_runtime"] = torch.__version__
     return info
 
@@ -253,7 +268,7 @@ if AVAILABLE:
 @functools.cache
 def _cuda_available() -> bool:
     # Asked on every layer call (svdq.ops.select_backend): answer once, both facts are fixed for the process.
-    return AVAILABLE and bool(build_info()["cuda"]) and torch.cuda.is_available()
+    return AVAILABLE and bool(_C.info["cuda_loaded"]) and torch.cuda.is_available()
 
 
 if AVAILABLE:
@@ -271,7 +286,7 @@ if AVAILABLE:
             w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
         )
     )
-    if build_info()["cuda"]:
+    if _C.info["cuda_loaded"]:
         _ops.register_backend(
             _ops.Backend(
                 name="cuda",
@@ -295,7 +310,7 @@ def set_cpu_isa(name: str) -> str:
     The default is the best variant this CPU supports, or ``$SVDQ_CPU_ISA`` when set.
     """
     if not AVAILABLE:
-        raise RuntimeError(f"svdq._C is not built: {IMPORT_ERROR}")
+        raise RuntimeError(f"svdq's native library is not loaded: {IMPORT_ERROR}")
     return _C.set_cpu_isa(name)
 
 
@@ -303,6 +318,6 @@ def require_native() -> None:
     """Raise unless the extension is loaded (used by tests; ``SVDQ_ALLOW_NO_NATIVE=1`` relaxes callers)."""
     if not AVAILABLE and os.environ.get("SVDQ_ALLOW_NO_NATIVE") != "1":
         raise RuntimeError(
-            f"svdq._C is not built or does not load ({IMPORT_ERROR}); build it with "
+            f"svdq's native library is not built or does not load ({IMPORT_ERROR}); build it with "
             "`pip install --no-build-isolation -e .` (docs/building.md)"
         )

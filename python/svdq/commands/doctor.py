@@ -107,12 +107,10 @@ def report() -> dict:
                     f"SVDQ_CUDA_ARCHS including {major}{minor} (docs/building.md)"
                 )
     if not info["native"]:
-        problems.append(f"svdq._C does not load ({info.get('import_error')}): {_native._fix_hint(_native.IMPORT_ERROR)}")
-    elif info.get("torch_version") and info["torch_version"] != info.get("torch_version_runtime"):
-        problems.append(
-            f"svdq._C was built against torch {info['torch_version']} but torch {info['torch_version_runtime']} is "
-            "installed: rebuild with `pip install --no-build-isolation -e .`"
-        )
+        problems.append(f"svdq's native library does not load ({info.get('import_error')}): "
+                        f"{_native._fix_hint(_native.IMPORT_ERROR)}")
+    elif info.get("cuda") and not info.get("cuda_loaded") and torch.version.cuda:
+        problems.append(f"svdq's CUDA kernels did not load: {info.get('cuda_not_loaded_because')}")
     if torch.cuda.is_available() and info["native"] and not info.get("cuda"):
         problems.append(
             "a GPU is present but this build has no CUDA kernels "
@@ -136,8 +134,13 @@ def report() -> dict:
                 row["why"] = "the CUDA kernels run bf16/fp16 layers: convert fp32 models with model.to(torch.bfloat16)"
                 row["runs"] = False
             elif be.name == "reference":
-                row["why"] = ("svdq._C is not loaded" if not info["native"] else
-                              f"no native kernels for {device} in this build") + " — PyTorch reference (slow)"
+                if not info["native"]:
+                    why = "svdq's native library is not loaded"
+                elif device == "cuda" and info.get("cuda") and not info.get("cuda_loaded"):
+                    why = f"the CUDA kernels did not load ({info.get('cuda_not_loaded_because')})"
+                else:
+                    why = f"no native kernels for {device} in this build"
+                row["why"] = why + " — PyTorch reference (slow)"
                 row["runs"] = True
             else:
                 row["why"] = f"native {be.name} kernels (the fastest backend for {device})"
@@ -163,11 +166,13 @@ def run(args) -> int:
         print(f"  GPU {g['index']}: {g['name']} (sm {g['capability']}): {g['svdq_code']}")
     if not rep["gpus"]:
         print("  GPU: none visible to torch")
-    print("build (svdq._C):")
+    print("build (svdq/_C.so):")
     if b["native"]:
-        print(f"  built against torch {b.get('torch_version')}, {b.get('cxx_compiler')}, {b.get('build_type')}")
+        print(f"  built with torch {b.get('torch_version')} for torch >= {b.get('torch_abi_min')} (stable ABI), "
+              f"{b.get('cxx_compiler')}, {b.get('build_type')}")
         if b.get("cuda"):
-            print(f"  CUDA kernels: archs {', '.join(b.get('cuda_archs', []))}, nvcc {b.get('nvcc_version')}")
+            loaded = "loaded" if b.get("cuda_loaded") else f"not loaded: {b.get('cuda_not_loaded_because')}"
+            print(f"  CUDA kernels: archs {', '.join(b.get('cuda_archs', []))}, nvcc {b.get('nvcc_version')} ({loaded})")
         else:
             print(f"  CUDA kernels: not built ({b.get('cuda_not_built_because') or 'no CUDA toolkit'})")
         print(f"  CPU kernels: {', '.join(b.get('cpu_isas_compiled', []))}; using {b.get('cpu_isa')}")
