@@ -42,6 +42,15 @@ prepare(model)
 blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
 for b in blocks:
     b.to("cpu")  # offloaded: streamed to the GPU one at a time
+# GPTQ Hessians (fp32 K×K per W4A4 layer): what the whole-model path holds at once vs one block's here.
+from svdq.quantize import QuantizeConfig, select_linears
+from svdq.models import FAMILIES
+hess = {}
+for n, lin in select_linears(model, QuantizeConfig(exclude=FAMILIES["flux"].exclude)).items():
+    kind = "double" if n.startswith("transformer_blocks.") else "single"
+    hess[kind] = hess.get(kind, 0) + 4 * lin.in_features ** 2 / 2**30
+res["hessians_gb"] = {"double_block": hess["double"], "single_block": hess["single"],
+                      "flux_dev_all_layers": 19 * hess["double"] + 38 * hess["single"]}
 res["block_gb"] = {n: sum(p.numel() * p.element_size() for p in b.parameters()) / 2**30
                    for n, b in (("double", blocks[0]), ("single", blocks[1]))}
 torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
