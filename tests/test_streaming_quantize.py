@@ -307,6 +307,16 @@ def test_peak_gpu_memory_with_the_model_on_the_cpu():
     assert peaks["streaming"] < peaks["whole"] - (total - largest) / 2, (peaks, total, largest)
 
 
+def test_place_offloaded_keeps_only_the_blocks_behind():
+    model = tiny_flux_transformer(0)
+    prepare(model)
+    names = streaming.place_offloaded(model, "cpu", offload="meta")  # meta: where the blocks went is visible
+    assert names == [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]
+    for name, t in model.state_dict().items():
+        in_block = any(name.startswith(n + ".") for n in names)
+        assert t.device.type == ("meta" if in_block else "cpu"), name
+
+
 def test_cli_streaming(tmp_path, capsys):
     from svdq import cli
     from svdq.testing.tiny import tiny_flux_full_pipeline
@@ -316,10 +326,13 @@ def test_cli_streaming(tmp_path, capsys):
     assert cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--streaming", "--data-free"]) != 0
     assert "--streaming needs calibration" in capsys.readouterr().err
     assert not out.exists()
-    rc = cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--streaming",
+    assert cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--offload-blocks"]) != 0
+    assert "--offload-blocks needs --streaming" in capsys.readouterr().err
+    rc = cli.main(["quantize", "--model", str(tmp_path / "flux"), "--out", str(out), "--streaming", "--offload-blocks",
                    "--num-calib-prompts", "1", "--steps", "1", "--rank", "16", "--height", "32", "--width", "32"])
     assert rc == 0
-    assert "streaming block by block" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "streaming block by block" in printed and "4 blocks of FluxTransformer2DModel stay in CPU memory" in printed
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / "flux-q.svdq-state").exists()  # removed once the model is saved
     model = svdq.from_pretrained(out)

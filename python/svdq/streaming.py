@@ -206,6 +206,27 @@ def quantize_streaming(
     return model
 
 
+def place_offloaded(model: nn.Module, device, offload="cpu") -> list[str]:
+    """Move ``model`` to ``device`` except its repeated blocks, which go to ``offload``: the layout for streaming
+    a denoiser that does not fit ``device`` whole (``svdq.quantize(model, streaming=True, device=device)`` then
+    brings each block over for its turn, also during the calibration pass). Returns the block names."""
+    names = _blocks(model)
+    device, offload = torch.device(device), torch.device(offload)
+
+    def place(module: nn.Module, prefix: str) -> None:
+        if prefix in names:
+            module.to(offload)
+        elif prefix and not any(_inside(n, prefix) for n in names):
+            module.to(device)  # holds no block
+        else:  # holds blocks: its own tensors here, then each child
+            module._apply(lambda t: t.to(device), recurse=False)
+            for child_name, child in module.named_children():
+                place(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    place(model, "")
+    return names
+
+
 # ---- structure --------------------------------------------------------------------------------------------
 
 

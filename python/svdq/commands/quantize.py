@@ -145,6 +145,10 @@ def add_parser(sub) -> None:
     p.add_argument("--state-dir", default=None,
                    help="with --streaming: where finished blocks are kept until the model is saved (default: "
                         "OUT.svdq-state next to --out; removed after a successful save)")
+    p.add_argument("--offload-blocks", action="store_true",
+                   help="with --streaming: load the pipeline in CPU memory and keep the denoiser's repeated blocks "
+                        "there, each visiting --device only for its turn; the rest goes to --device (for denoisers "
+                        "that do not fit the GPU beside the calibration activations)")
     p.add_argument("--propagate", choices=("quantized", "16bit"), default="quantized",
                    help="with --streaming: which block outputs calibrate the next block: the quantized ones (GPTQ's "
                         "order, default) or the 16-bit ones (same result as without --streaming)")
@@ -168,6 +172,9 @@ def run(args) -> int:
     streaming = getattr(args, "streaming", False)
     if streaming and args.data_free:
         raise ValueError("--streaming needs calibration (it streams the calibration activations): drop --data-free")
+    offload = getattr(args, "offload_blocks", False)
+    if offload and not streaming:
+        raise ValueError("--offload-blocks needs --streaming (only the streaming quantizer moves blocks)")
     state_dir = None
     if streaming:
         from pathlib import Path
@@ -184,7 +191,7 @@ def run(args) -> int:
         if args.num_calib_prompts is not None:
             prompts = prompts[: args.num_calib_prompts]
     print(f"loading {args.model} ({dtype}, {device}) ...")
-    pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
+    pipe = load_pipeline(args.model, device="cpu" if offload else device, torch_dtype=dtype)
     model = pipeline_model(pipe)
     from ..models import family_of, generic
 
@@ -193,6 +200,16 @@ def run(args) -> int:
         generic.analyze_pipeline(pipe, (prompts or default_prompts())[0], **call_kwargs(args, pipe))
         print(f"note: {type(model).__name__}: generic family (layer plan from one traced step)")
     family = prepare(model)  # fuse shared-input projections (also when data-free)
+    if offload:
+        from torch import nn
+
+        from ..streaming import place_offloaded
+
+        for component in pipe.components.values():
+            if isinstance(component, nn.Module) and component is not model:
+                component.to(device)
+        blocks = place_offloaded(model, device)
+        print(f"{len(blocks)} blocks of {type(model).__name__} stay in CPU memory; the rest is on {device}")
     if family is None:
         print(f"note: {type(model).__name__} is not a diffusers model svdq can plan: default layer selection")
     weight_only = None
