@@ -39,9 +39,10 @@ with torch.device(dev):
                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 model = model.to(bf16).eval()
 prepare(model)
+streaming.place_offloaded(model, dev)  # blocks in CPU memory, streamed to the GPU one at a time
 blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-for b in blocks:
-    b.to("cpu")  # offloaded: streamed to the GPU one at a time
+assert all(p.device.type == "cpu" for b in blocks for p in b.parameters())
+assert model.x_embedder.weight.device.type == "cuda"
 # GPTQ Hessians (fp32 K×K per W4A4 layer): what the whole-model path holds at once vs one block's here.
 from svdq.quantize import QuantizeConfig, select_linears
 from svdq.models import FAMILIES
