@@ -137,6 +137,31 @@ class CMakeBuild(build_ext):
                 "setup.py's cuda_label() and CMakeLists.txt disagree"
             )
 
+    # CMake writes _C_cuda.so (CUDA builds) and _C.json beside _C.so; setuptools knows only the extension's own
+    # file, so for -e installs (built elsewhere, then copied into python/svdq) they are copied here too.
+    SIBLINGS = ("_C_cuda.so", "_C.json")
+
+    def _sibling_pairs(self):
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            for name in self.SIBLINGS:
+                yield (os.path.join(os.path.dirname(regular_file), name),
+                       os.path.join(os.path.dirname(inplace_file), name))
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        for src, dst in self._sibling_pairs():
+            if os.path.exists(src):
+                self.copy_file(src, dst, level=self.verbose)
+            elif os.path.exists(dst):
+                os.remove(dst)  # a CPU-only rebuild must not leave the previous build's CUDA library behind
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        if self.inplace:
+            yield from ((src, dst) for src, dst in self._sibling_pairs() if os.path.exists(src))
+
     def get_ext_filename(self, fullname: str) -> str:
         # svdq/_C.so: not a Python extension module (no PyInit, no Python ABI tag), loaded by torch.ops.load_library.
         return os.path.join(*fullname.split(".")) + ".so"
