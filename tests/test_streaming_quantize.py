@@ -17,8 +17,9 @@ from svdq.testing.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_t
 
 SIZE = 32
 # A short α grid and row sample keep the test fast; GPTQ (the default rounding) stays on: its Hessians are
-# the statistics streaming exists to bound.
-CONFIG = QuantizeConfig(exclude=FAMILIES["flux"].exclude, alphas=(0.0, 0.5), calib_tokens=64)
+# the statistics streaming exists to bound. The AdaLN linears are W4A16 (streamed and resumed like the rest).
+CONFIG = QuantizeConfig(exclude=FAMILIES["flux"].exclude, alphas=(0.0, 0.5), calib_tokens=64,
+                        weight_only=FAMILIES["flux"].adaln)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,7 +121,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(runs, tmp_path, monke
                       state_dir=state_dir)
     # The model is untouched (all-or-nothing), the two finished blocks are kept, nothing loads as a checkpoint.
     assert_same(before, state(pipe.transformer))
-    assert not svdq.quantized_layers(pipe.transformer)
+    assert not svdq.quantized_layers(pipe.transformer) and not svdq.weight_only_layers(pipe.transformer)
     manifest = json.loads((state_dir / "manifest.json").read_text())
     assert list(manifest["blocks"]) == ["transformer_blocks.0", "transformer_blocks.1"]
     files = sorted(p.name for p in state_dir.iterdir())
@@ -139,6 +140,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(runs, tmp_path, monke
     assert [c[0].split(".")[:2] for c in calls] == [["single_transformer_blocks", "0"],
                                                      ["single_transformer_blocks", "1"]]
     assert_same(state(runs["quantized"]), state(pipe.transformer))
+    assert len(svdq.weight_only_layers(pipe.transformer)) == 2 * 2 + 2  # norm1 / norm1_context, single norm
     assert pipe.transformer.svdq_report == runs["quantized"].svdq_report
     # Progress: one bar over the blocks, with tqdm's rate / ETA, reaching 4/4.
     err = capfd.readouterr().err
