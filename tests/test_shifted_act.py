@@ -463,8 +463,8 @@ def test_quantizer_shifts_the_layer_after_gelu_where_it_measures_lower():
     x = torch.randn(64, 128) * 2
     with torch.no_grad():
         y16 = model(x)
-    svdq.quantize(model, calibration=lambda m: m(x), rank=16, rounding="nearest", act_shift=DELTA, exclude=(),
-                  progress=False)
+    config = QuantizeConfig(rank=16, rounding="nearest", act_shift=DELTA, exclude=(), alphas=(0.0, 0.5))
+    svdq.quantize(model, calibration=lambda m: m(x), config=config, progress=False)
     report = model.svdq_report
     assert report["0"]["act_shift"] == 0.0 and "rel_error_shifted" not in report["0"]  # inputs below −δ
     after_gelu = report["2"]
@@ -480,3 +480,25 @@ def test_quantizer_shifts_the_layer_after_gelu_where_it_measures_lower():
         assert torch.isfinite(model(x)).all() and model(x).shape == y16.shape
     with pytest.raises(ValueError, match="act_shift"):
         QuantizeConfig(act_shift=-1.0)
+
+
+def test_diffusers_save_and_from_pretrained_keep_shifted_layers(tmp_path):
+    """diffusers' save_pretrained / from_pretrained (svdq's registered quantizer) carry the shift: the layer is
+    rebuilt shifted from the metadata and the stored value is checked against it."""
+    from diffusers import FluxTransformer2DModel
+
+    from svdq.quantize import _set_submodule, quantized_layers
+    from svdq.testing.tiny import tiny_flux_transformer
+
+    model = tiny_flux_transformer(0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)
+    svdq.quantize(model, rank=16, progress=False, rounding="nearest")
+    name = "transformer_blocks.0.ff.net.2"
+    _set_submodule(model, name, _as_shifted(quantized_layers(model)[name], DELTA))
+    model.save_pretrained(tmp_path / "m")
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "m")
+    a, b = quantized_layers(model)[name], quantized_layers(loaded)[name]
+    assert b.act_shift == DELTA and quantized_layers(loaded)["transformer_blocks.0.attn.to_out.0"].act_shift == 0.0
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    # svdq.from_pretrained reads the same directory
+    assert quantized_layers(svdq.from_pretrained(tmp_path / "m"))[name].act_shift == DELTA

@@ -188,7 +188,8 @@ class SVDQuantizer(DiffusersQuantizer):
                 raise CheckpointError(f"{path}: {name}.wscales is missing or not floating ({dtype})")
             if kind == "quantized":
                 layer = SVDQLinear(
-                    entry["in_features"], entry["out_features"], entry["rank"], entry["bias"], dtype, "meta"
+                    entry["in_features"], entry["out_features"], entry["rank"], entry["bias"], dtype, "meta",
+                    act_shift=entry.get("act_shift", 0.0),  # shifted layers (docs/numerics.md §10.3)
                 )
                 # The per-rank strengths are not in the file (spec §4.1: ones): real from the start, since
                 # diffusers may move the model (device_map) before the quantizer's post-processing.
@@ -207,6 +208,26 @@ class SVDQuantizer(DiffusersQuantizer):
                 + (f"missing keys {_few(missing)}" if missing else "")
                 + ("; " if missing and unexpected else "")
                 + (f"unexpected keys {_few(unexpected)}" if unexpected else "")
+            )
+
+    def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        # A shifted layer's "<layer>.act_shift" (docs/numerics.md §10.3) is no parameter or buffer: the layer was
+        # built with the shift from the metadata, `create_quantized_param` checks the stored value against it.
+        return self.pre_quantized and param_name.endswith(".act_shift")
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
+        from ..checkpoint import CheckpointError
+        from ..linear import SVDQLinear
+
+        layer = model.get_submodule(param_name.rpartition(".")[0])
+        # diffusers may have cast the value to torch_dtype: compare in that dtype
+        want = torch.tensor([getattr(layer, "act_shift", 0.0)], dtype=torch.float32).to(param_value.dtype)
+        if not isinstance(layer, SVDQLinear) or param_value.numel() != 1 or not torch.equal(
+            param_value.detach().reshape(1).cpu(), want
+        ):
+            raise CheckpointError(
+                f"{self._files[0] if self._files else 'checkpoint'}: {param_name} = {param_value.tolist()} does not "
+                f"match the layer's metadata act_shift ({getattr(layer, 'act_shift', None)})"
             )
 
     # ---- after loading ----------------------------------------------------------------------------------
