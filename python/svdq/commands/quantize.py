@@ -128,6 +128,10 @@ def add_parser(sub) -> None:
     p.add_argument("--act-format", choices=("int4", "fp8"), default="int4",
                    help="activation format the layers run with and the checkpoint records: int4 (W4A4) or fp8 "
                         "(W4A8, docs/numerics.md §8; same 4-bit weights) (default: int4)")
+    p.add_argument("--act-shift", type=float, default=0.0,
+                   help="shifted unsigned activations (docs/numerics.md §10) for the layers whose calibration inputs "
+                        "are >= -SHIFT (after GELU: 0.171875, Nunchaku's mlp_fc2), kept per layer where they lower "
+                        "the error; 0 = off (default: 0)")
     p.add_argument("--adaln", choices=("16bit", "w4a16"), default="16bit",
                    help="AdaLN modulation linears: keep 16-bit (default) or weight-only 4-bit (W4A16; FLUX.1-dev "
                         "weights 2.1x -> 3.6x smaller than bf16, see docs/models.md)")
@@ -236,7 +240,7 @@ def run(args) -> int:
         print(f"streaming block by block; finished blocks are kept in {state_dir} (rerun to resume)")
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
                   act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"),
-                  **stream)
+                  act_shift=getattr(args, "act_shift", 0.0), **stream)
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
     if streaming:
         import shutil
