@@ -63,11 +63,11 @@ def test_build_info():
 @needs_native
 def test_op_schemas_match_contracts():
     expected = {
-        "quantize_act": "svdq::quantize_act(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales)"
-        " -> (Tensor qact, Tensor ascales, Tensor lora_act)",
+        "quantize_act": "svdq::quantize_act(Tensor x, Tensor smooth, Tensor lora_down, Tensor? lora_scales,"
+        " float act_shift=0.) -> (Tensor qact, Tensor ascales, Tensor lora_act)",
         "prepare_weight": "svdq::prepare_weight(Tensor qweight, Tensor wscales) -> (Tensor, Tensor)",
         "w4a4_gemm": "svdq::w4a4_gemm(Tensor qact, Tensor ascales, Tensor qweight, Tensor wscales,"
-        " Tensor lora_act, Tensor lora_up, Tensor? bias, ScalarType out_dtype) -> Tensor",
+        " Tensor lora_act, Tensor lora_up, Tensor? bias, ScalarType out_dtype, bool act_unsigned=False) -> Tensor",
     }
     for name, schema in expected.items():
         assert str(getattr(torch.ops.svdq, name).default._schema) == schema

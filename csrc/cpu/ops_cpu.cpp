@@ -132,10 +132,13 @@ Tensor f32(const Tensor& t) { return as_contiguous(t, dtype::f32); }
 // ---- ops -----------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> quantize_act(const Tensor& x,          // [M, K]
-           const Tensor& smooth,     // [K]
-           const Tensor& lora_down,  // [K, r]
-           const std::optional<Tensor>& lora_scales) {  // [r]
-           const char* op = "quantize_act";
+                                                const Tensor& smooth,     // [K]
+                                                const Tensor& lora_down,  // [K, r]
+                                                const std::optional<Tensor>& lora_scales,  // [r]
+                                                double act_shift) {  // δ (spec §10), 0 = signed
+  const char* op = "quantize_act";
+  SVDQ_CHECK(act_shift >= 0.0 && act_shift < 1e30, "svdq::quantize_act: act_shift must be a finite shift >= 0 "
+             "(0 = signed activations, spec §10); got ", act_shift);
   check_tensor(op, "x", x, 2, true, "[M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   SVDQ_CHECK(K >= 1, "svdq::quantize_act: x must have K >= 1 columns; got ", describe(x));
@@ -167,6 +170,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_act(const Tensor& x,          // [M,
 
   QuantizeActParams p{};
   p.M = M; p.K = K; p.G = G; p.r = r;
+  p.act_shift = static_cast<float>(act_shift);
   p.x = x.data_ptr();
   p.xdtype = to_dtype(x.scalar_type());
   p.smooth = smooth32.const_data_ptr<float>();
@@ -186,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_act(const Tensor& x,          // [M,
 // quantize_act, then each INT4 code as its float8_e4m3fn byte (the CUDA kernel writes them directly).
 std::tuple<Tensor, Tensor, Tensor> quantize_act_e4m3(const Tensor& x, const Tensor& smooth, const Tensor& lora_down,
                                                      const std::optional<Tensor>& lora_scales) {
-  auto [qact, ascales, lora_act] = quantize_act(x, smooth, lora_down, lora_scales);
+  auto [qact, ascales, lora_act] = quantize_act(x, smooth, lora_down, lora_scales, 0.0);
   static const uint8_t kE4m3[16] = {0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E,
                                     0xD0, 0xCE, 0xCC, 0xCA, 0xC8, 0xC4, 0xC0, 0xB8};  // codes 0..7, -8..-1
   const int64_t M = qact.size(0), half = qact.size(1);
@@ -207,7 +211,7 @@ std::tuple<Tensor, Tensor> prepare_weight(const Tensor& qweight,   // [N, Kp/2] 
   // The CPU GEMM reads the canonical qweight (it repacks 32-column panels on the fly, see kernels_isa.cpp),
   // so qweight is a checked copy (an op returns fresh tensors, never aliases of its inputs); wscales become
   // fp32 (exact), as on CUDA, so that one fake serves both devices and the GEMM skips a conversion per call.
-                                          const char* op = "prepare_weight";
+  const char* op = "prepare_weight";
   check_tensor(op, "qweight", qweight, 2, false, "[N, Kp/2]");
   check_dtype(op, "qweight", qweight, dtype::i8, "[N, Kp/2]");
   check_tensor(op, "wscales", wscales, 2, true, "[N, Kp/64]");
@@ -225,7 +229,8 @@ Tensor w4a4_gemm(const Tensor& qact,     // [M, Kp/2] int8
                  const Tensor& lora_act, // [M, r] fp32
                  const Tensor& lora_up,  // [N, r]
                  const std::optional<Tensor>& bias,  // [N]
-                 ScalarType out_dtype) {
+                 ScalarType out_dtype,
+                 bool act_unsigned) {  // qact holds shifted unsigned codes (spec §10.2)
   const char* op = "w4a4_gemm";
   check_tensor(op, "qact", qact, 2, false, "[M, Kp/2]");
   check_dtype(op, "qact", qact, dtype::i8, "[M, Kp/2]");
@@ -266,6 +271,7 @@ Tensor w4a4_gemm(const Tensor& qact,     // [M, Kp/2] int8
 
   GemmParams p{};
   p.M = M; p.N = N; p.G = G; p.r = r;
+  p.act_unsigned = act_unsigned;
   p.qact = qact.const_data_ptr<int8_t>();
   p.ascales = ascales.const_data_ptr<float>();
   p.qweight = qweight.const_data_ptr<int8_t>();

@@ -19,6 +19,7 @@ import torch
 
 from . import _library
 from . import ops as _ops
+from .ops import sm90_layout as _sm90_layout
 from .version import __version__
 
 try:
@@ -104,10 +105,15 @@ def build_info() -> dict:
 
 
 def quantize_act(
-    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_scales: torch.Tensor | None = None
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_scales: torch.Tensor | None = None,
+    act_shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] → (qact int8 [M, Kp/2], ascales fp32 [M, Kp/64], lora_act fp32 [M, r]) (spec §4.1)."""
-    return torch.ops.svdq.quantize_act(x, smooth, lora_down, lora_scales)
+    """x [M, K] → (qact int8 [M, Kp/2], ascales fp32 [M, Kp/64], lora_act fp32 [M, r]) (spec §4.1); ``act_shift``
+    δ > 0: shifted unsigned codes (spec §10, CPU kernels only)."""
+    return torch.ops.svdq.quantize_act(x, smooth, lora_down, lora_scales, act_shift)
 
 
 def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +152,15 @@ def cuda_prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[t
 
 
 def cuda_unprepare_weight(
-    qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype
+    qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype, out_features: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA layout → canonical, bit for bit (the fp32 scales came from ``dtype``, so they round back
-    exactly). Plain torch on any device: a layer prepared on a GPU can be saved or moved to the CPU backend."""
+    exactly). Plain torch on any device: a layer prepared on a GPU can be saved or moved to the CPU backend.
+    ``out_features``, when given, must be N (this layout keeps N as the leading dimension)."""
     n, half = qweight.shape
+    if out_features is not None and out_features != n:
+        raise ValueError(f"svdq cuda_unprepare_weight: qweight {tuple(qweight.shape)} holds {n} channels, not "
+                         f"out_features={out_features}")
     rb = _ops.GROUP_SIZE // 2
     groups = half // rb
     if qweight.dtype != torch.int8 or tuple(wscales.shape) != (n, groups) or wscales.dtype != torch.float32:
@@ -162,6 +172,46 @@ def cuda_unprepare_weight(
     return q, s
 
 
+# ---- the Hopper (sm_90a) FP8-wgmma GEMMs' layout "cuda-sm90" (svdq/ops/sm90_layout.py, docs/kernels.md §12) -----
+
+SM90_LAYOUT = _sm90_layout.LAYOUT
+
+
+def prepare_weight_sm90(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical qweight int8 [N, Kp/2] / wscales bf16|fp16 [N, Kp/64] → (uint8 [Np, Kp] e4m3, fp32 [Np, Kp/64])
+    (the native op; CUDA on sm_90 only)."""
+    return torch.ops.svdq.prepare_weight_sm90(qweight, wscales)
+
+
+def w4a4_gemm_sm90(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype) -> torch.Tensor:
+    """Exact W4A4 on Hopper: qact uint8 [M, Kp] from `quantize_act_e4m3`, weights from `prepare_weight_sm90`;
+    y [M, N] with N = lora_up.shape[0] (spec §4.2)."""
+    return torch.ops.svdq.w4a4_gemm_sm90(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
+
+
+def _sm90_kernels() -> bool:
+    """Whether this build registered the sm_90a ops' CUDA kernels (90 in the arch list, SVDQ_WITH_SM90)."""
+    return _has_op("w4a4_gemm_sm90") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "svdq::w4a4_gemm_sm90", "CUDA")
+
+
+def _is_sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def sm90_prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical → the sm90 layout. On an sm_90 GPU the native op; elsewhere (weights waiting on the CPU for an
+    offload hook, another GPU) the same bytes from torch, so they travel prepared."""
+    if _is_sm90(qweight.device) and _sm90_kernels():
+        return prepare_weight_sm90(qweight, wscales)
+    return _sm90_layout.prepare(qweight, wscales)
+
+
+def sm90_unprepare_weight(qweight, wscales, dtype, out_features=None):
+    """The sm90 layout → canonical, bit for bit, in torch on any device (``out_features`` = N is required)."""
+    return _sm90_layout.unprepare(qweight, wscales, dtype, out_features)
+
+
 def w4a4_gemm(
     qact: torch.Tensor,
     ascales: torch.Tensor,
@@ -171,9 +221,11 @@ def w4a4_gemm(
     lora_up: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    act_unsigned: bool = False,
 ) -> torch.Tensor:
-    """y [M, N] in ``out_dtype`` (spec §4.2); qweight/wscales as returned by `prepare_weight`."""
-    return torch.ops.svdq.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
+    """y [M, N] in ``out_dtype`` (spec §4.2); qweight/wscales as returned by `prepare_weight`; ``act_unsigned``:
+    qact holds shifted unsigned codes (spec §10.2, CPU kernels only)."""
+    return torch.ops.svdq.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, act_unsigned)
 
 
 def quantize_act_fp8(
@@ -206,7 +258,21 @@ if _has_op("quantize_act_fp8"):
 
     @torch.library.register_fake("svdq::w4a8_gemm")
     def _w4a8_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
-        return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
+        # N from lora_up [N, r]: the sm90 layout's qweight has N rounded up to 128 rows.
+        return qact.new_empty((qact.shape[0], lora_up.shape[0]), dtype=out_dtype)
+
+
+if _has_op("w4a4_gemm_sm90"):
+
+    @torch.library.register_fake("svdq::prepare_weight_sm90")
+    def _prepare_weight_sm90_fake(qweight, wscales):
+        np_, kp = _sm90_layout.padded_n(qweight.shape[0]), qweight.shape[1] * 2
+        return (qweight.new_empty((np_, kp), dtype=torch.uint8),
+                qweight.new_empty((np_, kp // _ops.GROUP_SIZE), dtype=torch.float32))
+
+    @torch.library.register_fake("svdq::w4a4_gemm_sm90")
+    def _w4a4_gemm_sm90_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+        return qact.new_empty((qact.shape[0], lora_up.shape[0]), dtype=out_dtype)
 
 
 def quantize_act_e4m3(
@@ -241,7 +307,7 @@ def _w4a8_kernel(device_type: str, name: str):
 if AVAILABLE:
 
     @torch.library.register_fake("svdq::quantize_act")
-    def _quantize_act_fake(x, smooth, lora_down, lora_scales):
+    def _quantize_act_fake(x, smooth, lora_down, lora_scales, act_shift=0.0):
         m, k = x.shape
         groups = (k + _ops.GROUP_SIZE - 1) // _ops.GROUP_SIZE
         return (
@@ -257,7 +323,7 @@ if AVAILABLE:
         return torch.empty_like(qweight), torch.empty_like(wscales, dtype=torch.float32)
 
     @torch.library.register_fake("svdq::w4a4_gemm")
-    def _w4a4_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+    def _w4a4_gemm_fake(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, act_unsigned=False):
         # N from qweight.shape[0] (every device's prepared layout keeps it), M from qact.
         return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
 
@@ -284,6 +350,7 @@ if AVAILABLE:
             # The svdq::prepare_weight op (a checked copy) stays for direct callers of the kernels.
             quantize_act_fp8=_w4a8_kernel("cpu", "quantize_act_fp8"),
             w4a8_gemm=_w4a8_kernel("cpu", "w4a8_gemm"),
+            shifted_act=True,  # spec §10 in csrc/cpu/kernels_isa.cpp
         )
     )
     if _C.info["cuda_loaded"]:
@@ -298,10 +365,35 @@ if AVAILABLE:
                 prepare_weight=cuda_prepare_weight,
                 layout=CUDA_LAYOUT,
                 unprepare_weight=cuda_unprepare_weight,
-                quantize_act_fp8=_w4a8_kernel("cuda", "quantize_act_fp8"),
-                w4a8_gemm=_w4a8_kernel("cuda", "w4a8_gemm"),
+                # The CUDA W4A8 kernels are sm_90a ones on the sm90 layout: backend "cuda-sm90" below.
             )
         )
+
+    def _sm90_available() -> bool:
+        # The fastest backend on an H100/H200 unless SVDQ_SM90_FP8=0 (read per call, like the ops' switches):
+        # then "cuda" (int8 mma.sync) runs there. Registered on every machine so that its layout converts anywhere.
+        return (_cuda_available() and _sm90_device() and _sm90_kernels()
+                and os.environ.get("SVDQ_SM90_FP8", "1").strip().lower() not in ("0", "false", "off", "no"))
+
+    @functools.cache
+    def _sm90_device() -> bool:
+        return _is_sm90(torch.device("cuda", torch.cuda.current_device()))
+
+    _ops.register_backend(
+        _ops.Backend(
+            name="cuda-sm90",
+            devices=("cuda",),
+            priority=30,
+            quantize_act=quantize_act_e4m3,
+            w4a4_gemm=w4a4_gemm_sm90,
+            is_available=_sm90_available,
+            prepare_weight=sm90_prepare_weight,
+            layout=SM90_LAYOUT,
+            unprepare_weight=sm90_unprepare_weight,
+            quantize_act_fp8=quantize_act_fp8,
+            w4a8_gemm=w4a8_gemm,
+        )
+    )
 
 
 def set_cpu_isa(name: str) -> str:
