@@ -8,9 +8,12 @@ the same inputs (random data, never zeros):
 
     bf16            F.linear (cuBLAS)                                        the baseline
     fp8             torch._scaled_mm e4m3 (rowwise scales when supported, else tensorwise), GEMM only
-    svdq_r32        quantize_act + w4a4_gemm, rank-32 branch fused            the layer as it runs
+    svdq_r32        quantize_act + w4a4_gemm, rank-32 branch fused            the exact W4A4 layer as it runs
+                    (on sm_90 with the sm_90a kernels: quantize_act_e4m3 + w4a4_gemm_sm90, backend "cuda-sm90")
     svdq_r0         the same without the low-rank branch
-    gemm_only       w4a4_gemm alone (r = 32, pre-quantized input)
+    gemm_only       its GEMM alone (r = 32, pre-quantized input)
+    svdq_mma_r32, gemm_only_mma   sm_90 only: the int8 mma.sync path (backend "cuda", SVDQ_SM90_FP8=0)
+    svdq_w4a8_r32   sm_90 only: quantize_act_fp8 + w4a8_gemm (W4A8, spec §8), and gemm_only_w4a8
     qact_only       quantize_act alone (r = 32), with GB/s against a D2D copy measured in this run
     lowrank_unfused (x @ down) @ up + y: what the fused branch replaces
     qact_e4m3       quantize_act_e4m3 alone (r = 32): the codes as e4m3 bytes (Hopper FP8 path's operand)
@@ -101,7 +104,7 @@ def run(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import svdq  # noqa: F401  (registers the ops)
+    import svdq  # registers the ops and backends
     from svdq.ops import reference
 
     dev = torch.device("cuda")
@@ -110,6 +113,8 @@ def run(args) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     m, r = args.m, args.rank
     ops = torch.ops.svdq
+    # sm_90 with the sm_90a kernels built: the layer runs backend "cuda-sm90" (svdq.ops), unless SVDQ_SM90_FP8=0
+    sm90 = "cuda-sm90" in svdq.ops.available_backends()
 
     # No L2 flush between calls: FLUX layers run back to back; x (28-113 MB) exceeds L2 (50-60 MB) mostly,
     # and the copy ceiling is measured the same way (1 GiB, far past L2).
@@ -130,6 +135,7 @@ def run(args) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "mma_path_env": os.environ.get("SVDQ_FORCE_INT4_MMA", ""),
+        "w4a4_path": "sm90 fp8-wgmma" if sm90 else "mma.sync",
         "dtype": args.dtype,
         "m": m,
         "rank": r,
@@ -167,11 +173,35 @@ def run(args) -> dict:
             qa, sa, la = ops.quantize_act(x, smooth, d, None)
             return ops.w4a4_gemm(qa, sa, pq, ps, la, u, bias, dtype)
 
-        row["ms"][f"svdq_r{r}"] = time_fn(torch, fused, args.warmup, args.iters)
-        row["ms"]["svdq_r0"] = time_fn(torch, lambda: fused(down0, up0), args.warmup, args.iters)
         qa, sa, la = ops.quantize_act(x, smooth, down, None)
-        row["ms"]["gemm_only"] = time_fn(
-            torch, lambda: ops.w4a4_gemm(qa, sa, pq, ps, la, up, bias, dtype), args.warmup, args.iters)
+        if sm90:  # the layer runs the sm_90a FP8-wgmma kernels: those are svdq_r*, the mma.sync path is *_mma
+            row["ms"][f"svdq_mma_r{r}"] = time_fn(torch, fused, args.warmup, args.iters)
+            row["ms"]["gemm_only_mma"] = time_fn(
+                torch, lambda: ops.w4a4_gemm(qa, sa, pq, ps, la, up, bias, dtype), args.warmup, args.iters)
+            hq, hs = ops.prepare_weight_sm90(*reference.quantize_weight(w.float(), dtype))
+
+            def fused_sm90(d=down, u=up, quant=ops.quantize_act_e4m3, gemm=ops.w4a4_gemm_sm90):
+                qa_, sa_, la_ = quant(x, smooth, d, None)
+                return gemm(qa_, sa_, hq, hs, la_, u, bias, dtype)
+
+            row["ms"][f"svdq_r{r}"] = time_fn(torch, fused_sm90, args.warmup, args.iters)
+            row["ms"]["svdq_r0"] = time_fn(torch, lambda: fused_sm90(down0, up0), args.warmup, args.iters)
+            row["ms"][f"svdq_w4a8_r{r}"] = time_fn(
+                torch, lambda: fused_sm90(quant=ops.quantize_act_fp8, gemm=ops.w4a8_gemm), args.warmup, args.iters)
+            ea, es, el = ops.quantize_act_e4m3(x, smooth, down, None)
+            row["ms"]["gemm_only"] = time_fn(
+                torch, lambda: ops.w4a4_gemm_sm90(ea, es, hq, hs, el, up, bias, dtype), args.warmup, args.iters)
+            fa, fs, fl = ops.quantize_act_fp8(x, smooth, down, None)
+            row["ms"]["gemm_only_w4a8"] = time_fn(
+                torch, lambda: ops.w4a8_gemm(fa, fs, hq, hs, fl, up, bias, dtype), args.warmup, args.iters)
+            row["ms"]["qact_fp8"] = time_fn(torch, lambda: ops.quantize_act_fp8(x, smooth, down, None),
+                                            args.warmup, args.iters)
+            del hq, hs, ea, es, el, fa, fs, fl
+        else:
+            row["ms"][f"svdq_r{r}"] = time_fn(torch, fused, args.warmup, args.iters)
+            row["ms"]["svdq_r0"] = time_fn(torch, lambda: fused(down0, up0), args.warmup, args.iters)
+            row["ms"]["gemm_only"] = time_fn(
+                torch, lambda: ops.w4a4_gemm(qa, sa, pq, ps, la, up, bias, dtype), args.warmup, args.iters)
         row["ms"]["qact_only"] = time_fn(torch, lambda: ops.quantize_act(x, smooth, down, None),
                                          args.warmup, args.iters)
         row["ms"]["qact_only_r0"] = time_fn(torch, lambda: ops.quantize_act(x, smooth, down0, None),
@@ -210,7 +240,8 @@ def run(args) -> dict:
                 finally:
                     os.environ.pop("SVDQ_QACT_KSPLIT", None)
         row["tflops"] = {v: round(flops / ms / 1e9, 1) for v, ms in row["ms"].items()
-                         if v in ("bf16", "fp8", f"svdq_r{r}", "svdq_r0", "gemm_only", "gemm_only_int4")}
+                         if v in ("bf16", "fp8", f"svdq_r{r}", "svdq_r0", "gemm_only", "gemm_only_int4",
+                                  f"svdq_mma_r{r}", "gemm_only_mma", f"svdq_w4a8_r{r}", "gemm_only_w4a8")}
         base = row["ms"]["bf16"]
         row["speedup_vs_bf16"] = {v: round(base / ms, 3) for v, ms in row["ms"].items()}
         row["lowrank_fused_overhead_pct"] = round(

@@ -178,7 +178,7 @@ BUILD_S=$((SECONDS - BUILD_T0))
 
 # ---------------------------------------------------------------------------------------------- 3. tests
 TESTS="tests/test_cuda_backend.py tests/test_cuda_quantize_layout.py"
-for t in tests/test_reference.py tests/test_cuda_layout.py; do  # (test_cuda_compile: CI-only, slow nvcc)
+for t in tests/test_reference.py tests/test_cuda_layout.py tests/test_cuda_sm90.py tests/test_sm90_layout.py; do  # (test_cuda_compile: CI-only, slow nvcc)
   [ -f "$t" ] && TESTS="$TESTS $t"
 done
 TIMEOUT_OPT=""

@@ -223,7 +223,7 @@ class SVDQLinear(nn.Module):
                 f"SVDQLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
         backend = ops.select_backend(x.device)
-        if backend.name == "cuda" and self.dtype not in (torch.bfloat16, torch.float16):
+        if backend.name in ("cuda", "cuda-sm90") and self.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
                 f"SVDQLinear [{self.in_features} -> {self.out_features}] stores {self.dtype}; the CUDA kernels run "
                 "bf16/fp16 layers: convert the model once with model.to(torch.bfloat16) (or torch.float16), e.g. a "
@@ -307,7 +307,8 @@ class SVDQLinear(nn.Module):
         qweight, wscales = self.qweight.detach(), self.wscales.detach()
         if self.layout == ops.CANONICAL:
             return qweight, wscales
-        return ops.unprepare_weight(qweight, wscales.view(torch.float32), self._layout, self.dtype)
+        return ops.unprepare_weight(qweight, wscales.view(torch.float32), self._layout, self.dtype,
+                                    out_features=self.out_features)
 
     def prepare_layout(self, layout: str) -> None:
         """Hold the weights in ``layout`` (``"canonical"`` or a backend's), wherever they are: e.g. the CUDA
@@ -365,7 +366,8 @@ class SVDQLinear(nn.Module):
         if self.layout != ops.CANONICAL and self.dtype != dtype:
             # `.to(dtype)` left the int32 scale bits alone: round them as it rounds canonical scales.
             qweight, wscales = ops.unprepare_weight(
-                self.qweight.detach(), self.wscales.detach().view(torch.float32), self._layout, dtype
+                self.qweight.detach(), self.wscales.detach().view(torch.float32), self._layout, dtype,
+                out_features=self.out_features,
             )
             self._store(qweight, wscales.to(self.dtype), ops.CANONICAL)
         self._settle()

@@ -130,7 +130,7 @@ def report() -> dict:
                 backends.append(row)
                 continue
             row["backend"] = be.name
-            if be.name == "cuda" and dtype == torch.float32:
+            if be.name in ("cuda", "cuda-sm90") and dtype == torch.float32:
                 row["why"] = "the CUDA kernels run bf16/fp16 layers: convert fp32 models with model.to(torch.bfloat16)"
                 row["runs"] = False
             elif be.name == "reference":

@@ -12,9 +12,15 @@ default), ``quantize_act(...)`` and ``w4a4_gemm(...)`` with the signatures of ``
 (spec §3) into the layout its GEMM reads, named by ``layout``. The reference and CPU backends read the
 canonical layout itself (``layout="canonical"``, ``prepare_weight`` returns its inputs: the CPU GEMM converts
 the [N, Kp/64] scales to fp32 per call, a transient of 1/16 of the 4-bit weight). The CUDA backend's layout
-``"cuda-g64"`` is group-major with fp32 scales (csrc/cuda/mma_layout.cuh §4). A backend with a non-canonical
-layout also gives ``unprepare_weight(qweight', wscales', dtype) -> (qweight, wscales)``, the exact inverse
-(bit for bit; fp32 scales that came from ``dtype`` round back exactly), in plain torch on any device.
+``"cuda-g64"`` is group-major with fp32 scales (csrc/cuda/mma_layout.cuh §4).
+On an H100/H200 (compute capability 9.0) the backend ``"cuda-sm90"`` wins (priority 30; ``SVDQ_SM90_FP8=0``
+falls back to ``"cuda"``'s int8 mma.sync path): sm_90a FP8-wgmma GEMMs for both activation formats, layout
+``"cuda-sm90"`` (svdq/ops/sm90_layout.py): weights as e4m3 bytes uint8 [Np, Kp] with N padded to 128 and fp32
+scales [Np, Kp/64] — **2x the 4-bit weight bytes in device memory** (still half of bf16; scales 2x too), the
+checkpoint and ``state_dict`` stay int4. A backend with a non-canonical
+layout also gives ``unprepare_weight(qweight', wscales', dtype, out_features=None) -> (qweight, wscales)``, the
+exact inverse (bit for bit; fp32 scales that came from ``dtype`` round back exactly), in plain torch on any
+device; ``out_features`` (N) is required by layouts whose shape pads N ("cuda-sm90").
 Its ``w4a4_gemm`` receives prepared weights; its ``qact`` layout is private to the backend's pair of ops.
 
 Storage rules for layers (``SVDQLinear``; weight-only layers follow the same rules):
@@ -67,7 +73,8 @@ class Backend:
     prepare_weight: Callable = lambda qweight, wscales: (qweight, wscales)
     # Name of the weight layout `prepare_weight` produces; "canonical" means it returns its inputs unchanged.
     layout: str = CANONICAL
-    # (qweight', wscales' fp32, dtype) -> canonical (qweight, wscales dtype); required unless layout is canonical.
+    # (qweight', wscales' fp32, dtype, out_features=None) -> canonical (qweight, wscales dtype); required unless
+    # layout is canonical.
     unprepare_weight: Callable | None = None
     # W4A8 (spec §8): FP8 e4m3 activations with one scale per token; None where the backend has no kernel.
     quantize_act_fp8: Callable | None = None
@@ -182,11 +189,12 @@ def layout_backend(layout: str) -> Backend:
     raise ValueError(f"no svdq backend uses weight layout {layout!r}; registered: {sorted(_BACKENDS)}")
 
 
-def unprepare_weight(qweight, wscales, layout: str, dtype: torch.dtype):
-    """Prepared ``qweight``/``wscales`` (fp32) in ``layout`` → canonical, scales in ``dtype`` (exact)."""
+def unprepare_weight(qweight, wscales, layout: str, dtype: torch.dtype, out_features: int | None = None):
+    """Prepared ``qweight``/``wscales`` (fp32) in ``layout`` → canonical, scales in ``dtype`` (exact).
+    ``out_features`` (N): required for layouts that pad N ("cuda-sm90"), checked by the others."""
     if layout == CANONICAL:
         return qweight, wscales
-    return layout_backend(layout).unprepare_weight(qweight, wscales, dtype)
+    return layout_backend(layout).unprepare_weight(qweight, wscales, dtype, out_features=out_features)
 
 
 _act_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("svdq_act_format", default=None)
@@ -282,11 +290,11 @@ def svdq_linear(
             )
         qact, ascales, lora_act = be.quantize_act(x2, smooth, lora_down, lora_scales, act_shift=act_shift)
         y = be.w4a4_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype, act_unsigned=True)
-        return y.reshape(*lead, qweight.shape[0])
+        return y.reshape(*lead, lora_up.shape[0])
     if check_act_format(act_format) == "fp8":
         quant, gemm = _w4a8_ops(be)
     else:
         quant, gemm = be.quantize_act, be.w4a4_gemm
     qact, ascales, lora_act = quant(x2, smooth, lora_down, lora_scales)
     y = gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype)
-    return y.reshape(*lead, qweight.shape[0])
+    return y.reshape(*lead, lora_up.shape[0])  # N (a prepared qweight may pad it: "cuda-sm90")
