@@ -11,7 +11,8 @@ import svdq
 from svdq.ops import reference as ref
 from svdq.testing.tiny import synthetic_prompts, tiny_flux_pipeline, tiny_flux_transformer
 import svdq.weight_only as wo
-from svdq.weight_only import CANONICAL, CPU_INT4, SVDQWeightOnlyLinear, unpack_nibbles
+from svdq.ops.reference import padded_k
+from svdq.weight_only import CANONICAL, CPU_INT4, SVDQWeightOnlyLinear, pack_nibbles, unpack_nibbles
 from test_flux_tiny import SIZE, _rewrite, transformer_inputs
 
 FLUX_ADALN = svdq.models.FAMILIES["flux"].adaln
@@ -548,3 +549,72 @@ def test_w4a16_traces_under_torch_compile_without_graph_breaks():
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         assert torch.equal(torch.compile(m, backend="eager")(x), y)
     dynamo.reset()
+
+
+# ---- float zero offsets (AWQ / TinyChat form: Ŵ = u·s + m; Nunchaku's AdaNorm layers) ---------------------------
+
+
+def _float_offset_layer(k: int, n: int, dtype: torch.dtype, seed: int = 0) -> SVDQWeightOnlyLinear:
+    """A layer holding AWQ-style tensors: codes u 0..15, scales s > 0 and offsets m = −7·s rounded to ``dtype``
+    plus a little noise (what an AWQ file stores: the offset is its own float, not a multiple of s)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = padded_k(k) // 64
+    u = torch.randint(0, 16, (n, padded_k(k)), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, groups, generator=g) * 0.02 + 0.002).to(dtype)
+    m = (-7 * s.float() + torch.randn(n, groups, generator=g) * 1e-3).to(dtype)
+    layer = SVDQWeightOnlyLinear(k, n, True, dtype, zero_point="float")
+    with torch.no_grad():
+        layer.qweight.copy_(pack_nibbles(u))
+        layer.wscales.copy_(s)
+        layer.wzeros.copy_(m)
+        layer.bias.copy_(torch.randn(n, generator=g).to(dtype))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_offset_layer_matches_spec_and_kernel(dtype):
+    layer = _float_offset_layer(100, 24, dtype)
+    assert layer.zero_point_kind == "float" and layer.wzeros.dtype == dtype and "float zero points" in repr(layer)
+    u = unpack_nibbles(layer.qweight).float()[:, :100].view(24, -1)
+    s = layer.wscales.float().repeat_interleave(64, dim=1)[:, :100]
+    m = layer.wzeros.float().repeat_interleave(64, dim=1)[:, :100]
+    w_hat = (u * s + m).to(dtype)  # spec §7.2, written independently of dequantize_weight
+    assert torch.equal(layer.dequantize(), w_hat)
+    # broken readings of the same tensors: m as an integer zero point, or the offset's sign flipped
+    assert not torch.equal(layer.dequantize(), ((u - m) * s).to(dtype))
+    assert not torch.equal(layer.dequantize(), (u * s - m).to(dtype))
+    canonical = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(5, 100, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = torch.nn.functional.linear(x.double(), w_hat.double(), layer.bias.double())
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.layout == CPU_INT4  # the CPU int4 kernel ran, with offsets m' = 8·s + m
+    assert _rel(y, ref) < KERNEL_TOL[dtype]
+    wrong = torch.nn.functional.linear(x.double(), ((u - m) * s).double(), layer.bias.double())
+    assert _rel(y, wrong) > 10 * KERNEL_TOL[dtype]
+    assert all(torch.equal(canonical[k], v) for k, v in layer.state_dict().items())  # saved canonical
+
+
+def test_float_offset_checkpoint_round_trip(tmp_path):
+    q = nn.Sequential(_float_offset_layer(128, 48, torch.bfloat16, seed=3))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = q(x)
+    path = svdq.save(q, tmp_path / "fz.safetensors")
+    assert [e.get("zero_point") for e in svdq.read_metadata(path)["weight_only_layers"]] == ["float"]
+    loaded = svdq.load(nn.Sequential(nn.Linear(128, 48)).to(torch.bfloat16), path)
+    assert loaded[0].zero_point_kind == "float" and torch.equal(loaded[0].wzeros, q[0].canonical()["wzeros"])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    for edit, message in [
+        (lambda t: t.__setitem__("0.wzeros", t["0.wzeros"].to(torch.uint8)), r"0\.wzeros.*torch\.bfloat16"),
+        (lambda t: t["0.wzeros"].__setitem__((0, 0), float("nan")), "non-finite zero offsets"),
+    ]:
+        path = svdq.save(q, tmp_path / "bad.safetensors")
+        _rewrite(path, edit)
+        with pytest.raises(svdq.CheckpointError, match=message):
+            svdq.load(nn.Sequential(nn.Linear(128, 48)).to(torch.bfloat16), path)
+    with pytest.raises(ValueError, match="zero_point must be"):
+        SVDQWeightOnlyLinear(64, 8, zero_point="half")
+    with pytest.raises(ValueError, match="True or False"):
+        SVDQWeightOnlyLinear.from_linear(nn.Linear(64, 8), zero_point="float")

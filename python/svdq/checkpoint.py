@@ -9,9 +9,10 @@ docs/numerics.md §3, every other parameter and buffer as is — and string meta
     rank            the config's low-rank rank
     group_size      "64"
     quantized_layers  JSON list of {"name", "in_features", "out_features", "rank", "bias"}
-    weight_only_layers  JSON list of {"name", "in_features", "out_features", "bias"[, "zero_point": true]}:
-                    W4A16 layers (`SVDQWeightOnlyLinear`, spec §7; zero-point layers also store ``wzeros``);
-                    absent in files written before them = none; no "zero_point" = symmetric
+    weight_only_layers  JSON list of {"name", "in_features", "out_features", "bias"[, "zero_point": true|"float"]}:
+                    W4A16 layers (`SVDQWeightOnlyLinear`, spec §7; zero-point layers also store ``wzeros``:
+                    uint8 for true, float offsets in the scales' dtype for "float"); absent in files written
+                    before them = none; no "zero_point" = symmetric
     config          JSON of the QuantizeConfig (when the model was quantized by svdq.quantize)
     checksums       JSON {tensor key: "crc32:<8 hex digits>"} of every tensor's bytes as stored; checked
                     by `load` (``verify=False`` skips it). Files written before it have none (not checked).
@@ -108,8 +109,8 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         "weight_only_layers": json.dumps(
             [
                 {"name": name, "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-                # "zero_point" only when true: files without zero-point layers stay readable by older svdq
-                | ({"zero_point": True} if m.zero_point else {})
+                # "zero_point" only when set: files without zero-point layers stay readable by older svdq
+                | ({"zero_point": True if m.zero_point_kind == "int" else "float"} if m.zero_point else {})
                 for name, m in weight_only_layers(model).items()
             ]
         ),
@@ -345,7 +346,7 @@ def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, dev
     n, k = entry["out_features"], entry["in_features"]
     dtype = _check_layer_tensors(path, name, "weight-only", entry, state, {})
     zero_point = entry.get("zero_point", False)  # absent in files written before zero-point layers
-    if not isinstance(zero_point, bool):
+    if not (isinstance(zero_point, bool) or zero_point == "float"):
         raise CheckpointError(f"{path}: corrupt svdq metadata: weight-only layer {name!r} has zero_point={zero_point!r}")
     key = f"{name}.wzeros"
     if zero_point:
@@ -353,10 +354,13 @@ def _weight_only_from_state(path: Path, name: str, entry: dict, state: dict, dev
         if key not in state:
             raise CheckpointError(f"{path}: missing key {key!r} of weight-only layer {name!r} (zero_point)")
         z = state[key]
-        if tuple(z.shape) != expected or z.dtype != torch.uint8:
-            raise CheckpointError(f"{path}: {key!r} is {z.dtype} {tuple(z.shape)}, expected torch.uint8 {expected}")
-        if z.numel() and int(z.max()) > 15:
+        zdtype = dtype if zero_point == "float" else torch.uint8  # float offsets share the scales' dtype
+        if tuple(z.shape) != expected or z.dtype != zdtype:
+            raise CheckpointError(f"{path}: {key!r} is {z.dtype} {tuple(z.shape)}, expected {zdtype} {expected}")
+        if zero_point is True and z.numel() and int(z.max()) > 15:
             raise CheckpointError(f"{path}: {key!r} holds {int(z.max())}; zero points are 4-bit (0..15)")
+        if zero_point == "float" and not bool(torch.isfinite(z).all()):
+            raise CheckpointError(f"{path}: {key!r} holds non-finite zero offsets")
     return SVDQWeightOnlyLinear(k, n, entry["bias"], dtype, device, zero_point=zero_point)
 
 

@@ -566,7 +566,7 @@ class _State:
             if isinstance(layer, SVDQLinear):
                 spec.update(kind="w4a4", rank=layer.rank, act_shift=float(getattr(layer, "act_shift", 0.0)))
             else:
-                spec.update(kind="w4a16", zero_point=layer.zero_point)
+                spec.update(kind="w4a16", zero_point=layer.zero_point_kind or False)
             specs[lname] = spec
         meta = {"format": BLOCK_FORMAT, "block": name, "version": str(STATE_VERSION)}
         _atomic_write(self.path / file, lambda tmp: save_file(tensors, tmp, metadata=meta))

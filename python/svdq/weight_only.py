@@ -2,14 +2,16 @@
 
 Used for the AdaLN modulation linears of the denoisers (one input row per image: a GEMV) and for whole text
 encoders (`quantize_text_encoder`: FLUX's / PixArt's T5, M = tokens). Weights are INT4 per output row and
-64-group with one scale each and, optionally, an integer zero point per group (AWQ-style unsigned codes,
-``Ŵ = (u − z)·s``); activations stay in the compute dtype.
+64-group with one scale each and, optionally, a zero point per group on unsigned codes u: an integer z
+(``Ŵ = (u − z)·s``, svdq's own quantizer) or a float offset m (``Ŵ = u·s + m``, AWQ / TinyChat's form, which
+Nunchaku's AdaNorm layers store: loaded exactly); activations stay in the compute dtype.
 
 Kernels: PyTorch's own int4 weight-only matmuls, measured against dequantize-then-GEMM in
 benchmarks/bench_w4a16.py (docs/numerics.md §7 has the numbers): ``torch.ops.aten._weight_int4pack_mm_for_cpu``
 on CPU (any float dtype) and tinygemm ``torch.ops.aten._weight_int4pack_mm`` on CUDA (bf16). Both compute
-``(u − 8)·s + m`` per group with a float offset m, so the layer feeds them ``m = (8 − z)·s`` (0 for symmetric
-layers, whose signed codes q are u − 8).
+``(u − 8)·s + m'`` per group with a float offset m', so the layer feeds them ``m' = (8 − z)·s`` (0 for
+symmetric layers, whose signed codes q are u − 8) or ``m' = 8·s + m`` (float offsets), rounded to the scales'
+dtype (the kernels' tolerance, spec §7.3).
 
 One resident copy: on its first call on a device the layer repacks its codes *in place* into that kernel's
 layout (``qweight`` becomes uint8 [Np, Kp/2] for the CPU op, int32 tiles for tinygemm) and replaces
@@ -98,13 +100,19 @@ def dequantize_weight(
     wzeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W [N, K] in ``dtype`` per spec §7 from canonical tensors: ``D(fp32(q) · fp32(s))`` with q the signed
-    code, or ``q = u − z`` for zero-point layers (``wzeros`` given).
+    code, or ``q = u − z`` for integer zero points (uint8 ``wzeros``); ``D(fp32(u) · fp32(s) + fp32(m))`` for
+    float offsets (floating ``wzeros`` = m, spec §7.2).
 
     q is an integer in [-15, 15] and s a bf16/fp16/fp32 value, so the product is exact in fp32 and there is one
     rounding, to ``dtype``; when the scales already are in ``dtype`` (or ``dtype`` is fp32) multiplying in
-    ``dtype`` gives the same bits without an fp32 temporary.
+    ``dtype`` gives the same bits without an fp32 temporary. Float offsets add one fp32 rounding (the sum).
     """
     n = qweight.shape[0]
+    if wzeros is not None and wzeros.is_floating_point():
+        u = unpack_nibbles(qweight).view(n, -1, GROUP_SIZE).to(torch.float32)
+        w = (u * wscales.to(torch.float32).unsqueeze(-1) + wzeros.to(torch.float32).unsqueeze(-1)).to(dtype)
+        w = w.view(n, -1)
+        return w if w.shape[1] == in_features else w[:, :in_features]
     if wzeros is None:
         q = unpack_int4_signed(qweight).view(n, -1, GROUP_SIZE)
     else:
@@ -181,11 +189,21 @@ def _cuda_unpack(packed: torch.Tensor, kp: int, chunk: int = 1024) -> torch.Tens
     return torch.cat(cols).t().to(torch.uint8).contiguous()
 
 
+def _kernel_offsets(s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' offsets m' [N, G] in s's dtype (they compute (u − 8)·s + m'): 0 for symmetric layers,
+    (8 − z)·s for integer zero points, 8·s + m for float offsets (each rounded once, from fp32)."""
+    if z is None:
+        return torch.zeros_like(s)
+    s32 = s.to(torch.float32)
+    if z.is_floating_point():
+        return (_UNSIGNED_OFFSET * s32 + z.to(torch.float32)).to(s.dtype)
+    return ((_UNSIGNED_OFFSET - z.to(torch.float32)) * s32).to(s.dtype)
+
+
 def _scale_offsets(s: torch.Tensor, z: torch.Tensor | None, np_: int) -> torch.Tensor:
-    """[G, Np, 2] (scale, offset m = (8 − z)·s) in s's dtype for the kernels; rows past N are zero."""
+    """[G, Np, 2] (scale, offset m') in s's dtype for the kernels; rows past N are zero."""
     n = s.shape[0]
-    m = torch.zeros_like(s) if z is None else ((_UNSIGNED_OFFSET - z.to(torch.float32)) * s.to(torch.float32)).to(s.dtype)
-    sz = torch.stack([s, m], dim=-1)
+    sz = torch.stack([s, _kernel_offsets(s, z)], dim=-1)
     if np_ != n:
         sz = F.pad(sz, (0, 0, 0, 0, 0, np_ - n))
     return sz.transpose(0, 1).contiguous()
@@ -245,8 +263,9 @@ class SVDQWeightOnlyLinear(nn.Module):
 
     Canonical tensors (what ``state_dict`` and checkpoints hold): ``qweight`` int8 [N, Kp/2] (packed as spec §3:
     signed codes q, or unsigned codes u with ``zero_point``), ``wscales`` [N, Kp/64] in the model dtype D,
-    ``wzeros`` uint8 [N, Kp/64] in [0, 15] (zero-point layers only; Ŵ = (u − z)·s), ``bias`` [N] in D (or
-    None). After a call on a device with a kernel, ``qweight`` / ``wscales`` hold that kernel's layout instead
+    ``wzeros`` (zero-point layers only): uint8 [N, Kp/64] in [0, 15] with ``zero_point=True`` / ``"int"``
+    (Ŵ = (u − z)·s), or D [N, Kp/64] float offsets with ``zero_point="float"`` (Ŵ = u·s + m, AWQ's form),
+    ``bias`` [N] in D (or None). After a call on a device with a kernel, ``qweight`` / ``wscales`` hold that kernel's layout instead
     (see the module docstring); ``canonical()`` gives the canonical tensors in any state.
     No smoothing and no low-rank branch (docs/models.md says why).
     """
@@ -258,9 +277,14 @@ class SVDQWeightOnlyLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
-        zero_point: bool = False,
+        zero_point: bool | str = False,
     ):
         super().__init__()
+        kinds = {False: None, None: None, True: "int", "int": "int", "float": "float"}
+        if isinstance(zero_point, (bool, str, type(None))) and zero_point in kinds:
+            zero_kind = kinds[zero_point]
+        else:
+            raise ValueError(f"SVDQWeightOnlyLinear zero_point must be False, True / 'int' or 'float', got {zero_point!r}")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"SVDQWeightOnlyLinear needs positive sizes, got in={in_features} out={out_features}")
         if not dtype.is_floating_point:
@@ -272,8 +296,8 @@ class SVDQWeightOnlyLinear(nn.Module):
         # The codes, scales and zero points never require grad (`FrozenParameter`); the bias may be trained.
         self.qweight = FrozenParameter(torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
         self.wscales = FrozenParameter(torch.zeros(out_features, g, dtype=dtype, device=device))
-        self.wzeros = (FrozenParameter(torch.zeros(out_features, g, dtype=torch.uint8, device=device))
-                       if zero_point else None)
+        zdtype = torch.uint8 if zero_kind == "int" else dtype
+        self.wzeros = FrozenParameter(torch.zeros(out_features, g, dtype=zdtype, device=device)) if zero_kind else None
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._no_kernel: set[str] = set()  # kernels this layer's shapes were refused by (not retried)
 
@@ -287,6 +311,13 @@ class SVDQWeightOnlyLinear(nn.Module):
     @property
     def zero_point(self) -> bool:
         return self.wzeros is not None
+
+    @property
+    def zero_point_kind(self) -> str | None:
+        """None (symmetric), "int" (uint8 zero points z) or "float" (offsets m in the model dtype)."""
+        if self.wzeros is None:
+            return None
+        return "float" if self.wzeros.is_floating_point() else "int"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,6 +338,8 @@ class SVDQWeightOnlyLinear(nn.Module):
         or with ``zero_point`` min/max scales and integer zero points (spec §7)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(zero_point, bool):  # float offsets come only from other quantizers' files (AWQ)
+            raise ValueError(f"from_linear: zero_point must be True or False (integer zero points), got {zero_point!r}")
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device, zero_point)
         if zero_point:
@@ -397,12 +430,12 @@ class SVDQWeightOnlyLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         with plain_parameters(self, _FROZEN):
             result = super()._apply(fn, recurse)
-        # A dtype change rounds the kernel's offsets m = (8 − z)·s a second time: rebuild them from z and s.
+        # A dtype change rounds the kernel's offsets m' a second time: rebuild them from z (or m) and s.
         if self.wscales.dim() == 3 and self.wzeros is not None and self.wscales.device.type != "meta":
             with torch.no_grad():
                 n, s = self.out_features, self.wscales[:, : self.out_features, 0]
-                z = self.wzeros.t().to(s.device, torch.float32)
-                self.wscales.data[:, :n, 1] = ((_UNSIGNED_OFFSET - z) * s.to(torch.float32)).to(s.dtype)
+                z = self.wzeros.t().to(s.device)
+                self.wscales.data[:, :n, 1] = _kernel_offsets(s, z)
         return result
 
     # -- kernels -----------------------------------------------------------------------------------------------
@@ -523,7 +556,7 @@ class SVDQWeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"dtype={self.dtype}, W4A16{', zero points' if self.zero_point else ''}"
+            f"dtype={self.dtype}, W4A16{', float zero points' if self.zero_point_kind == 'float' else ', zero points' if self.zero_point else ''}"
         )
 
 

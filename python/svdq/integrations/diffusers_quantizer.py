@@ -196,7 +196,7 @@ class SVDQuantizer(DiffusersQuantizer):
                 layer.lora_scales = torch.ones(entry["rank"], dtype=torch.float32)
             else:
                 layer = SVDQWeightOnlyLinear(entry["in_features"], entry["out_features"], entry["bias"], dtype, "meta",
-                                             zero_point=entry.get("zero_point", False) is True)
+                                             zero_point=_zero_point_kind(entry.get("zero_point", False)))
             _set_submodule(model, name, layer)
         expected = set(model.state_dict().keys())
         missing, unexpected = sorted(expected - self._loaded_keys), sorted(self._loaded_keys - expected)
@@ -297,6 +297,14 @@ class SVDQuantizer(DiffusersQuantizer):
 
     def _dequantize(self, model):
         raise NotImplementedError("svdquant models cannot be dequantized; load the 16-bit model instead")
+
+
+def _zero_point_kind(value) -> bool | str:
+    """A weight-only layer's "zero_point" metadata (svdq.checkpoint): true = integer zero points, "float" = float
+    offsets, absent / false = symmetric; anything else is a corrupt config."""
+    if value is True or value is False or value == "float":
+        return value
+    raise ValueError(f"svdq quantization_config: weight-only layer zero_point={value!r} (expected true, false or \"float\")")
 
 
 def _stored_dtypes(files: list[str]) -> dict[str, torch.dtype]:
