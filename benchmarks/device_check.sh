@@ -211,6 +211,14 @@ for dtype in (torch.bfloat16, torch.float16):
             y = torch.ops.svdq.w4a4_gemm(qa, sa, pq, ps, la, up, b, dtype)
         torch.cuda.synchronize()
         print("ok", dtype, m, k, n, r, tuple(y.shape), float(y.float().abs().mean()))
+        if "cuda-sm90" in svdq.ops.available_backends():  # the sm_90a ops as bound (tests/test_cuda_sm90.py)
+            hq, hs = torch.ops.svdq.prepare_weight_sm90(qw.cuda(), ws.cuda())
+            qe, se, le = torch.ops.svdq.quantize_act_e4m3(x, smooth, down, torch.ones(r, device="cuda"))
+            y4 = torch.ops.svdq.w4a4_gemm_sm90(qe, se, hq, hs, le, up, b, dtype)
+            q8, s8, l8 = torch.ops.svdq.quantize_act_fp8(x, smooth, down, torch.ones(r, device="cuda"))
+            y8 = torch.ops.svdq.w4a8_gemm(q8, s8, hq, hs, l8, up, b, dtype)
+            torch.cuda.synchronize()
+            print("ok sm90", dtype, m, k, n, r, float(y4.float().abs().mean()), float(y8.float().abs().mean()))
 EOF
 memcheck() {
   local cs

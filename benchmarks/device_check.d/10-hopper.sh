@@ -1,6 +1,8 @@
 # benchmarks/device_check.d/10-hopper.sh — issue 10, sourced by benchmarks/device_check.sh after the memcheck.
-# The Hopper FP8-wgmma GEMMs (csrc/cuda/w4a4_gemm_sm90*.cu), standalone (benchmarks/probes/sm90_gemm_check.cu;
-# they are not bound to the svdq ops yet). sm_90 only; other GPUs: skipped, ok.
+# The Hopper FP8-wgmma GEMMs (csrc/cuda/w4a4_gemm_sm90*.cu), standalone (benchmarks/probes/sm90_gemm_check.cu).
+# The ops bound to them (backend "cuda-sm90") are checked by the other stages: tests/test_cuda_sm90.py in
+# `pytest`, the memcheck case, and the layer rows svdq_r32 / svdq_w4a8_r32 / svdq_mma_r32 in `bench`.
+# sm_90 only; other GPUs: skipped, ok.
 #   quant     quantize_act_fp8 (W4A8 activations) bit for bit vs the spec -> quant.json
 #   check     exact W4A4 and W4A8 x bf16/fp16, odd M, N % 128 != 0, r in {0,16,32,64,256}, vs a double
 #             reference of spec §4.2 / §8.2 (rel <= 1e-3 and the §4.3 element bound) -> check.json

@@ -4,7 +4,8 @@ Importing this module loads the libraries when they were built (`svdq._library`:
 torch ops ``svdq::*`` — schemas in csrc/registration.cpp, CPU kernels in csrc/cpu — and ``_C_cuda.so`` the
 CUDA kernels, in a CUDA torch). It then registers a fake (meta) implementation per op, right below its
 wrapper, so ``torch.compile`` can trace through, and the ``"cpu"`` backend (and ``"cuda"`` when the CUDA
-kernels loaded and a GPU is visible) with ``svdq.ops.register_backend``.
+kernels loaded and a GPU is visible; ``"cuda-sm90"``, the Hopper FP8-wgmma kernels, registered always for its
+layout and available on sm_90) with ``svdq.ops.register_backend``.
 
 Without the libraries this module still imports: ``AVAILABLE`` is False, ``build_info()`` says
 ``native=False`` and only the reference backend exists.
@@ -370,14 +371,15 @@ if AVAILABLE:
         )
 
     def _sm90_available() -> bool:
-        # The fastest backend on an H100/H200 unless SVDQ_SM90_FP8=0 (read per call, like the ops' switches):
-        # then "cuda" (int8 mma.sync) runs there. Registered on every machine so that its layout converts anywhere.
-        return (_cuda_available() and _sm90_device() and _sm90_kernels()
-                and os.environ.get("SVDQ_SM90_FP8", "1").strip().lower() not in ("0", "false", "off", "no"))
+        # The fastest backend on an H100/H200 unless SVDQ_SM90_FP8=0 (read per call, like the ops' switches;
+        # under torch.compile once, when tracing): then "cuda" (int8 mma.sync) runs there. Registered on every
+        # machine so that its layout converts anywhere (offload preparation on the CPU, round trips in CI).
+        return _sm90_ready() and os.environ.get("SVDQ_SM90_FP8", "1").strip().lower() not in ("0", "false", "off", "no")
 
     @functools.cache
-    def _sm90_device() -> bool:
-        return _is_sm90(torch.device("cuda", torch.cuda.current_device()))
+    def _sm90_ready() -> bool:
+        # Fixed for the process: the sm_90a kernels built and the current GPU (at the first call) is sm_90.
+        return _cuda_available() and _sm90_kernels() and _is_sm90(torch.device("cuda", torch.cuda.current_device()))
 
     _ops.register_backend(
         _ops.Backend(
