@@ -63,6 +63,8 @@ VARIANTS = {
     # per-layer ranks under the byte budget of uniform rank 32 (rank_budget=UNIFORM_32 is resolved per model)
     "SVDQuant + GPTQ, per-layer rank (r32 bytes)": dict(method="svdquant", rank=32, rounding="gptq",
                                                      rank_budget="UNIFORM_32"),
+    # shifted unsigned activations (docs/numerics.md §10) where they measure lower on the calibration sample
+    "SVDQuant + GPTQ + shifted act. (r32)": dict(method="svdquant", rank=32, rounding="gptq", act_shift=0.171875),
 }
 
 
