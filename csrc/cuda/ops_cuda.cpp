@@ -11,6 +11,8 @@
 //   SVDQ_FORCE_INT4_MMA=1   w4a4_gemm uses the native int4 mma path even on sm_90 (emulated there, slow;
 //                           for cross-checking). Default: int8 path on sm_90–sm_10x, int4 elsewhere.
 //   SVDQ_QACT_KSPLIT=n      quantize_act uses n K-splits instead of its automatic plan (benchmark sweeps).
+// (SVDQ_SM90_FP8=0 is read by svdq.ops' backend selection, not here: on sm_90 it picks backend "cuda" — these
+// mma.sync ops — instead of "cuda-sm90", the *_sm90 / W4A8 ops at the end of this file.)
 
 #include <cuda_runtime.h>
 

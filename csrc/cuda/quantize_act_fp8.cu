@@ -2,8 +2,8 @@
 // fp32 scale per token. One CTA (256 threads) per row: pass 1 reduces amax of x̂ = x / λ (IEEE division,
 // __fdiv_rn, as the spec); pass 2 recomputes x̂ (the row is L1/L2-resident: K <= 12288 x 2 B) and writes
 // float_to_e4m3_rne(x̂ / s) (w4a4_gemm_sm90_layout.cuh, host-tested bit for bit). Bit-exact to the reference.
-// lora_act (x · lora_down) is not fused here (the binding computes it with a GEMM); the fused version, like
-// quantize_act.cu's, is left for when the W4A8 path is bound and measured (docs/kernels.md §12.3).
+// lora_act (x · lora_down) is not fused here: the binding (ops_cuda.cpp, quantize_act_fp8_cuda) takes it from
+// quantize_act.cu's kernel (docs/kernels.md §12.4); fusing it here would save a second read of x.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
