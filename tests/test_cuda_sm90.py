@@ -32,6 +32,14 @@ def _sm90_ready() -> bool:
 
 pytestmark = pytest.mark.skipif(not _sm90_ready(), reason="needs an sm_90 GPU (H100/H200) and the sm_90a kernels")
 
+
+
+@pytest.fixture(autouse=True)
+def _sm90_backend_on(monkeypatch):
+    """These tests are about backend "cuda-sm90": on, whatever the calling environment says."""
+    monkeypatch.setenv("SVDQ_SM90_FP8", "1")
+
+
 DTYPES = [torch.bfloat16, torch.float16]
 RANKS = [0, 16, 32, 64, 256]
 # (M, K, N): odd M, K not a multiple of 64 (quantizer padding), N not a multiple of 128 (padded tiles)
