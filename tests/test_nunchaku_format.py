@@ -323,17 +323,13 @@ def test_truncated_file_and_other_models(tmp_path):
         nk.check_layers(stray)
 
 
-@pytest.mark.parametrize(
-    "layer,match",
-    [
-        ("transformer_blocks.0.norm1.linear", r"norm1\.linear'.*needs AWQ W4A16 AdaNorm"),
-        ("single_transformer_blocks.2.norm.linear", r"single_transformer_blocks\.2\.norm\.linear'.*needs AWQ W4A16"),
-    ],
-)
-def test_layers_needing_new_numerics_are_named(tmp_path, layer, match):
-    f = _flux_file(tmp_path / "n.safetensors", ["transformer_blocks.0.qkv_proj", layer])
-    with pytest.raises(CheckpointError, match=match):
-        nk.check_layers(f)
+def test_adanorm_layers_are_listed_as_runnable(tmp_path):
+    """AdaNorm AWQ W4A16 layers load as float-offset W4A16 layers (spec §7.2, `adanorm_layer`)."""
+    f = _flux_file(tmp_path / "n.safetensors", ["transformer_blocks.0.norm1.linear", "single_transformer_blocks.2.norm.linear"])
+    assert nk.check_layers(f) == [
+        ("single_transformer_blocks.2.norm.linear", "awq", "single_transformer_blocks.2.norm.linear"),
+        ("transformer_blocks.0.norm1.linear", "awq", "transformer_blocks.0.norm1.linear"),
+    ]
 
 
 def test_shifted_mlp_fc2_layers_are_listed_as_runnable(tmp_path):
@@ -351,10 +347,10 @@ def test_from_pretrained_detects_nunchaku_files_and_names_what_is_missing(tmp_pa
 
     full = _flux_file(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors",
                       ["transformer_blocks.0.qkv_proj", "transformer_blocks.0.mlp_fc2", "transformer_blocks.0.norm1.linear"])
-    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.norm1\.linear' .* needs AWQ W4A16 AdaNorm"):
+    with pytest.raises(CheckpointError, match=r"incomplete Nunchaku FLUX\.1 checkpoint: missing .*\(377 in all\)"):
         svdq.from_pretrained(full)
     # a directory holding the file is found too
-    with pytest.raises(CheckpointError, match=r"norm1\.linear"):
+    with pytest.raises(CheckpointError, match=r"incomplete Nunchaku FLUX\.1"):
         svdq.from_pretrained(tmp_path)
     part = tmp_path / "part"
     part.mkdir()
@@ -411,6 +407,47 @@ def test_awq_adanorm_layout_round_trips_and_matches_independent_packer(n, k, spl
         assert not np.array_equal(nk.pack_awq(codes, scales, zeros, bias, 1)["qweight"].numpy(), expected_q)
     with pytest.raises(CheckpointError, match=r"L\.qweight: torch\.int32"):
         nk.unpack_awq({**packed, "qweight": packed["qweight"][:1]}, k, n, splits, where="L")
+
+
+@pytest.mark.parametrize("splits,chunks", [(6, (1, 4)), (3, (1,))])
+def test_adanorm_layer_loads_exactly_and_computes_diffusers_modulation(splits, chunks):
+    """A Nunchaku AdaNorm file layer (packed by the independent packer above from the layout description) →
+    `adanorm_layer`: codes, scales and float offsets exact, the scale chunks' +1 out of the bias, and the output
+    plus that +1 equals Nunchaku's u·s + zero formula."""
+    n, k = 12 * splits, 128
+    g = torch.Generator().manual_seed(splits)
+    codes = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+    scales = (torch.rand(n, k // 64, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    zeros = -(7 * scales.float()).to(torch.bfloat16)  # DeepCompressor's D(−7·s): not a multiple of s in general
+    bias = (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16)  # [0.5, 1.5): b − 1 is exact in bf16
+    perm = [t * (n // splits) + c for c in range(n // splits) for t in range(splits)]
+    file_tensors = {
+        "qweight": torch.from_numpy(indep_pack_awq_qweight(codes.numpy()[perm])),
+        "wscales": torch.cat([scales[perm].t(), torch.zeros(14, n, dtype=torch.bfloat16)]),  # groups padded to 16
+        "wzeros": torch.cat([zeros[perm].t(), torch.zeros(14, n, dtype=torch.bfloat16)]),
+        "bias": bias[perm],
+    }
+    layer = nk.adanorm_layer(file_tensors, k, n, splits, where="blk.norm")
+    from svdq.weight_only import unpack_nibbles
+
+    assert torch.equal(unpack_nibbles(layer.qweight), codes) and torch.equal(layer.wscales, scales)
+    assert torch.equal(layer.wzeros, zeros)
+    plus = torch.zeros(n)
+    for c in chunks:
+        plus[c * (n // splits) : (c + 1) * (n // splits)] = 1
+    assert torch.equal(layer.bias.float(), bias.float() - plus)  # exact here: every b − 1 fits bf16
+    emb = torch.randn(3, k, generator=g)
+    w_nk = codes.float() * scales.float().repeat_interleave(64, 1) + zeros.float().repeat_interleave(64, 1)
+    y_nk = emb @ w_nk.t() + bias.float()  # Nunchaku's AdaNorm output, +1 included
+    y = layer(emb.to(torch.bfloat16)).float()
+    assert float((y + plus - y_nk).norm() / y_nk.norm()) < 1e-2
+    # broken: integer-zero reading (u − z)·s of the same offsets is far off
+    w_wrong = (codes.float() - zeros.float().repeat_interleave(64, 1)) * scales.float().repeat_interleave(64, 1)
+    assert float(((emb @ w_wrong.t() + bias.float()) - y_nk).norm() / y_nk.norm()) > 0.1
+    with pytest.raises(CheckpointError, match=r"blk\.norm: an AdaNorm layer without 'bias'"):
+        nk.adanorm_layer({k_: v for k_, v in file_tensors.items() if k_ != "bias"}, k, n, splits, where="blk.norm")
+    with pytest.raises(CheckpointError, match=r"blk\.norm\.qweight"):
+        nk.adanorm_layer({**file_tensors, "qweight": file_tensors["qweight"][:1]}, k, n, splits, where="blk.norm")
 
 
 def test_split_and_merge_single_block_layers_are_exact():
@@ -472,8 +509,9 @@ def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quan
     f = load_file(str(path))
     # complete: every layer Nunchaku's runtime builds for this depth
     assert set(nk.quantized_layer_names(f.keys())) == set(nk.flux_layer_names(2, 2))
-    with pytest.raises(CheckpointError, match=r"norm\.linear' .*AWQ"):  # svdq still refuses the AWQ AdaNorm layers
-        nk.check_layers(path)
+    assert {kind for _, kind, _ in nk.check_layers(path)} == {"w4a4", "shifted", "awq"}  # every layer converts
+    with pytest.raises(CheckpointError, match="cannot assemble the model yet: .*proj_out"):  # the model does not, yet
+        nk.from_pretrained(path)
     layer = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in f.items() if k.startswith(prefix + ".")}  # noqa: E731
     q, wo = quantized_layers(model), weight_only_layers(model)
     # a double-block W4A4 layer: a pure permutation of the svdq tensors
@@ -507,6 +545,12 @@ def test_export_flux_writes_nunchaku_layout_that_unpacks_to_the_svdq_layers(quan
     plus = torch.zeros(768, dtype=torch.float64)
     plus[128:256] = plus[512:640] = 1
     assert torch.equal(back["bias"], (ada["bias"].double() + plus).to(torch.bfloat16))
+    # ... and loads back as a float-offset layer with the same weight, bit for bit ((q + 8)·s − 8·s = q·s), and
+    # the bias within the export's rounding of b + 1 to bf16 (half an ulp of [1, 2): 2^-8 absolute)
+    loaded = nk.adanorm_layer(layer("transformer_blocks.0.norm1.linear"), 128, 768, splits=6, where="norm1")
+    assert loaded.zero_point_kind == "float"
+    assert torch.equal(loaded.dequantize(torch.float32), wo["transformer_blocks.0.norm1.linear"].dequantize(torch.float32))
+    assert torch.allclose(loaded.bias.double(), ada["bias"].double(), rtol=2**-8, atol=2**-8)
     # unquantized tensors keep diffusers names; attention norms move under the block
     assert torch.equal(f["transformer_blocks.0.norm_added_q.weight"], model.transformer_blocks[0].attn.norm_added_q.weight)
     assert torch.equal(f["x_embedder.weight"], model.x_embedder.weight)

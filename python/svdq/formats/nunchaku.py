@@ -443,12 +443,12 @@ FLUX_SINGLE_LAYERS = {
     "mlp_fc2": ("shifted", "proj_out[:, inner_dim:]"),
     "norm.linear": ("awq", "norm.linear"),
 }
-_NEEDS = {
-    "awq": (
-        "AWQ W4A16 AdaNorm (unsigned codes with wzeros, TinyChat packing, 6/3-way channel interleave, +1 folded "
-        "into the scale chunks' bias): not converted by svdq yet (docs/formats.md)"
-    ),
-}
+# Layer kinds svdq cannot run exactly yet (kind → what it needs); empty since AdaNorm loads (`adanorm_layer`).
+_NEEDS: dict[str, str] = {}
+# Modulation chunks of diffusers' AdaLayerNormZero (6: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+# gate_mlp) / AdaLayerNormZeroSingle (3: shift, scale, gate) whose bias Nunchaku's files carry +1 in (their
+# runtime computes x·scale + shift; diffusers computes x·(1 + scale) + shift).
+ADANORM_SCALE_CHUNKS = {6: (1, 4), 3: (1,)}
 
 
 def quantized_layer_names(keys) -> list[str]:
@@ -524,6 +524,37 @@ def svdq_layer(
     return layer
 
 
+def adanorm_layer(
+    tensors: dict[str, torch.Tensor], in_features: int, out_features: int, splits: int, where: str = "layer"
+):
+    """One Nunchaku AdaNorm AWQ W4A16 layer (``norm1.linear`` / ``norm1_context.linear``: ``splits`` 6;
+    ``norm.linear``: 3) → an `SVDQWeightOnlyLinear` with float zero offsets (spec §7.2) for diffusers'
+    AdaLayerNormZero(Single): codes, scales and offsets exact (`unpack_awq`: de-interleaved rows), and the bias
+    with the +1 of the scale chunks taken out — D(b − 1) computed from fp32, the one value that is not a copy
+    (exact when b − 1 fits D's mantissa, e.g. every b in [0.5, 2); otherwise one rounding, ≤ 2^-9 relative in
+    bf16). CheckpointError naming ``where`` for a layer without a bias (the +1 lives there) or bad tensors."""
+    from ..weight_only import SVDQWeightOnlyLinear, pack_nibbles
+
+    if splits not in ADANORM_SCALE_CHUNKS:
+        raise ValueError(f"adanorm_layer: splits must be 6 (double block) or 3 (single block), got {splits}")
+    if "bias" not in tensors:
+        raise CheckpointError(f"{where}: an AdaNorm layer without 'bias': Nunchaku stores the scale chunks' +1 there")
+    t = unpack_awq(tensors, in_features, out_features, splits, where)
+    n, dtype = out_features, t["scales"].dtype
+    if not bool(torch.isfinite(t["scales"]).all() and torch.isfinite(t["zeros"]).all()):
+        raise CheckpointError(f"{where}: non-finite wscales / wzeros")
+    bias = t["bias"].to(torch.float32)
+    chunk = n // splits
+    for c in ADANORM_SCALE_CHUNKS[splits]:
+        bias[c * chunk : (c + 1) * chunk] -= 1.0
+    layer = SVDQWeightOnlyLinear(in_features, n, True, dtype, zero_point="float")
+    layer.load_state_dict(
+        {"qweight": pack_nibbles(t["codes"]), "wscales": t["scales"], "wzeros": t["zeros"], "bias": bias.to(dtype)},
+        strict=True,
+    )
+    return layer
+
+
 def flux_layer_names(num_layers: int, num_single_layers: int) -> list[str]:
     """Every quantized layer a complete Nunchaku FLUX.1 file holds for a model of this depth."""
     names = [f"transformer_blocks.{i}.{n}" for i in range(num_layers) for n in FLUX_DOUBLE_LAYERS]
@@ -560,21 +591,27 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 def from_pretrained(path: str | os.PathLike):
     """Load a Nunchaku FLUX.1 INT4 checkpoint as an svdq model (`svdq.from_pretrained` calls this for a
     Nunchaku file or directory). Checked from the header before anything is built: metadata, model class, every
-    layer's numerics, completeness. A published FLUX.1 file always has AWQ AdaNorm layers, which svdq does not
-    run yet: the CheckpointError names the first one (docs/formats.md lists what is missing; its W4A4 layers,
-    shifted ``mlp_fc2`` ones included, load one by one with `svdq_layer`). Nothing is loaded, so nothing is
-    half-loaded."""
+    layer's numerics, completeness. Every layer kind of a published INT4 file converts exactly one by one
+    (`svdq_layer` for W4A4 and shifted ``mlp_fc2``, `adanorm_layer` for AdaNorm), but assembling the model is
+    not built yet: the single blocks' ``proj_out`` is two quantized layers whose outputs are summed (Nunchaku's
+    ``out_proj`` + ``mlp_fc2``, independently quantized, so not one svdq layer), a module svdq lacks — the
+    CheckpointError says so (docs/formats.md). Nothing is loaded, so nothing is half-loaded."""
     path = Path(path)
     meta = read_metadata(path)
-    layers = check_layers(path)  # raises for the numerics svdq lacks, naming the layer
+    layers = check_layers(path)  # raises for numerics svdq lacks, naming the layer
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     # FLUX.1's depth when the config does not say (diffusers' FluxTransformer2DModel defaults)
     expected = flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
-    # Every complete file has AdaNorm layers, which check_layers refused: reaching here means some are missing.
     missing = sorted(set(expected) - {name for name, _, _ in layers})
+    if missing:
+        raise CheckpointError(
+            f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+        )
     raise CheckpointError(
-        f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
-        f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+        f"{path}: every layer of this Nunchaku FLUX.1 file converts exactly, but svdq cannot assemble the model yet: "
+        "its single blocks' proj_out is two independently quantized layers whose outputs are summed (out_proj + "
+        "mlp_fc2), a module svdq does not have yet (docs/formats.md)"
     )
 
 
@@ -582,10 +619,9 @@ def from_pretrained(path: str | os.PathLike):
 #
 # Nunchaku's AWQW4A16Linear (nunchaku/models/linear.py; packed by DeepCompressor backend/tinychat/utils.py and
 # backend/nunchaku/utils.py convert_to_nunchaku_w4x16_linear_weight): w = u·s + zero with unsigned codes u in
-# 0…15 and a *floating* per-group zero (DeepCompressor writes zero = −D(7·s)). svdq's zero-point layers (spec §7)
-# hold integer zero points z (w = (u − z)·s), which equals Nunchaku's only where zero == −z·s exactly — not the
-# case for most bf16 scales (7·s needs 3 more mantissa bits) — so these converters stop at plain tensors
-# (codes, scales, zeros, bias) and loading such a layer needs float zero points in svdq (docs/formats.md).
+# 0…15 and a *floating* per-group zero (DeepCompressor writes zero = −D(7·s)) — svdq's float-offset W4A16
+# layers (spec §7.2: `adanorm_layer` loads them exactly; svdq's integer zero points z, w = (u − z)·s, equal it
+# only where zero == −z·s exactly, not the case for most bf16 scales).
 
 AWQ_GROUP_PAD = 16  # DeepCompressor pads the group count to 16 (8 nibbles per int32 × 2 packs at group 64)
 
@@ -705,7 +741,9 @@ def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP_SIZE}: Nunchaku's AWQ layer cannot hold it")
     nib = _nibbles(t["qweight"])[:, :k].to(torch.int16)
     s = t["wscales"]
-    if layer.zero_point:
+    if layer.zero_point_kind == "float":  # loaded from an AWQ file (spec §7.2): the offsets are Nunchaku's zeros
+        codes, zero = nib.to(torch.uint8), t["wzeros"][:, : k // GROUP_SIZE]
+    elif layer.zero_point:
         z = t["wzeros"].to(torch.float32)
         zero = (-z * s.float()).to(s.dtype)
         if not torch.equal(zero.float(), -z * s.float()):
@@ -719,7 +757,7 @@ def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
         zero = (s.float() * -8).to(s.dtype)
     bias = t["bias"].double() if t.get("bias") is not None else torch.zeros(n, dtype=torch.float64)
     chunk = n // splits
-    for c in {1, splits - 2}:  # shift_msa, *scale_msa*, gate, shift_mlp, *scale_mlp*, gate (single: shift, *scale*, gate)
+    for c in ADANORM_SCALE_CHUNKS[splits]:
         bias[c * chunk : (c + 1) * chunk] += 1
     # unpadded groups: the shape Nunchaku's AWQW4A16Linear allocates and loads strictly (FLUX.1's K/64 = 48 is
     # a multiple of 16 anyway, so DeepCompressor's padding changes nothing there)
