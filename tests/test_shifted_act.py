@@ -393,15 +393,13 @@ def test_a_shifted_layer_round_trips_through_the_nunchaku_layout():
         nk.svdq_layer(no_bias, 256, 128, nk.SHIFT_GELU, where="f: fc2")
 
 
-def test_flux_file_with_shifted_fc2_layers_loads_layers_equal_to_the_svdq_model(tmp_path):
-    """A tiny FLUX.1 svdq model whose double-block fc2 layers are shifted (spec §10), exported to Nunchaku's layout:
-    the export keeps their bias (no second fold), and every double-block W4A4 layer of the file — shifted fc2 ones
-    with Nunchaku's act_shift — loads into an SVDQLinear equal to the model's, bit for bit, outputs included."""
-    from safetensors.torch import load_file
-
-    from svdq.formats import nunchaku as nk
+@pytest.fixture(scope="module")
+def shifted_flux():
+    """A tiny FLUX.1 (1 double + 1 single block, hidden 128, bf16) quantized data-free with 4-bit AdaNorm, its
+    double-block fc2 layers made shifted (same codes; §10.3 bias)."""
     from svdq.quantize import _set_submodule, quantized_layers
     from svdq.testing.tiny import tiny_flux_transformer
+    from svdq.formats import nunchaku as nk
 
     model = tiny_flux_transformer(0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)  # hidden 128
     svdq.models.prepare(model)
@@ -409,6 +407,21 @@ def test_flux_file_with_shifted_fc2_layers_loads_layers_equal_to_the_svdq_model(
     layers = quantized_layers(model)
     for name in ("transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2"):
         _set_submodule(model, name, _as_shifted(layers[name], nk.SHIFT_GELU))
+    return model
+
+
+def test_flux_file_with_shifted_fc2_layers_loads_layers_equal_to_the_svdq_model(shifted_flux, tmp_path):
+    """A tiny FLUX.1 svdq model whose double-block fc2 layers are shifted (spec §10), exported to Nunchaku's layout:
+    the export keeps their bias (no second fold), and every double-block W4A4 layer of the file — shifted fc2 ones
+    with Nunchaku's act_shift — loads into an SVDQLinear equal to the model's, bit for bit, outputs included."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from svdq.formats import nunchaku as nk
+    from svdq.quantize import _set_submodule, quantized_layers
+
+    model = copy.deepcopy(shifted_flux)
     layers = quantized_layers(model)
     f = load_file(str(nk.export_flux(model, tmp_path / "svdq-int4_r16-tiny.safetensors")))
     # the header check no longer stops at the shifted fc2 layers (it may still name kinds svdq cannot run yet)
@@ -489,18 +502,15 @@ def test_quantizer_shifts_the_layer_after_gelu_where_it_measures_lower():
         QuantizeConfig(act_shift=-1.0)
 
 
-def test_diffusers_save_and_from_pretrained_keep_shifted_layers(tmp_path):
+def test_diffusers_save_and_from_pretrained_keep_shifted_layers(shifted_flux, tmp_path):
     """diffusers' save_pretrained / from_pretrained (svdq's registered quantizer) carry the shift: the layer is
     rebuilt shifted from the metadata and the stored value is checked against it."""
     from diffusers import FluxTransformer2DModel
 
-    from svdq.quantize import _set_submodule, quantized_layers
-    from svdq.testing.tiny import tiny_flux_transformer
+    from svdq.quantize import quantized_layers
 
-    model = tiny_flux_transformer(0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)
-    svdq.quantize(model, rank=16, progress=False, rounding="nearest")
+    model = shifted_flux
     name = "transformer_blocks.0.ff.net.2"
-    _set_submodule(model, name, _as_shifted(quantized_layers(model)[name], DELTA))
     model.save_pretrained(tmp_path / "m")
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "m")
     a, b = quantized_layers(model)[name], quantized_layers(loaded)[name]
