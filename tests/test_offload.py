@@ -17,6 +17,7 @@ from torch import nn
 
 from svdq import ops
 from svdq.linear import LAYOUT_STATS, SVDQLinear, prepare_layout
+from svdq.ops import reference, sm90_layout
 
 from test_memory import TEST_LAYOUT, layer, test_layout  # noqa: F401  (fixture)
 
@@ -47,11 +48,33 @@ def x_in():
     return torch.randn(3, 200, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
 
 
-@pytest.fixture(params=["canonical", "prepared"])
+def _sm90_test_gemm(qact, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+    q, s = sm90_layout.unprepare(qweight, wscales, torch.float32, lora_up.shape[0])  # N from lora_up, as CUDA's
+    return reference.w4a4_gemm(qact, ascales, q, s, lora_act, lora_up, bias, out_dtype)
+
+
+@pytest.fixture
+def sm90_test_layout():
+    """A CPU backend with the Hopper layout's conversions ("cuda-sm90": e4m3 bytes, N padded to 128)."""
+    ops.register_backend(ops.Backend(
+        name="test-sm90", devices=("cpu",), priority=-1, quantize_act=reference.quantize_act,
+        w4a4_gemm=_sm90_test_gemm, prepare_weight=sm90_layout.prepare, layout="test-sm90",
+        unprepare_weight=sm90_layout.unprepare,
+    ))
+    try:
+        yield "test-sm90"
+    finally:
+        ops._BACKENDS.pop("test-sm90")
+
+
+@pytest.fixture(params=["canonical", "prepared", "prepared-sm90"])
 def setup(request, test_layout):  # noqa: F811
-    """(model, reference output, backend context): the CPU backend on canonical weights, or the test backend
-    on weights prepared (on the CPU) before any hook takes its copies."""
+    """(model, reference output, backend context): the CPU backend on canonical weights, or a test backend
+    on weights prepared (on the CPU) before any hook takes its copies: CUDA's group-major layout or Hopper's
+    (whose qweight has padded rows: N is not its leading dimension)."""
     model = Blocks()
+    if request.param == "prepared-sm90":
+        test_layout = request.getfixturevalue("sm90_test_layout")
     if request.param == "canonical":
         ctx = ops.use_backend("cpu") if "cpu" in ops.available_backends() else ops.use_backend("reference")
         with ctx:
@@ -61,7 +84,8 @@ def setup(request, test_layout):  # noqa: F811
     with ops.use_backend(test_layout):
         y = model(x_in())
     prepare_layout(model, test_layout)
-    assert all(m.layout == TEST_LAYOUT for m in model.modules() if isinstance(m, SVDQLinear))
+    assert all(m.layout == ops.registered_backend(test_layout).layout for m in model.modules()
+               if isinstance(m, SVDQLinear))
     return model, y, lambda: ops.use_backend(test_layout)
 
 
