@@ -325,10 +325,12 @@ def test_5_unsupported_gradients_are_clear_errors(quantized_mlp):
     model = copy.deepcopy(quantized_mlp)
     layer = model[0]
     x = torch.randn(3, 96, requires_grad=True)
-    layer.wscales.requires_grad_(True)
+    layer.wscales.requires_grad_(True)  # model.requires_grad_(True) does this: the scales stay frozen (FrozenParameter)
+    assert not layer.wscales.requires_grad
+    layer.wscales.requires_grad = True  # an explicit request for a gradient that does not exist
     with pytest.raises(RuntimeError, match="wscales cannot have a gradient"):
         layer(x)
-    layer.wscales.requires_grad_(False)
+    layer.wscales.requires_grad = False
     with pytest.raises(RuntimeError, match="SVDQLinear has no second derivative"):
         torch.autograd.grad(layer(x).sum(), x, create_graph=True)
 
