@@ -41,7 +41,7 @@ class LayerConfig:
     rank: int = 32
     warmup: int = 5
     repeats: int = 30
-    backends: tuple[str, ...] = ()  # svdq backends to time ("cuda"; on CPU "cpu" and "reference")
+    backends: tuple[str, ...] = ()  # svdq backends to time ("cuda-sm90" or "cuda"; on CPU "cpu" and "reference")
     notes: list[str] = field(default_factory=list)
 
 
@@ -50,7 +50,9 @@ def default_config(device: torch.device, **overrides) -> LayerConfig:
 
     avail = svdq.ops.available_backends()
     if device.type == "cuda":
-        cfg = LayerConfig(device, GPU_TOKENS, GPU_SHAPES, backends=tuple(b for b in ("cuda",) if b in avail))
+        # the backend layers run by default: "cuda-sm90" on an H100/H200 (unless SVDQ_SM90_FP8=0), else "cuda"
+        cfg = LayerConfig(device, GPU_TOKENS, GPU_SHAPES,
+                          backends=tuple(b for b in ("cuda-sm90", "cuda") if b in avail)[:1])
     else:
         cfg = LayerConfig(device, CPU_TOKENS, CPU_SHAPES, warmup=2, repeats=10,
                           backends=("cpu",) if "cpu" in avail else ("reference",))
