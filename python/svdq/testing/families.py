@@ -3,8 +3,10 @@
 Like `svdq.testing.tiny`: no download, seeded weights, tiny text encoders and tokenizers built in memory, 32×32
 images (Wan: 16×16, 5 frames). Families: Qwen-Image (`QwenImagePipeline`, Qwen2.5-VL text encoder), Wan 2.x
 (`WanPipeline`, UMT5), SD3.5 (`StableDiffusion3Pipeline`, CLIP-L/G + T5; QK RMSNorm and one dual-attention
-block as in SD3.5-medium), Z-Image (`ZImagePipeline`, Qwen3), FLUX.2 klein (`Flux2KleinPipeline`, Qwen3)
-and Chroma (`ChromaPipeline`, T5).
+block as in SD3.5-medium), Z-Image (`ZImagePipeline`, Qwen3), FLUX.2 klein (`Flux2KleinPipeline`, Qwen3),
+Chroma (`ChromaPipeline`, T5), SANA (`SanaPipeline`, Gemma-2, DC-AE), HiDream-I1 (`HiDreamImagePipeline`,
+CLIP-L/G + T5 + Llama-3, MoE experts) and FLUX.1 Kontext (`FluxKontextPipeline` around `svdq.testing.tiny`'s
+FLUX.1, with a seeded conditioning image: `call_kwargs`).
 
 Random init has no activation outliers (real checkpoints do; they are what SVDQuant is for), so
 `plant_attention_outliers` gives a few channels of every attention's value projection ×30 and divides the
@@ -55,6 +57,17 @@ CONFIGS = {
     "chroma": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(4, 14, 14),
                    approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1),
+    # SANA: linear attention (ReLU kernel) self-attention, cross-attention to Gemma-2 features, GLUMBConv MLP
+    # (1x1 / depthwise convolutions: not linear layers, they stay 16-bit); DC-AE latents (4 channels here).
+    "sana": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=4,
+                 attention_head_dim=32, num_cross_attention_heads=4, cross_attention_head_dim=32,
+                 cross_attention_dim=128, caption_channels=TEXT_HIDDEN, sample_size=16),
+    # HiDream-I1: FLUX-like dual / single stream blocks with MoE SwiGLU experts (2 of 4 routed per token) and
+    # per-block Llama-3 hidden states; text widths: T5 TEXT_HIDDEN, Llama TEXT_HIDDEN, pooled CLIP-L + CLIP-G.
+    "hidream": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2,
+                    attention_head_dim=32, num_attention_heads=4, caption_channels=[TEXT_HIDDEN, TEXT_HIDDEN],
+                    text_emb_dim=2 * TEXT_HIDDEN, num_routed_experts=4, num_activated_experts=2,
+                    axes_dims_rope=(8, 12, 12), max_resolution=(32, 32), llama_layers=(0, 1, 1)),
 }
 CLASSES = {
     "qwenimage": "QwenImageTransformer2DModel",
@@ -63,17 +76,54 @@ CLASSES = {
     "zimage": "ZImageTransformer2DModel",
     "flux2": "Flux2Transformer2DModel",
     "chroma": "ChromaTransformer2DModel",
+    "sana": "SanaTransformer2DModel",
+    "hidream": "HiDreamImageTransformer2DModel",
 }
-FAMILIES = tuple(CONFIGS)
+FAMILIES = tuple(CONFIGS)  # the generic family's
+# Pipelines of hand-written families that need their own fixture: FLUX.1 Kontext (the FLUX.1 transformer,
+# image-conditioned through `FluxKontextPipeline`: the input image's latents join the token sequence).
+PIPELINE_FAMILIES = FAMILIES + ("kontext",)
 # Keyword arguments every pipeline call of the family needs (sizes; FLUX.2 klein's text layers for 2-layer LLMs).
 CALL_KWARGS = {
     "qwenimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=64),
     "wan": dict(height=VIDEO_SIZE, width=VIDEO_SIZE, num_frames=VIDEO_FRAMES, max_sequence_length=32),
     "sd3": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
-    "zimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
+    # Z-Image-Turbo (the published config counted in docs/models.md) is CFG-distilled and run with guidance 0
+    # (diffusers' own example); the pipeline's default CFG 5 (pred = pos + 5·(pos − neg)) multiplies the tiny
+    # model's velocity error ~2.5× (docs/models.md, "Z-Image").
+    "zimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, guidance_scale=0.0),
     "flux2": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, text_encoder_out_layers=(0, 1, 2)),
     "chroma": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
+    # no "complex human instruction" (SANA's default prepends a ~300-token system prompt to every prompt)
+    "sana": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, complex_human_instruction=None),
+    # HiDream-I1-Dev / -Fast (CFG-distilled) run with guidance 0; -Full's CFG 5: see docs/models.md ("HiDream")
+    "hidream": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, guidance_scale=0.0),
+    # Kontext: the pipeline would resize the conditioning image to ~1 MP (`_auto_resize`) and the output to
+    # `max_area`; both kept at the tiny size. The image is added by `call_kwargs`.
+    "kontext": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, max_area=IMAGE_SIZE ** 2,
+                    _auto_resize=False),
 }
+
+
+def kontext_image(seed: int = 0):
+    """A seeded 32×32 RGB conditioning image (smooth colour ramps plus noise) for FLUX.1 Kontext."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed + 3)
+    ramp = torch.linspace(0, 1, IMAGE_SIZE)
+    rgb = torch.stack([ramp[None, :].expand(IMAGE_SIZE, -1), ramp[:, None].expand(-1, IMAGE_SIZE),
+                       torch.full((IMAGE_SIZE, IMAGE_SIZE), 0.5)], -1)
+    rgb = (rgb + 0.1 * torch.randn(rgb.shape, generator=g)).clamp(0, 1)
+    return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
+
+
+def call_kwargs(family: str) -> dict:
+    """Keyword arguments for a call of ``family``'s tiny pipeline: `CALL_KWARGS` plus, for image-conditioned
+    pipelines, a fresh conditioning image."""
+    kwargs = dict(CALL_KWARGS[family])
+    if family == "kontext":
+        kwargs["image"] = kontext_image()
+    return kwargs
 
 
 def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
@@ -224,6 +274,26 @@ def tiny_qwen3_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN, cau
     return _seeded(seed, lambda: cls(config)).eval()
 
 
+def tiny_gemma2_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                          attn_implementation="eager")
+    return _seeded(seed, lambda: Gemma2Model(config)).eval()
+
+
+def tiny_llama_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
+    """`LlamaForCausalLM` with 2 layers (HiDream reads its per-layer hidden states)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)
+    return _seeded(seed, lambda: LlamaForCausalLM(config)).eval()
+
+
 def tiny_umt5_text_encoder(tokenizer, seed: int, d_model: int = TEXT_HIDDEN):
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -267,15 +337,34 @@ def _vae_flux2(seed: int):
         latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE, mid_block_add_attention=False)).eval()
 
 
+def _vae_dc(seed: int):
+    """A 2-level DC-AE (SANA's autoencoder): 32² images → 4 × 16² latents."""
+    from diffusers import AutoencoderDC
+
+    return _seeded(seed + 7, lambda: AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)).eval()
+
+
 # --- pipelines -------------------------------------------------------------------------------------------------
 
 def tiny_family_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, transformer=None):
-    """The tiny full diffusers pipeline of ``family`` (see `FAMILIES`); call it with `CALL_KWARGS[family]`."""
+    """The tiny full diffusers pipeline of ``family`` (see `PIPELINE_FAMILIES`); call it with
+    `call_kwargs(family)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    if family == "kontext":
+        from .tiny import tiny_flux_full_pipeline
+
+        return diffusers.FluxKontextPipeline(**tiny_flux_full_pipeline(seed, dtype, transformer).components)
     if family not in CONFIGS:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(CONFIGS)}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(PIPELINE_FAMILIES)}")
     tr = transformer if transformer is not None else tiny_transformer(family, seed, dtype)
     sched = FlowMatchEulerDiscreteScheduler()
     if family == "qwenimage":
@@ -310,9 +399,45 @@ def tiny_family_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.
         parts = dict(vae=_vae_flux2(seed), text_encoder=tiny_qwen3_text_encoder(tok, seed + 11, causal_lm=True),
                      tokenizer=tok)
         cls = diffusers.Flux2KleinPipeline
-    else:  # chroma
+    elif family == "chroma":
         tok = tiny_t5_tokenizer()
         parts = dict(vae=_vae_kl(seed, 4), text_encoder=tiny_t5_text_encoder(tok, seed + 11, TEXT_HIDDEN), tokenizer=tok)
         cls = diffusers.ChromaPipeline
+    elif family == "sana":
+        # SanaPipeline takes any tokenizer with a pad token (it types Gemma's): the tiny byte-level BPE one
+        tok = tiny_qwen2_tokenizer()
+        parts = dict(vae=_vae_dc(seed), text_encoder=tiny_gemma2_text_encoder(tok, seed + 11), tokenizer=tok)
+        cls = diffusers.SanaPipeline
+    else:  # hidream
+        from transformers import PreTrainedTokenizerFast
+
+        tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+        # tokenizer_4 must be a fast tokenizer (the pipeline sets pad = eos on it): the tiny Qwen2 BPE's backend
+        tok4 = PreTrainedTokenizerFast(tokenizer_object=tiny_qwen2_tokenizer().backend_tokenizer,
+                                       eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024)
+        parts = dict(
+            vae=_vae_kl(seed, 4),
+            text_encoder=tiny_clip_text_encoder(tok, seed + 11, with_projection=True),
+            tokenizer=tok,
+            text_encoder_2=tiny_clip_text_encoder(tok2, seed + 12, with_projection=True),
+            tokenizer_2=tok2,
+            text_encoder_3=tiny_t5_text_encoder(tok3, seed + 13, TEXT_HIDDEN),
+            tokenizer_3=tok3,
+            text_encoder_4=tiny_llama_text_encoder(tok4, seed + 14),
+            tokenizer_4=tok4,
+        )
+        cls = diffusers.HiDreamImagePipeline
     parts = {k: (_cast(v, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
-    return cls(scheduler=sched, transformer=tr, **parts)
+    pipe = cls(scheduler=sched, transformer=tr, **parts)
+    if family == "hidream":
+        # HiDream rescales every request to the area of its default size (128 latents² → 1 MP): make that 32²
+        pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
+    return pipe
+
+
+def with_transformer(pipe, transformer):
+    """A new pipeline of ``pipe``'s class with the same components and fixture settings, and ``transformer``."""
+    fresh = type(pipe)(**{**pipe.components, "transformer": transformer})
+    if hasattr(pipe, "default_sample_size"):
+        fresh.default_sample_size = pipe.default_sample_size
+    return fresh
