@@ -21,22 +21,23 @@ import svdq
 from svdq.ops import reference, sm90_layout
 
 
-def _sm90_ready() -> bool:
-    if not (torch.cuda.is_available() and svdq.build_info().get("cuda_loaded")):
-        return False
-    if torch.cuda.get_device_capability(0) != (9, 0):
-        return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"svdq::{op}", "CUDA")
-               for op in ("prepare_weight_sm90", "w4a4_gemm_sm90", "quantize_act_fp8", "w4a8_gemm"))
+def _sm90_gpu() -> bool:
+    return (torch.cuda.is_available() and bool(svdq.build_info().get("cuda_loaded"))
+            and torch.cuda.get_device_capability(0) == (9, 0))
 
 
-pytestmark = pytest.mark.skipif(not _sm90_ready(), reason="needs an sm_90 GPU (H100/H200) and the sm_90a kernels")
-
+pytestmark = pytest.mark.skipif(not _sm90_gpu(), reason="needs an sm_90 GPU (H100/H200) and svdq's CUDA kernels")
 
 
 @pytest.fixture(autouse=True)
 def _sm90_backend_on(monkeypatch):
-    """These tests are about backend "cuda-sm90": on, whatever the calling environment says."""
+    """These tests are about backend "cuda-sm90": on, whatever the calling environment says. A build without 90
+    in its arch list skips them; a build with it must have registered the sm_90a ops (no silent skip)."""
+    if "90" not in svdq.build_info().get("cuda_archs", []):
+        pytest.skip(f"built without sm_90 (SVDQ_CUDA_ARCHS: {svdq.build_info().get('cuda_archs')})")
+    missing = [op for op in ("prepare_weight_sm90", "w4a4_gemm_sm90", "quantize_act_fp8", "w4a8_gemm")
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"svdq::{op}", "CUDA")]
+    assert not missing, f"built for sm_90 but the CUDA kernels of {missing} are not registered (SVDQ_WITH_SM90?)"
     monkeypatch.setenv("SVDQ_SM90_FP8", "1")
 
 
