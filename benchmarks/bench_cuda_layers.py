@@ -113,7 +113,8 @@ def run(args) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     m, r = args.m, args.rank
     ops = torch.ops.svdq
-    # sm_90 with the sm_90a kernels built: the layer runs backend "cuda-sm90" (svdq.ops), unless SVDQ_SM90_FP8=0
+    # sm_90 with the sm_90a kernels built and SVDQ_SM90_FP8=1 (the device script sets it): the layer runs backend
+    # "cuda-sm90" (svdq.ops); the svdq_mma_* rows time the default int8 mma.sync path
     sm90 = "cuda-sm90" in svdq.ops.available_backends()
 
     # No L2 flush between calls: FLUX layers run back to back; x (28-113 MB) exceeds L2 (50-60 MB) mostly,

@@ -371,10 +371,12 @@ if AVAILABLE:
         )
 
     def _sm90_available() -> bool:
-        # The fastest backend on an H100/H200 unless SVDQ_SM90_FP8=0 (read per call, like the ops' switches;
-        # under torch.compile once, when tracing): then "cuda" (int8 mma.sync) runs there. Registered on every
-        # machine so that its layout converts anywhere (offload preparation on the CPU, round trips in CI).
-        return _sm90_ready() and os.environ.get("SVDQ_SM90_FP8", "1").strip().lower() not in ("0", "false", "off", "no")
+        # Opt-in (SVDQ_SM90_FP8=1; read per call, like the ops' switches; under torch.compile once, when
+        # tracing) until the device check has run it: its kernels have never executed on a GPU yet, and its FP8
+        # weights take 2x the int4 bytes (docs/kernels.md §12.4, issue 12's memory goal). Otherwise "cuda" (int8
+        # mma.sync, measured) runs on sm_90. Registered on every machine so that its layout converts anywhere
+        # (offload preparation on the CPU, round trips in CI).
+        return _sm90_ready() and os.environ.get("SVDQ_SM90_FP8", "0").strip().lower() in ("1", "true", "on", "yes")
 
     @functools.cache
     def _sm90_ready() -> bool:

@@ -50,7 +50,7 @@ def default_config(device: torch.device, **overrides) -> LayerConfig:
 
     avail = svdq.ops.available_backends()
     if device.type == "cuda":
-        # the backend layers run by default: "cuda-sm90" on an H100/H200 (unless SVDQ_SM90_FP8=0), else "cuda"
+        # the backend layers run by default: "cuda-sm90" on an H100/H200 with SVDQ_SM90_FP8=1, else "cuda"
         cfg = LayerConfig(device, GPU_TOKENS, GPU_SHAPES,
                           backends=tuple(b for b in ("cuda-sm90", "cuda") if b in avail)[:1])
     else:

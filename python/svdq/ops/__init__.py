@@ -13,8 +13,8 @@ default), ``quantize_act(...)`` and ``w4a4_gemm(...)`` with the signatures of ``
 canonical layout itself (``layout="canonical"``, ``prepare_weight`` returns its inputs: the CPU GEMM converts
 the [N, Kp/64] scales to fp32 per call, a transient of 1/16 of the 4-bit weight). The CUDA backend's layout
 ``"cuda-g64"`` is group-major with fp32 scales (csrc/cuda/mma_layout.cuh §4).
-On an H100/H200 (compute capability 9.0) the backend ``"cuda-sm90"`` wins (priority 30; ``SVDQ_SM90_FP8=0``
-falls back to ``"cuda"``'s int8 mma.sync path): sm_90a FP8-wgmma GEMMs for both activation formats, layout
+On an H100/H200 (compute capability 9.0) with ``SVDQ_SM90_FP8=1`` the backend ``"cuda-sm90"`` wins (priority 30;
+opt-in until the device check has run it; by default ``"cuda"``'s int8 mma.sync path runs there): sm_90a FP8-wgmma GEMMs for both activation formats, layout
 ``"cuda-sm90"`` (svdq/ops/sm90_layout.py): weights as e4m3 bytes uint8 [Np, Kp] with N padded to 128 and fp32
 scales [Np, Kp/64] — **2x the 4-bit weight bytes in device memory** (still half of bf16; scales 2x too), the
 checkpoint and ``state_dict`` stay int4. A backend with a non-canonical
