@@ -1,4 +1,4 @@
-"""LoRA (diffusers / PEFT format) on generic-family models: Qwen-Image, Z-Image, Wan, FLUX.2.
+"""LoRA (diffusers / PEFT format) on generic-family models: Qwen-Image, Z-Image, Wan, FLUX.2, SANA, HiDream-I1.
 
 Per family, on the tiny transformer with the inputs of one real pipeline step (captured from its tiny
 pipeline): an adapter on every linear of the blocks (attention projections — fused groups included — MLPs,
@@ -21,8 +21,8 @@ from svdq.testing import families as tf
 
 RANK = 4
 # Factor std per family: adapters that change the 16-bit output by ~5–10 % (a typical style LoRA).
-LORA_STD = {"qwenimage": 0.05, "zimage": 0.03, "wan": 0.05, "flux2": 0.08}
-LORA_FAMILIES = ("qwenimage", "zimage", "wan", "flux2")
+LORA_STD = {"qwenimage": 0.05, "zimage": 0.03, "wan": 0.05, "flux2": 0.08, "sana": 0.05, "hidream": 0.05}
+LORA_FAMILIES = ("qwenimage", "zimage", "wan", "flux2", "sana", "hidream")
 
 
 def rel(a, b) -> float:
