@@ -174,8 +174,15 @@ class PlatformWheel(bdist_wheel):
         return ("py3", "none", super().get_tag()[2])
 
 
+def package_version(argv: list[str]) -> str:
+    """The version with the wheel's CUDA label (`cuda_label`); an sdist has none (it is built where installed)."""
+    if "sdist" in argv:
+        return _version()
+    return f"{_version()}+{cuda_label(dict(os.environ), _torch_cuda())}"
+
+
 setup(
-    version=f"{_version()}+{cuda_label(dict(os.environ), _torch_cuda())}",
+    version=package_version(sys.argv),
     ext_modules=[CMakeExtension("svdq._C")],
     cmdclass={"build_ext": CMakeBuild, "bdist_wheel": PlatformWheel},
 )
