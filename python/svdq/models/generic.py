@@ -212,14 +212,14 @@ def analyze(model: nn.Module, run: Callable[[nn.Module], object]) -> Plan:
         x = inputs.get(n)
         return x is not None and x.numel() // max(x.shape[-1], 1) == batch
 
-    keep = KEEP_16BIT.get(cls, ())
+    keep_16bit = KEEP_16BIT.get(cls, ())
     w4a4, modulation, fp16 = [], [], []
     for n, m in linears.items():
         if _inside(n, blocks):
             if per_sample(n):
                 modulation.append(n)
             else:
-                (fp16 if any(fnmatch.fnmatchcase(n, p) for p in keep) else w4a4).append(n)
+                (fp16 if any(fnmatch.fnmatchcase(n, p) for p in keep_16bit) else w4a4).append(n)
         elif per_sample(n) and (
             _in_module_list_element(model, n)
             or (n in outputs and _storage(outputs[n]) in block_storages and m.out_features >= 2 * m.in_features)
