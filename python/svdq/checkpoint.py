@@ -77,6 +77,10 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     the same through the svdquant quantizer (`svdq.integrations.diffusers_quantizer`)."""
     from .lora import list_loras
 
+    for name, m in model.named_modules():
+        why = getattr(m, "svdq_checkpoint_unsupported", None)  # a module svdq's format cannot express
+        if why:
+            raise ValueError(f"cannot save {name or 'the model'} ({type(m).__name__}) as an svdq checkpoint: {why}")
     adapters = list_loras(model)
     if adapters:
         # The checkpoint format stores the base branch only; adapters' strengths live in lora_scales, not saved.

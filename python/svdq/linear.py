@@ -388,8 +388,9 @@ class SVDQLinear(nn.Module):
             except ValueError as e:
                 error_msgs.append(f"{key}: {e}")
                 return
-        else:
+        elif prefix + "qweight" in state_dict:  # this layer's tensors without the key: a signed layer
             self.act_shift = 0.0
+        # (neither: a partial state dict without this layer, e.g. load_state_dict(strict=False) of other modules)
         with plain_parameters(self, FROZEN_TENSORS):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)

@@ -256,7 +256,8 @@ def from_pretrained(
 
     nunchaku_file = nunchaku.find_checkpoint(dir_or_hub_id)  # a Nunchaku SVDQuant file (docs/formats.md)
     if nunchaku_file is not None:
-        return nunchaku.from_pretrained(nunchaku_file)
+        model = nunchaku.from_pretrained(nunchaku_file)
+        return model.to(device) if device is not None else model
     directory = resolve(dir_or_hub_id, **hub_kwargs)
     info = read_info(directory)
     if expected_family is not None:

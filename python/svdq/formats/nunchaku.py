@@ -590,29 +590,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 
 def from_pretrained(path: str | os.PathLike):
     """Load a Nunchaku FLUX.1 INT4 checkpoint as an svdq model (`svdq.from_pretrained` calls this for a
-    Nunchaku file or directory). Checked from the header before anything is built: metadata, model class, every
-    layer's numerics, completeness. Every layer kind of a published INT4 file converts exactly one by one
-    (`svdq_layer` for W4A4 and shifted ``mlp_fc2``, `adanorm_layer` for AdaNorm), but assembling the model is
-    not built yet: the single blocks' ``proj_out`` is two quantized layers whose outputs are summed (Nunchaku's
-    ``out_proj`` + ``mlp_fc2``, independently quantized, so not one svdq layer), a module svdq lacks — the
-    CheckpointError says so (docs/formats.md). Nothing is loaded, so nothing is half-loaded."""
-    path = Path(path)
-    meta = read_metadata(path)
-    layers = check_layers(path)  # raises for numerics svdq lacks, naming the layer
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    # FLUX.1's depth when the config does not say (diffusers' FluxTransformer2DModel defaults)
-    expected = flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
-    missing = sorted(set(expected) - {name for name, _, _ in layers})
-    if missing:
-        raise CheckpointError(
-            f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
-            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
-        )
-    raise CheckpointError(
-        f"{path}: every layer of this Nunchaku FLUX.1 file converts exactly, but svdq cannot assemble the model yet: "
-        "its single blocks' proj_out is two independently quantized layers whose outputs are summed (out_proj + "
-        "mlp_fc2), a module svdq does not have yet (docs/formats.md)"
-    )
+    Nunchaku file or directory): diffusers' `FluxTransformer2DModel` with every quantized layer converted exactly
+    (`svdq.formats.nunchaku_flux.load_flux`, which says how Nunchaku's model differs from svdq's). Checked from
+    the header before anything is built (metadata, model class, every layer's kind, completeness); built on the
+    meta device and filled from the file, so nothing is half-loaded."""
+    from .nunchaku_flux import load_flux
+
+    return load_flux(path)
 
 
 # ---- AdaNorm AWQ W4A16 layers (layout only) ------------------------------------------------------------------------

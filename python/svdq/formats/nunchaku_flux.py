@@ -1,0 +1,175 @@
+"""A whole FLUX.1 model from a Nunchaku INT4 checkpoint: diffusers' `FluxTransformer2DModel` with every
+quantized layer converted exactly (`svdq.formats.nunchaku`: `svdq_layer`, `adanorm_layer`).
+
+Where Nunchaku's model differs from the one svdq quantizes itself (docs/formats.md):
+
+- double blocks: ``qkv_proj`` / ``qkv_proj_context`` are fused layers, as svdq's own ``attn.to_qkv`` /
+  ``attn.to_added_qkv`` (`SharedInputLinear`; diffusers' fused-projection path runs them);
+- single blocks: ``qkv_proj`` and ``mlp_fc1`` share the block's input but were quantized separately (their own
+  smoothing and low rank), so they stay two layers: ``attn.to_qkv`` (fused q/k/v) and ``proj_mlp``; and
+  ``proj_out`` is two layers on the two halves of its input (``out_proj`` on the attention output, the shifted
+  ``mlp_fc2`` on the MLP's) whose outputs are added: `SplitInputLinear`;
+- AdaNorm layers: float-offset W4A16 (spec §7.2) with the scale chunks' +1 taken out of the bias.
+
+The model is built on the meta device and every tensor comes from the file, so a failure leaves nothing
+half-built. Saving it as an svdq checkpoint is not supported yet (`SplitInputLinear` has no svdq checkpoint
+form); `svdq.save` refuses it by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError
+from . import nunchaku as nk
+
+# Nunchaku layer (under the block) → where it goes in the assembled diffusers model; "qkv" targets are the
+# `.linear` of a fused group.
+_DOUBLE_TARGETS = {
+    "qkv_proj": "attn.to_qkv.linear",
+    "qkv_proj_context": "attn.to_added_qkv.linear",
+    "out_proj": "attn.to_out.0",
+    "out_proj_context": "attn.to_add_out",
+    "mlp_fc1": "ff.net.0.proj",
+    "mlp_context_fc1": "ff_context.net.0.proj",
+    "mlp_fc2": "ff.net.2",
+    "mlp_context_fc2": "ff_context.net.2",
+    "norm1.linear": "norm1.linear",
+    "norm1_context.linear": "norm1_context.linear",
+}
+_SINGLE_TARGETS = {"qkv_proj": "attn.to_qkv.linear", "mlp_fc1": "proj_mlp", "norm.linear": "norm.linear"}
+_ATTN_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # under the block in the file, under attn here
+
+
+class SplitInputLinear(nn.Module):
+    """y = Σ_i parts[i](x[..., c_i : c_i + k_i]): a linear layer stored as independently quantized layers on
+    consecutive column ranges of its input (Nunchaku's single-block ``proj_out`` = ``out_proj`` on the attention
+    half + ``mlp_fc2`` on the MLP half). The sum is taken in the parts' output dtype, in order."""
+
+    # `svdq.checkpoint.contents` refuses modules carrying this: no svdq checkpoint form yet
+    svdq_checkpoint_unsupported = (
+        "a layer stored as independently quantized parts on column ranges of its input (from a Nunchaku file), "
+        "which svdq's format has no form for yet; keep the Nunchaku file (svdq.from_pretrained loads it)"
+    )
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        if not parts or len({p.out_features for p in parts}) != 1:
+            raise ValueError(f"SplitInputLinear: parts need one common out_features, got {[p.out_features for p in parts]}")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = sum(p.in_features for p in parts)
+        self.out_features = parts[0].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SplitInputLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
+        y, start = None, 0
+        for part in self.parts:
+            out = part(x[..., start : start + part.in_features])
+            y = out if y is None else y + out
+            start += part.in_features
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts={len(self.parts)}"
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
+    """diffusers' FluxTransformer2DModel for ``config`` on the meta device, projections fused as Nunchaku's are."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..models import _own_fusion, fuse_linears
+
+    known = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(known).to(dtype)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the file's FLUX.1 config does not build a FluxTransformer2DModel: {e}") from e
+    for block in model.transformer_blocks:
+        a = block.attn
+        fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
+        fuse_linears(a, "to_added_qkv", {"add_q_proj": (a, "add_q_proj"), "add_k_proj": (a, "add_k_proj"),
+                                         "add_v_proj": (a, "add_v_proj")})
+        _own_fusion(a, diffusers_path=True)
+    for block in model.single_transformer_blocks:
+        a = block.attn
+        fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
+        _own_fusion(a, diffusers_path=True)  # FluxAttnProcessor: attn.to_qkv(x).chunk(3) when fused
+    return model
+
+
+def load_flux(path: str | os.PathLike) -> nn.Module:
+    """Build the FLUX.1 model a Nunchaku INT4 file describes (checked by `nunchaku.check_layers` and for
+    completeness first); CheckpointError naming the file and the layer or key otherwise."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = nk.read_metadata(path)
+    layers = nk.check_layers(path)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    if not config:
+        raise CheckpointError(f"{path}: no FLUX.1 'config' in the metadata: cannot build the model")
+    expected = nk.flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
+    missing = sorted(set(expected) - {name for name, _, _ in layers})
+    if missing:
+        raise CheckpointError(
+            f"{path}: incomplete Nunchaku FLUX.1 checkpoint: missing quantized layer(s) "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        dtype = f.get_tensor(next(k for k in keys if k.endswith(".wscales"))).dtype
+
+        def tensors(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(prefix + ".")}
+
+        model = _skeleton(config, dtype)
+        quantized = {name for name, _, _ in layers}
+        for name, kind, _ in layers:
+            block, index, layer = name.split(".", 2)
+            if block == "single_transformer_blocks" and layer in ("out_proj", "mlp_fc2"):
+                continue  # proj_out: both halves together, below
+            target = f"{block}.{index}." + (_DOUBLE_TARGETS if block == "transformer_blocks" else _SINGLE_TARGETS)[layer]
+            stand_in = model.get_submodule(target)
+            k, n = stand_in.in_features, stand_in.out_features
+            if kind == "awq":
+                module = nk.adanorm_layer(tensors(name), k, n, 6 if block == "transformer_blocks" else 3, where=name)
+            else:
+                module = nk.svdq_layer(tensors(name), k, n, nk.act_shift_of(kind), where=name)
+            _set(model, target, module)
+        for i, single in enumerate(model.single_transformer_blocks):
+            prefix = f"single_transformer_blocks.{i}"
+            inner = single.proj_out.in_features - single.mlp_hidden_dim
+            n = single.proj_out.out_features
+            attn_half = nk.svdq_layer(tensors(f"{prefix}.out_proj"), inner, n, 0.0, where=f"{prefix}.out_proj")
+            mlp_half = nk.svdq_layer(tensors(f"{prefix}.mlp_fc2"), single.mlp_hidden_dim, n, nk.SHIFT_GELU,
+                                     where=f"{prefix}.mlp_fc2")
+            single.proj_out = SplitInputLinear([attn_half, mlp_half])
+        # everything else: diffusers names, the attention norms moved under attn
+        rest = {}
+        for key in keys:
+            if any(key.startswith(q + ".") for q in quantized):
+                continue
+            parts = key.split(".")
+            if len(parts) == 4 and parts[0].endswith("transformer_blocks") and parts[2] in _ATTN_NORMS:
+                rest[f"{parts[0]}.{parts[1]}.attn.{parts[2]}.{parts[3]}"] = f.get_tensor(key)
+            else:
+                rest[key] = f.get_tensor(key)
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {result.unexpected_keys[:5]} for a FLUX.1 model")
+    still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta)
+    if still_meta:
+        raise CheckpointError(f"{path}: missing tensor(s) {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
+    model.eval()
+    return model
