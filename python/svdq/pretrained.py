@@ -55,6 +55,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
     if not hasattr(model, "save_config"):
         raise TypeError(f"save_pretrained expects a diffusers model (ModelMixin), got {type(model).__name__}")
     if getattr(model, "svdq_config", None) is None:
+        if getattr(model, "svdq_source", None):
+            raise ValueError(f"{type(model).__name__} was loaded from {model.svdq_source}; saving it as an svdq model "
+                             "directory is not supported yet (keep that file: svdq.from_pretrained loads it)")
         raise ValueError(f"{type(model).__name__} is not quantized: run svdq.quantize(model, ...) first")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():

@@ -480,7 +480,8 @@ def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
     if class_name not in (None, "FluxTransformer2DModel"):
         raise CheckpointError(
-            f"{path}: a Nunchaku checkpoint of {class_name}; svdq converts FluxTransformer2DModel (FLUX.1) files only"
+            f"{path}: a Nunchaku checkpoint of {class_name}; svdq loads FluxTransformer2DModel (FLUX.1) and "
+            "QwenImageTransformer2DModel (Qwen-Image) files so far"
         )
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
@@ -594,9 +595,15 @@ def from_pretrained(path: str | os.PathLike):
     (`svdq.formats.nunchaku_flux.load_flux`, which says how Nunchaku's model differs from svdq's). Checked from
     the header before anything is built (metadata, model class, every layer's kind, completeness); built on the
     meta device and filled from the file, so nothing is half-loaded."""
+    meta = read_metadata(path)
+    class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
+    if class_name == "QwenImageTransformer2DModel":
+        from .nunchaku_qwenimage import load_qwenimage
+
+        return load_qwenimage(path)
     from .nunchaku_flux import load_flux
 
-    return load_flux(path)
+    return load_flux(path)  # FLUX.1, and the error naming the class for anything else
 
 
 # ---- AdaNorm AWQ W4A16 layers (layout only) ------------------------------------------------------------------------

@@ -172,4 +172,5 @@ def load_flux(path: str | os.PathLike) -> nn.Module:
     if still_meta:
         raise CheckpointError(f"{path}: missing tensor(s) {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
     model.eval()
+    model.svdq_source = f"the Nunchaku checkpoint {path}"  # what svdq.save_pretrained names when it refuses
     return model
