@@ -109,7 +109,7 @@ def load() -> NativeLibrary:
     check_torch(torch.__version__, info.get("torch_abi_min", "?"), info.get("torch_version", "?"))
     try:
         torch.ops.load_library(str(so))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: the registration failed (e.g. a second copy of svdq's ops)
         raise NativeLibraryError(f"svdq: {so} does not load into torch {torch.__version__}: {e}") from e
     lib = ctypes.CDLL(str(so))  # the handle torch just opened
     lib.svdq_build_info_json.restype = ctypes.c_char_p
@@ -125,7 +125,7 @@ def load() -> NativeLibrary:
             try:
                 torch.ops.load_library(str(where / "_C_cuda.so"))
                 info["cuda_loaded"] = True
-            except OSError as e:
+            except (OSError, RuntimeError) as e:
                 why = f"{where / '_C_cuda.so'} does not load: {e}"
         info["cuda_not_loaded_because"] = why
     return NativeLibrary(info=info, lib=lib)
