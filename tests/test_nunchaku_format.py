@@ -775,3 +775,17 @@ def test_from_pretrained_builds_the_qwenimage_model_of_a_nunchaku_file(tmp_path)
     assert rel(y_nk, y16) < 1.2 * rel(y_svdq, y16)
     with pytest.raises(ValueError, match="loaded from the Nunchaku checkpoint .* not supported yet"):
         svdq.save_pretrained(loaded, tmp_path / "as-svdq")
+
+
+def test_svdq_generate_runs_a_nunchaku_file(quantized_flux, tmp_path):
+    """`svdq generate --quantized <Nunchaku file>`: the file's denoiser in the base pipeline (no text encoders
+    are looked for beside it)."""
+    from svdq import cli
+    from svdq.testing import tiny
+
+    path = nk.export_flux(quantized_flux, tmp_path / "svdq-int4_r16-tiny.safetensors")
+    tiny.tiny_flux_full_pipeline(0).save_pretrained(tmp_path / "flux")
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--model", str(tmp_path / "flux"), "--quantized", str(path), "--prompt", "a cat",
+                   "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
+    assert rc == 0 and out.is_file()

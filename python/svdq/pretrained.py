@@ -417,9 +417,11 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
     pipe = pipe.to(device)
     if quantized is not None:  # 4-bit text encoders written by `svdq quantize --text-encoder w4a16`, if any
+        from .formats import nunchaku
         from .weight_only import load_text_encoders
 
-        load_text_encoders(pipe, resolve(quantized), device)
+        if nunchaku.find_checkpoint(quantized) is None:  # a Nunchaku checkpoint holds the denoiser only
+            load_text_encoders(pipe, resolve(quantized), device)
     return pipe
 
 
