@@ -316,8 +316,8 @@ def test_truncated_file_and_other_models(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut\.safetensors is not a readable safetensors file"):
         nk.read_metadata(cut)
     other = _flux_file(tmp_path / "q.safetensors", ["transformer_blocks.0.attn.to_qkv"], class_name="SanaTransformer2DModel")
-    with pytest.raises(CheckpointError, match="SanaTransformer2DModel; svdq loads FluxTransformer2DModel .* and "
-                                              "QwenImageTransformer2DModel"):
+    with pytest.raises(CheckpointError, match="SanaTransformer2DModel; svdq loads FluxTransformer2DModel .* "
+                                              "QwenImageTransformer2DModel .* ZImageTransformer2DModel"):
         nk.from_pretrained(other)
     qwen = _flux_file(tmp_path / "qw.safetensors", ["transformer_blocks.0.attn.to_qkv"], class_name="QwenImageTransformer2DModel")
     with pytest.raises(CheckpointError, match=r"incomplete Nunchaku Qwen-Image checkpoint: missing .*\(599 in all\)"):
@@ -708,8 +708,9 @@ def _nunchaku_qwenimage_file(model, path):
     bias, as `export_flux` does), modulation layers through the AdaNorm packer, the rest copied."""
     from safetensors.torch import save_file
 
-    from svdq.formats.nunchaku_qwenimage import QWENIMAGE_LAYERS
+    from svdq.formats.nunchaku_models import QWENIMAGE
 
+    QWENIMAGE_LAYERS = QWENIMAGE.layers
     v2 = {"lora_down": "proj_down", "lora_up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
     fused = {"attn.to_qkv": "attn.to_qkv.linear", "attn.add_qkv_proj": "attn.to_added_qkv.linear"}
     out, owned = {}, set()
@@ -789,3 +790,90 @@ def test_svdq_generate_runs_a_nunchaku_file(quantized_flux, tmp_path):
     rc = cli.main(["generate", "--model", str(tmp_path / "flux"), "--quantized", str(path), "--prompt", "a cat",
                    "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
     assert rc == 0 and out.is_file()
+
+
+def test_from_pretrained_builds_the_zimage_model_of_a_nunchaku_file(tmp_path):
+    """A Nunchaku-layout Z-Image file (main blocks quantized, refiners 16-bit: ``skip_refiners``), written from an
+    svdq-quantized tiny Z-Image: the SwiGLU form of the feed-forward ([w3; w1] fused, w2) maps back onto
+    diffusers' w1 / w2 / w3, the 16-bit refiners' fused weight is split, and the model computes what the svdq
+    model computes — exactly, since nothing here changes numerics (no shifted layer, no AdaNorm)."""
+    import copy
+
+    import diffusers
+    from safetensors.torch import save_file
+
+    import svdq
+    from svdq.models import SharedInputLinear, generic, prepare
+    from svdq.testing import families as tf
+
+    config = {**tf.CONFIGS["zimage"], "dim": 192, "n_heads": 6, "n_kv_heads": 6}  # FF hidden 512: Nunchaku's 128s
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(**config).to(torch.bfloat16).eval()
+    pipe = tf.tiny_family_pipeline("zimage", 0, torch.bfloat16, transformer=model)
+    captured = {}
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: captured.setdefault("call", (a, dict(kw))) and None, with_kwargs=True)
+    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("zimage"))
+    hook.remove()
+    args, kwargs = captured["call"]
+    ref16 = copy.deepcopy(model)
+    generic.analyze(model, lambda m: m(*args, **kwargs))
+    prepare(model)
+    svdq.quantize(model, include=["layers.*"], progress=False)
+    v2 = {"lora_down": "proj_down", "lora_up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
+
+    def nunchaku(sd, k, n):
+        sd = {key: v for key, v in sd.items() if key not in ("lora_scales", "act_shift")}
+        return {v2.get(key, key): v.contiguous() for key, v in nk.layer_to_nunchaku(sd, k, n).items()}
+
+    out = {}
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}"
+        qkv = block.attention.to_qkv.linear
+        out |= {f"{p}.attention.to_qkv.{k}": v for k, v in nunchaku(qkv.state_dict(), 192, 576).items()}
+        o = block.attention.to_out[0]
+        out |= {f"{p}.attention.to_out.0.{k}": v for k, v in nunchaku(o.state_dict(), 192, 192).items()}
+        ff = next(m for m in block.feed_forward.children() if isinstance(m, SharedInputLinear))
+        parts = dict(zip(ff.names, nk.split_rows(ff.linear.state_dict(), list(ff.sizes))))
+        w3w1 = nk.merge_rows([parts["w3"], parts["w1"]])  # SwiGLU: value half (w3) first, gate (w1) second
+        out |= {f"{p}.feed_forward.net.0.proj.{k}": v for k, v in nunchaku(w3w1, 192, 1024).items()}
+        w2 = block.feed_forward.w2
+        out |= {f"{p}.feed_forward.net.2.{k}": v for k, v in nunchaku(w2.state_dict(), 512, 192).items()}
+    for key, v in ref16.state_dict().items():
+        if key.startswith("layers.") and any(s in key for s in (".to_q.", ".to_k.", ".to_v.", ".to_out.0.", ".w1.", ".w2.", ".w3.")):
+            continue  # quantized above
+        if ".feed_forward.w1." in key or ".feed_forward.w3." in key:
+            if ".w1." in key:  # refiners (skip_refiners): 16-bit in Nunchaku's SwiGLU form
+                w3 = ref16.state_dict()[key.replace(".w1.", ".w3.")]
+                out[key.replace(".w1.weight", ".net.0.proj.weight")] = torch.cat([w3, v]).contiguous()
+            continue
+        out[key.replace(".feed_forward.w2.", ".feed_forward.net.2.")] = v.contiguous()
+    meta = {"quantization_config": json.dumps(_qc(rank=32) | {"skip_refiners": True}),
+            "config": json.dumps(dict(model.config) | {"_class_name": "ZImageTransformer2DModel"}, default=list),
+            "model_class": "NunchakuZImageTransformer2DModel"}
+    path = tmp_path / "svdq-int4_r32-z-image-turbo.safetensors"
+    save_file(out, str(path), metadata=meta)
+
+    loaded = svdq.from_pretrained(path)
+    assert type(loaded).__name__ == "ZImageTransformer2DModel"
+    ff = next(m for m in loaded.layers[0].feed_forward.children() if isinstance(m, SharedInputLinear))
+    assert ff.names == ("w3", "w1")
+    assert type(loaded.noise_refiner[0].feed_forward.w1) is torch.nn.Linear  # 16-bit, split back
+    assert torch.equal(loaded.noise_refiner[0].feed_forward.w1.weight, ref16.noise_refiner[0].feed_forward.w1.weight)
+    with torch.no_grad():
+        y_svdq, y_nk = model(*args, **kwargs)[0], loaded(*args, **kwargs)[0]
+    assert all(torch.equal(a, b) for a, b in zip(y_nk, y_svdq))
+    # broken: the SwiGLU halves read in the other order ([w1; w3]) is far off
+    swapped = dict(out)
+    for i in range(2):
+        k = f"layers.{i}.feed_forward.net.0.proj"
+        from_v2 = {new: old for old, new in v2.items()}
+        sd = {from_v2.get(key[len(k) + 1:], key[len(k) + 1:]): out[key] for key in out if key.startswith(k + ".")}
+        back = nk.layer_from_nunchaku(sd, 192, 1024)
+        w3_, w1_ = nk.split_rows(back, [512, 512])
+        swapped |= {f"{k}.{key}": v for key, v in nunchaku(nk.merge_rows([w1_, w3_]), 192, 1024).items()}
+    save_file(swapped, str(tmp_path / "swapped.safetensors"), metadata=meta)
+    with torch.no_grad():
+        y_bad = svdq.from_pretrained(tmp_path / "swapped.safetensors")(*args, **kwargs)[0]
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(y_bad[0], y_svdq[0]) > 0.1

@@ -480,8 +480,8 @@ def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
     if class_name not in (None, "FluxTransformer2DModel"):
         raise CheckpointError(
-            f"{path}: a Nunchaku checkpoint of {class_name}; svdq loads FluxTransformer2DModel (FLUX.1) and "
-            "QwenImageTransformer2DModel (Qwen-Image) files so far"
+            f"{path}: a Nunchaku checkpoint of {class_name}; svdq loads FluxTransformer2DModel (FLUX.1), "
+            "QwenImageTransformer2DModel (Qwen-Image) and ZImageTransformer2DModel (Z-Image) files so far"
         )
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
@@ -597,10 +597,10 @@ def from_pretrained(path: str | os.PathLike):
     meta device and filled from the file, so nothing is half-loaded."""
     meta = read_metadata(path)
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
-    if class_name == "QwenImageTransformer2DModel":
-        from .nunchaku_qwenimage import load_qwenimage
+    from .nunchaku_models import LAYOUTS, load
 
-        return load_qwenimage(path)
+    if class_name in LAYOUTS:  # Qwen-Image, Z-Image: diffusers module paths
+        return load(path, LAYOUTS[class_name])
     from .nunchaku_flux import load_flux
 
     return load_flux(path)  # FLUX.1, and the error naming the class for anything else
