@@ -165,12 +165,6 @@ def load_flux(path: str | os.PathLike) -> nn.Module:
                 rest[f"{parts[0]}.{parts[1]}.attn.{parts[2]}.{parts[3]}"] = f.get_tensor(key)
             else:
                 rest[key] = f.get_tensor(key)
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {result.unexpected_keys[:5]} for a FLUX.1 model")
-    still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta)
-    if still_meta:
-        raise CheckpointError(f"{path}: missing tensor(s) {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
-    model.eval()
-    model.svdq_source = f"the Nunchaku checkpoint {path}"  # what svdq.save_pretrained names when it refuses
-    return model
+    from .nunchaku_models import finish
+
+    return finish(model, rest, path, "FLUX.1")

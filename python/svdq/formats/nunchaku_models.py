@@ -115,9 +115,15 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
             t, stem = f.get_tensor(key), key[: -len(suffix)]
             for new, rows in layout.renames[suffix]:
                 rest[stem + new] = t if rows is None else t[rows[0] * t.shape[0] // 2 : rows[1] * t.shape[0] // 2]
+    return finish(model, rest, path, layout.label)
+
+
+def finish(model: nn.Module, rest: dict[str, torch.Tensor], path: Path, label: str) -> nn.Module:
+    """Load the unquantized tensors ``rest`` into the meta-built ``model`` (assigned, not copied) and check that
+    nothing is left on the meta device; CheckpointError naming the file and the keys otherwise."""
     result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {result.unexpected_keys[:5]} for a {layout.label} model")
+        raise CheckpointError(f"{path}: unexpected tensor(s) {result.unexpected_keys[:5]} for a {label} model")
     still_meta = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta)
     if still_meta:
         raise CheckpointError(f"{path}: missing tensor(s) {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
