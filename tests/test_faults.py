@@ -292,17 +292,31 @@ CHILD = textwrap.dedent(
             raise KeyboardInterrupt
     signal.signal(signal.SIGINT, on_sigint)
 
-    def attempt(op):
+    # Besides the parent's SIGINTs at random moments, about half the attempts also get one at a random point
+    # inside that operation's last measured duration (a real SIGINT, sent by a timer): the fast operations (a LoRA
+    # swap, a two-layer quantize) take a few ms of a ~100 ms loop, so outside signals alone land in them too
+    # rarely (CI once saw 0 of 262 quantize attempts interrupted).
+    import random
+    rng = random.Random(0)
+    durations = {}
+    signal.signal(signal.SIGALRM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+    def attempt(name, op):
+        if name in durations and rng.random() < 0.5:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-4, rng.uniform(0.0, durations[name])))
         armed[0] = True
+        t0 = time.perf_counter()
         try:
             op()
             armed[0] = False
+            durations[name] = time.perf_counter() - t0
             return False
         except KeyboardInterrupt:
             armed[0] = False
             return True
         finally:
             armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     work = Path(sys.argv[1])
     seconds = float(sys.argv[2])
@@ -345,14 +359,14 @@ CHILD = textwrap.dedent(
     while time.time() < start + seconds or (not enough() and time.time() < start + 4 * seconds):
         # LoRA: load / unload alternate; the model is always exactly "no adapter" or "adapter a".
         loaded = "a" in svdq.list_loras(model)
-        hit = attempt((lambda: svdq.unload_lora(model, "a")) if loaded else (lambda: svdq.load_lora(model, lora, name="a")))
+        hit = attempt("lora", (lambda: svdq.unload_lora(model, "a")) if loaded else (lambda: svdq.load_lora(model, lora, name="a")))
         count("lora", hit)
         now = "a" in svdq.list_loras(model)
         assert fingerprint(model) == (fp1 if now else fp0), "LoRA state is neither before nor after"
         assert torch.equal(run(model), y1 if now else y0), "LoRA outputs do not match list_loras"
         # svdq.load into a fresh skeleton: untouched, or the quantized model.
         skel = copy.deepcopy(skeleton0)
-        hit = attempt(lambda: svdq.load(skel, ckpt))
+        hit = attempt("load", lambda: svdq.load(skel, ckpt))
         count("load", hit)
         if svdq.quantized_layers(skel):
             assert torch.equal(run(skel), y_q), "a loaded model differs from the saved one"
@@ -361,14 +375,14 @@ CHILD = textwrap.dedent(
         # save_pretrained over an existing directory: the old one or the new one, never a mix.
         before = dir_state(target)
         src = quant if before == states["other"] else other
-        hit = attempt(lambda: svdq.save_pretrained(src, target))
+        hit = attempt("save_pretrained", lambda: svdq.save_pretrained(src, target))
         count("save_pretrained", hit)
         after = dir_state(target)
         assert after in (states["quant"], states["other"]), f"mixed directory {after}"
         assert sorted(p.name for p in work.iterdir()) == ["dir", "q.safetensors"], sorted(p.name for p in work.iterdir())
         # quantize: all layers or none.
         m = copy.deepcopy(small)
-        hit = attempt(lambda: svdq.quantize(m, rank=16, exclude=(), progress=False))
+        hit = attempt("quantize", lambda: svdq.quantize(m, rank=16, exclude=(), progress=False))
         count("quantize", hit)
         n = len(svdq.quantized_layers(m))
         assert n in (0, 2) and (n or fingerprint(m) == fp_small), f"half-quantized: {n} layers"

@@ -192,7 +192,10 @@ def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """{key: "crc32:…"} for CPU tensors. zlib releases the GIL, so tensors are hashed on several threads
     (measured in docs/reliability.md: ~1 GB/s per core)."""
     keys = list(tensors)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    # Ctrl-C waits for the pool (a second or two for a 12B model): a KeyboardInterrupt raised inside
+    # concurrent.futures' lock handling leaves it as "RuntimeError: cannot release un-acquired lock" instead
+    # (found by tests/test_faults.py's timed SIGINTs); after the block it is raised as a KeyboardInterrupt.
+    with deferred_interrupts(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return dict(zip(keys, pool.map(lambda k: _crc32(tensors[k]), keys)))
 
 
