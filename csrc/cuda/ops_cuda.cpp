@@ -247,6 +247,50 @@ std::tuple<Tensor, Tensor> prepare_weight_cuda(const Tensor& qweight,   // [N, K
   return {torch::stable::narrow(qbuf, 0, 0, N), torch::stable::narrow(sbuf, 0, 0, N)};
 }
 
+// The checks and operands both GEMM ops share: every tensor on qact's CUDA device, a 16-bit output, and the
+// epilogue's operands (spec §4.2: acc + lora_act · lora_upᵀ + bias, cast to out_dtype) checked against the GEMM's
+// M and N and made dense — one definition for the mma.sync GEMM and the sm_90a ones.
+Dev check_gemm_devices(const char* op, const Tensor& qact, const Tensor& ascales, const Tensor& qweight,
+                       const Tensor& wscales, const Tensor& lora_act, const Tensor& lora_up, ScalarType out_dtype) {
+  SVDQ_CHECK(qact.is_cuda(), op, ": ", describe("qact", qact), " must be a CUDA tensor");
+  const Dev dev{qact.get_device_index()};
+  check_cuda(op, "ascales", ascales, dev);
+  check_cuda(op, "qweight", qweight, dev);
+  check_cuda(op, "wscales", wscales, dev);
+  check_cuda(op, "lora_act", lora_act, dev);
+  check_cuda(op, "lora_up", lora_up, dev);
+  SVDQ_CHECK(is_16bit(out_dtype), op, ": out_dtype ", dtype_name(out_dtype), " must be bfloat16 or float16 on CUDA");
+  return dev;
+}
+
+struct EpilogueOperands {
+  int64_t rank;
+  Tensor lora_act, lora_up;    // dense when rank > 0
+  std::optional<Tensor> bias;  // dense
+};
+
+EpilogueOperands epilogue_operands(const char* op, const Dev& dev, int64_t M, int64_t N, const Tensor& lora_act,
+                                   const Tensor& lora_up, const std::optional<Tensor>& bias, ScalarType out_dtype) {
+  const int64_t r = lora_up.size(1);
+  SVDQ_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": rank r = ", r, " (", describe("lora_up", lora_up),
+             ") must be a multiple of 16 and <= ", kMaxRank);
+  SVDQ_CHECK(lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == r &&
+                 lora_act.scalar_type() == dtype::f32,
+             op, ": ", describe("lora_act", lora_act), " must be float32 [M, r] = [", M, ", ", r, "]");
+  SVDQ_CHECK(r == 0 || lora_up.scalar_type() == out_dtype, op, ": ", describe("lora_up", lora_up),
+             " must have dtype out_dtype = ", dtype_name(out_dtype));
+  std::optional<Tensor> b;
+  if (bias.has_value()) {
+    const Tensor& bt = *bias;
+    check_cuda(op, "bias", bt, dev);
+    SVDQ_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": ", describe("bias", bt), " must be [N] = [", N, "]");
+    SVDQ_CHECK(bt.scalar_type() == out_dtype, op, ": ", describe("bias", bt), " must have dtype out_dtype = ",
+               dtype_name(out_dtype));
+    b = dense16(bt);
+  }
+  return {r, r > 0 ? dense16(lora_act) : lora_act, r > 0 ? dense16(lora_up) : lora_up, b};
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // svdq::w4a4_gemm(Tensor qact, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act, Tensor lora_up,
 //                 Tensor? bias, ScalarType out_dtype, bool act_unsigned=False) -> Tensor y [M, N] out_dtype
@@ -262,15 +306,7 @@ Tensor w4a4_gemm_cuda(const Tensor& qact,      // [M, Kp/2] int8 (quantize_act)
                       bool act_unsigned) {  // spec §10.2: no CUDA kernel yet (checked below)
   constexpr const char* op = "svdq::w4a4_gemm (CUDA)";
   SVDQ_CHECK(!act_unsigned, op, ": act_unsigned (shifted unsigned activations, spec §10) has no CUDA kernel yet");
-  SVDQ_CHECK(qact.is_cuda(), op, ": ", describe("qact", qact), " must be a CUDA tensor");
-  const Dev dev{qact.get_device_index()};
-  check_cuda(op, "ascales", ascales, dev);
-  check_cuda(op, "qweight", qweight, dev);
-  check_cuda(op, "wscales", wscales, dev);
-  check_cuda(op, "lora_act", lora_act, dev);
-  check_cuda(op, "lora_up", lora_up, dev);
-  SVDQ_CHECK(is_16bit(out_dtype), op, ": out_dtype ", dtype_name(out_dtype),
-             " must be bfloat16 or float16 on CUDA");
+  const Dev dev = check_gemm_devices(op, qact, ascales, qweight, wscales, lora_act, lora_up, out_dtype);
   SVDQ_CHECK(qact.dim() == 2 && qact.scalar_type() == dtype::i8, op, ": ", describe("qact", qact),
              " must be int8 [M, Kp/2] from svdq::quantize_act");
   const int64_t M = qact.size(0), kp = qact.size(1) * 2, groups = kp / kGroup;
@@ -307,31 +343,13 @@ Tensor w4a4_gemm_cuda(const Tensor& qact,      // [M, Kp/2] int8 (quantize_act)
              describe("wscales", wscales), " 4-byte aligned (as prepare_weight returns them)");
   SVDQ_CHECK(lora_up.dim() == 2 && lora_up.size(0) == N, op, ": ", describe("lora_up", lora_up),
              " must be [N, r] with N = ", N, " (from ", describe("qweight", qweight), ")");
-  const int64_t r = lora_up.size(1);
-  SVDQ_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": rank r = ", r, " (", describe("lora_up", lora_up),
-             ") must be a multiple of 16 and <= ", kMaxRank);
-  SVDQ_CHECK(lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == r &&
-                 lora_act.scalar_type() == dtype::f32,
-             op, ": ", describe("lora_act", lora_act), " must be float32 [M, r] = [", M, ", ", r, "]");
-  SVDQ_CHECK(r == 0 || lora_up.scalar_type() == out_dtype, op, ": ", describe("lora_up", lora_up),
-             " must have dtype out_dtype = ", dtype_name(out_dtype));
-  std::optional<Tensor> b;
-  if (bias.has_value()) {
-    const Tensor& bt = *bias;
-    check_cuda(op, "bias", bt, dev);
-    SVDQ_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": ", describe("bias", bt), " must be [N] = [", N, "]");
-    SVDQ_CHECK(bt.scalar_type() == out_dtype, op, ": ", describe("bias", bt), " must have dtype out_dtype = ",
-               dtype_name(out_dtype));
-    b = dense16(bt);
-  }
+  const auto [r, la, lu, b] = epilogue_operands(op, dev, M, N, lora_act, lora_up, bias, out_dtype);
 
   const torch::stable::accelerator::DeviceGuard guard(dev.index);
   Tensor y = empty_like_device(qact, {M, N}, out_dtype);
   if (M == 0) return y;
   Tensor qa = dense16(qact);
   Tensor as = torch::stable::contiguous(ascales);
-  Tensor la = r > 0 ? dense16(lora_act) : lora_act;
-  Tensor lu = r > 0 ? dense16(lora_up) : lora_up;
 
   int cc_major = 0, cc_minor = 0;
   cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev.index);
@@ -429,14 +447,7 @@ Tensor gemm_sm90(const Tensor& qact, const Tensor& ascales, const Tensor& qweigh
                  ScalarType out_dtype, bool w4a8) {
   const char* op = w4a8 ? "svdq::w4a8_gemm (CUDA, sm_90a)" : "svdq::w4a4_gemm_sm90 (CUDA)";
   const char* qact_from = w4a8 ? "svdq::quantize_act_fp8" : "svdq::quantize_act_e4m3";
-  SVDQ_CHECK(qact.is_cuda(), op, ": ", describe("qact", qact), " must be a CUDA tensor");
-  const Dev dev{qact.get_device_index()};
-  check_cuda(op, "ascales", ascales, dev);
-  check_cuda(op, "qweight", qweight, dev);
-  check_cuda(op, "wscales", wscales, dev);
-  check_cuda(op, "lora_act", lora_act, dev);
-  check_cuda(op, "lora_up", lora_up, dev);
-  SVDQ_CHECK(is_16bit(out_dtype), op, ": out_dtype ", dtype_name(out_dtype), " must be bfloat16 or float16 on CUDA");
+  const Dev dev = check_gemm_devices(op, qact, ascales, qweight, wscales, lora_act, lora_up, out_dtype);
   SVDQ_CHECK(qact.dim() == 2 && qact.scalar_type() == dtype::u8, op, ": ", describe("qact", qact),
              " must be uint8 [M, Kp] e4m3 bytes from ", qact_from);
   const int64_t M = qact.size(0), kp = qact.size(1), groups = kp / kGroup;
@@ -452,7 +463,7 @@ Tensor gemm_sm90(const Tensor& qact, const Tensor& ascales, const Tensor& qweigh
                "] to match ", describe("qact", qact));
   }
   SVDQ_CHECK(lora_up.dim() == 2, op, ": ", describe("lora_up", lora_up), " must be [N, r]");
-  const int64_t N = lora_up.size(0), r = lora_up.size(1);
+  const int64_t N = lora_up.size(0);
   SVDQ_CHECK(N >= 1 && N <= INT_MAX - 128 && M <= INT_MAX && kp <= INT_MAX, op, ": M=", M, " N=", N, " Kp=", kp,
              " must satisfy N >= 1 and fit the kernel's int range (N is lora_up's leading dimension)");
   const int64_t n_pad = (N + 127) / 128 * 128;
@@ -469,22 +480,7 @@ Tensor gemm_sm90(const Tensor& qact, const Tensor& ascales, const Tensor& qweigh
                  reinterpret_cast<uintptr_t>(wscales.data_ptr()) % 128 == 0,
              op, ": prepared ", describe("qweight", qweight), " and ", describe("wscales", wscales),
              " must be contiguous and 128-byte aligned (whole tensors, as prepare_weight_sm90 returns them)");
-  SVDQ_CHECK(r % 16 == 0 && r <= kMaxRank, op, ": rank r = ", r, " (", describe("lora_up", lora_up),
-             ") must be a multiple of 16 and <= ", kMaxRank);
-  SVDQ_CHECK(lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == r &&
-                 lora_act.scalar_type() == dtype::f32,
-             op, ": ", describe("lora_act", lora_act), " must be float32 [M, r] = [", M, ", ", r, "]");
-  SVDQ_CHECK(r == 0 || lora_up.scalar_type() == out_dtype, op, ": ", describe("lora_up", lora_up),
-             " must have dtype out_dtype = ", dtype_name(out_dtype));
-  std::optional<Tensor> b;
-  if (bias.has_value()) {
-    const Tensor& bt = *bias;
-    check_cuda(op, "bias", bt, dev);
-    SVDQ_CHECK(bt.dim() == 1 && bt.size(0) == N, op, ": ", describe("bias", bt), " must be [N] = [", N, "]");
-    SVDQ_CHECK(bt.scalar_type() == out_dtype, op, ": ", describe("bias", bt), " must have dtype out_dtype = ",
-               dtype_name(out_dtype));
-    b = dense16(bt);
-  }
+  const auto [r, la, lu, b] = epilogue_operands(op, dev, M, N, lora_act, lora_up, bias, out_dtype);
   require_sm90(op, dev);
 
   const torch::stable::accelerator::DeviceGuard guard(dev.index);
@@ -492,8 +488,6 @@ Tensor gemm_sm90(const Tensor& qact, const Tensor& ascales, const Tensor& qweigh
   if (M == 0) return y;
   Tensor qa = dense16(qact);
   Tensor as = torch::stable::contiguous(ascales);
-  Tensor la = r > 0 ? dense16(lora_act) : lora_act;
-  Tensor lu = r > 0 ? dense16(lora_up) : lora_up;
 
   cuda::sm90::GemmParams p;
   p.qact = static_cast<const uint8_t*>(qa.data_ptr());
