@@ -200,17 +200,14 @@ std::tuple<Tensor, Tensor, Tensor> quantize_act_e4m3_cuda(const Tensor& x, const
   return quantize_act_impl(x, smooth, lora_down, lora_scales, true);
 }
 
-// ------------------------------------------------------------------------------------------------------------
-// svdq::prepare_weight(Tensor qweight, Tensor wscales) -> (Tensor, Tensor)
-//   canonical qweight int8 [N, Kp/2], wscales bf16/fp16 [N, Kp/64]
-//   -> prepared qweight int8 [N, Kp/2] and prepared wscales fp32 [N, Kp/64] (the GEMM's fragment layout).
-// The leading dim stays N (fakes infer N from it); the contents are permuted (group-major, mma_layout.cuh §4).
-// Should the GEMM's prepared sizes ever exceed N rows (padded tiles), the returned tensors are views of the
-// first N rows of the padded buffer, and w4a4_gemm checks that the storage behind them is large enough.
-// ------------------------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor> prepare_weight_cuda(const Tensor& qweight,   // [N, Kp/2] int8
-                                               const Tensor& wscales) {  // [N, Kp/64] bf16/fp16
-  constexpr const char* op = "svdq::prepare_weight (CUDA)";
+// A canonical weight (spec §3: int8 [N, Kp/2] codes, 16-bit [N, Kp/64] scales) on one CUDA device, as both
+// prepare ops take it; N + 128 must fit an int (the sm_90a layout pads N to whole 128-row tiles).
+struct CanonicalWeight {
+  Dev dev;
+  int64_t N, kp;
+};
+
+CanonicalWeight check_canonical_weight(const char* op, const Tensor& qweight, const Tensor& wscales) {
   SVDQ_CHECK(qweight.is_cuda(), op, ": ", describe("qweight", qweight), " must be a CUDA tensor");
   const Dev dev{qweight.get_device_index()};
   check_cuda(op, "wscales", wscales, dev);
@@ -224,7 +221,22 @@ std::tuple<Tensor, Tensor> prepare_weight_cuda(const Tensor& qweight,   // [N, K
              describe("qweight", qweight));
   SVDQ_CHECK(is_16bit(wscales.scalar_type()), op, ": ", describe("wscales", wscales),
              " must be bfloat16 or float16 on CUDA (fp32 models run on the CPU/reference backends)");
-  SVDQ_CHECK(N <= INT_MAX && kp <= INT_MAX, op, ": N=", N, " Kp=", kp, " exceed the kernel's int range");
+  SVDQ_CHECK(N <= INT_MAX - 128 && kp <= INT_MAX, op, ": N=", N, " Kp=", kp, " exceed the kernel's int range");
+  return {dev, N, kp};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// svdq::prepare_weight(Tensor qweight, Tensor wscales) -> (Tensor, Tensor)
+//   canonical qweight int8 [N, Kp/2], wscales bf16/fp16 [N, Kp/64]
+//   -> prepared qweight int8 [N, Kp/2] and prepared wscales fp32 [N, Kp/64] (the GEMM's fragment layout).
+// The leading dim stays N (fakes infer N from it); the contents are permuted (group-major, mma_layout.cuh §4).
+// Should the GEMM's prepared sizes ever exceed N rows (padded tiles), the returned tensors are views of the
+// first N rows of the padded buffer, and w4a4_gemm checks that the storage behind them is large enough.
+// ------------------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> prepare_weight_cuda(const Tensor& qweight,   // [N, Kp/2] int8
+                                               const Tensor& wscales) {  // [N, Kp/64] bf16/fp16
+  constexpr const char* op = "svdq::prepare_weight (CUDA)";
+  const auto [dev, N, kp] = check_canonical_weight(op, qweight, wscales);
 
   const torch::stable::accelerator::DeviceGuard guard(dev.index);
   Tensor qw = torch::stable::contiguous(qweight);
@@ -404,20 +416,7 @@ std::string launch_error(cudaError_t err) { return cat(cudaGetErrorName(err), ":
 //   canonical qweight int8 [N, Kp/2], wscales bf16/fp16 [N, Kp/64] -> uint8 [Np, Kp] e4m3, fp32 [Np, Kp/64]
 std::tuple<Tensor, Tensor> prepare_weight_sm90_cuda(const Tensor& qweight, const Tensor& wscales) {
   constexpr const char* op = "svdq::prepare_weight_sm90 (CUDA)";
-  SVDQ_CHECK(qweight.is_cuda(), op, ": ", describe("qweight", qweight), " must be a CUDA tensor");
-  const Dev dev{qweight.get_device_index()};
-  check_cuda(op, "wscales", wscales, dev);
-  SVDQ_CHECK(qweight.dim() == 2 && qweight.scalar_type() == dtype::i8, op, ": ", describe("qweight", qweight),
-             " must be int8 [N, Kp/2] (canonical packing, docs/numerics.md §3)");
-  const int64_t N = qweight.size(0), kp = qweight.size(1) * 2;
-  SVDQ_CHECK(N >= 1 && kp >= kGroup && kp % kGroup == 0, op, ": ", describe("qweight", qweight),
-             " must have N >= 1 rows and Kp/2 columns with Kp a positive multiple of 64");
-  SVDQ_CHECK(wscales.dim() == 2 && wscales.size(0) == N && wscales.size(1) == kp / kGroup, op, ": ",
-             describe("wscales", wscales), " must be [N, Kp/64] = [", N, ", ", kp / kGroup, "] to match ",
-             describe("qweight", qweight));
-  SVDQ_CHECK(is_16bit(wscales.scalar_type()), op, ": ", describe("wscales", wscales),
-             " must be bfloat16 or float16 (fp32 models run on the CPU/reference backends)");
-  SVDQ_CHECK(N <= INT_MAX - 128 && kp <= INT_MAX, op, ": N=", N, " Kp=", kp, " exceed the kernel's int range");
+  const auto [dev, N, kp] = check_canonical_weight(op, qweight, wscales);
   require_sm90(op, dev);
 
   const torch::stable::accelerator::DeviceGuard guard(dev.index);
