@@ -479,10 +479,9 @@ def check_layers(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     meta = read_metadata(path)
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
     if class_name not in (None, "FluxTransformer2DModel"):
-        raise CheckpointError(
-            f"{path}: a Nunchaku checkpoint of {class_name}; svdq loads FluxTransformer2DModel (FLUX.1), "
-            "QwenImageTransformer2DModel (Qwen-Image) and ZImageTransformer2DModel (Z-Image) files so far"
-        )
+        from .nunchaku_models import LOADABLE
+
+        raise CheckpointError(f"{path}: a Nunchaku checkpoint of {class_name}; svdq loads {LOADABLE} files so far")
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     layers = []
@@ -564,8 +563,14 @@ def flux_layer_names(num_layers: int, num_single_layers: int) -> list[str]:
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:
     """The Nunchaku checkpoint ``path`` names: the file itself, or the one Nunchaku ``.safetensors`` file of a
-    directory that is not an svdq model directory; None when it is neither (an svdq directory, a hub id, …).
-    A diffusers ``nunchaku_lite`` directory is refused by name (not read yet)."""
+    directory that is not an svdq model directory, or a diffusers ``nunchaku_lite`` model directory (also found
+    as a pipeline's ``transformer/`` or from its weights file: `nunchaku_lite.find_directory`); None when it is
+    none of these (an svdq directory, a hub id, …)."""
+    from .nunchaku_lite import find_directory
+
+    lite = find_directory(path)
+    if lite is not None:
+        return lite
     path = Path(path)
     if path.is_file():
         return path if is_nunchaku_file(path) else None
@@ -576,11 +581,6 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         config = {}
     method = ((config or {}).get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
-    if method == "nunchaku_lite":
-        raise CheckpointError(
-            f"{path}: a diffusers 'nunchaku_lite' directory (Nunchaku layout under diffusers module names); svdq reads "
-            f"Nunchaku's single-file checkpoints (svdq-int4_r*-*.safetensors) only so far (docs/formats.md)"
-        )
     if method is not None:  # svdquant (svdq's own) or another quantizer: not ours to claim
         return None
     found = sorted(p for p in path.glob("*.safetensors") if is_nunchaku_file(p))
@@ -594,13 +594,23 @@ def from_pretrained(path: str | os.PathLike):
     Nunchaku file or directory): diffusers' `FluxTransformer2DModel` with every quantized layer converted exactly
     (`svdq.formats.nunchaku_flux.load_flux`, which says how Nunchaku's model differs from svdq's). Checked from
     the header before anything is built (metadata, model class, every layer's kind, completeness); built on the
-    meta device and filled from the file, so nothing is half-loaded."""
+    meta device and filled from the file, so nothing is half-loaded. A directory (`find_checkpoint` returns
+    one for diffusers' ``nunchaku_lite`` packaging) goes to `svdq.formats.nunchaku_lite.load`."""
+    if Path(path).is_dir():
+        from .nunchaku_lite import load as load_lite
+
+        return load_lite(path)
     meta = read_metadata(path)
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
-    from .nunchaku_models import LAYOUTS, load
+    from .nunchaku_models import LAYOUTS, load, refuse_sana
 
-    if class_name in LAYOUTS:  # Qwen-Image, Z-Image: diffusers module paths
+    if class_name in LAYOUTS:  # Qwen-Image, Z-Image, SDXL: diffusers module paths
         return load(path, LAYOUTS[class_name])
+    if class_name == "SanaTransformer2DModel":  # C++ names and 4-bit convolutions: refused, naming the layer
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            refuse_sana(Path(path), list(f.keys()))
     from .nunchaku_flux import load_flux
 
     return load_flux(path)  # FLUX.1, and the error naming the class for anything else
