@@ -1,5 +1,7 @@
-"""Whole models from Nunchaku INT4 checkpoints that keep diffusers module paths (Qwen-Image, Z-Image): one
-table-driven loader; FLUX.1 (C++ names, a two-layer proj_out) has its own, `nunchaku_flux`.
+"""Whole models from Nunchaku INT4 checkpoints that keep diffusers module paths (Qwen-Image, Z-Image, SDXL's
+UNet): one table-driven loader; FLUX.1 (C++ names, a two-layer proj_out) has its own, `nunchaku_flux`. SANA files
+are refused by name (`refuse_sana`: their feed-forward is a pair of 4-bit 1×1 convolutions). `export_sdxl` writes
+an svdq-quantized SDXL UNet in Nunchaku's SDXL layout.
 
 These files use Nunchaku's Python module tensor names (``proj_down`` / ``proj_up`` / ``smooth_factor`` /
 ``smooth_factor_orig`` for the C++ files' ``lora_down`` / ``lora_up`` / ``smooth`` / ``smooth_orig``; the same
@@ -39,8 +41,15 @@ class Layout:
     # 16-bit tensors under a block whose diffusers form differs (file key suffix → [(diffusers suffix, rows)]):
     # rows (start, stop) of the file tensor, None for all of it
     renames: dict[str, list[tuple[str, tuple[int, int] | None]]] = field(default_factory=dict)
-    # the model after building on the meta device (rebuild what is computed in __init__, not loaded)
+    # the model after building on the meta device (rebuild what is computed in __init__, not loaded; fuse what
+    # svdq fuses that the file keeps 16-bit)
     fix_up: Callable[[nn.Module], None] = lambda model: None
+    # 16-bit tensors the model holds as one that the file keeps apart (diffusers suffix under a block → file
+    # suffixes, concatenated along rows in this order), e.g. SDXL's cross-attention to_k / to_v → svdq's to_kv
+    joins: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # block prefixes read off the meta-built model instead of the config (`blocks` is then not called): for
+    # models whose block list the config describes only through diffusers' own construction rules (a UNet)
+    model_blocks: Callable[[nn.Module], list[str]] | None = None
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -61,10 +70,29 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
     config = meta.get("config") if isinstance(meta.get("config"), dict) else None
     if not config:
         raise CheckpointError(f"{path}: no {layout.label} 'config' in the metadata: cannot build the model")
-    blocks = layout.blocks(config, meta.get("quantization_config") or {})
-    expected = {f"{b}.{layer}": layer for b in blocks for layer in layout.layers}
+    known = {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def build(dtype: torch.dtype) -> nn.Module:
+        try:
+            with torch.device("meta"):
+                model = getattr(diffusers, layout.class_name).from_config(known).to(dtype)
+            layout.fix_up(model)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the config does not build a {layout.class_name}: {e}") from e
+        return model
+
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
+        if not any(k.endswith(".wscales") for k in keys):
+            raise CheckpointError(f"{path}: no quantized layer (no '*.wscales' tensor): not a Nunchaku {layout.label} checkpoint")
+        dtype = f.get_tensor(next(k for k in keys if k.endswith(".wscales"))).dtype
+        model = None
+        if layout.model_blocks is not None:
+            model = build(dtype)
+            blocks = layout.model_blocks(model)
+        else:
+            blocks = layout.blocks(config, meta.get("quantization_config") or {})
+        expected = {f"{b}.{layer}": layer for b in blocks for layer in layout.layers}
         names = nk.quantized_layer_names(keys)
         unknown = [n for n in names if n not in expected]
         if unknown:
@@ -75,14 +103,8 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
                 f"{path}: incomplete Nunchaku {layout.label} checkpoint: missing quantized layer(s) "
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
             )
-        dtype = f.get_tensor(next(k for k in keys if k.endswith(".wscales"))).dtype
-        known = {k: v for k, v in config.items() if not k.startswith("_")}
-        try:
-            with torch.device("meta"):
-                model = getattr(diffusers, layout.class_name).from_config(known).to(dtype)
-            layout.fix_up(model)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: the config does not build a {layout.class_name}: {e}") from e
+        if model is None:
+            model = build(dtype)
         targets = {}
         for name, layer in expected.items():
             block = name[: -len(layer) - 1]
@@ -100,9 +122,9 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
             tensors = {V2_NAMES.get(key[len(name) + 1 :], key[len(name) + 1 :]): f.get_tensor(key)
                        for key in keys if key.startswith(name + ".")}
             if kind == "awq":
-                module = nk.adanorm_layer(tensors, k, n, 6, where=name)
+                module = nk.adanorm_layer(tensors, k, n, 6, where=f"{path}: {name}")
             else:
-                module = nk.svdq_layer(tensors, k, n, nk.act_shift_of(kind), where=name)
+                module = nk.svdq_layer(tensors, k, n, nk.act_shift_of(kind), where=f"{path}: {name}")
             _set(model, targets[name], module)
         rest = {}
         for key in keys:
@@ -115,12 +137,35 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
             t, stem = f.get_tensor(key), key[: -len(suffix)]
             for new, rows in layout.renames[suffix]:
                 rest[stem + new] = t if rows is None else t[rows[0] * t.shape[0] // 2 : rows[1] * t.shape[0] // 2]
+    for target, parts in layout.joins.items():
+        stems = sorted({k[: -len(p)] for k in rest for p in parts if k.endswith("." + p)})
+        for stem in stems:
+            missing = [stem + p for p in parts if stem + p not in rest]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: missing tensor {missing[0]!r} (a {layout.label} file holds "
+                    f"{' and '.join(repr(stem + p) for p in parts)} together)"
+                )
+            tensors = [rest.pop(stem + p) for p in parts]
+            if len({t.shape[1:] for t in tensors}) != 1:
+                raise CheckpointError(
+                    f"{path}: {', '.join(f'{stem + p!r} {tuple(t.shape)}' for p, t in zip(parts, tensors))}: "
+                    f"expected the same shape after the first dimension (they are stacked into {stem + target!r})"
+                )
+            rest[stem + target] = torch.cat(tensors)
     return finish(model, rest, path, layout.label)
 
 
 def finish(model: nn.Module, rest: dict[str, torch.Tensor], path: Path, label: str) -> nn.Module:
     """Load the unquantized tensors ``rest`` into the meta-built ``model`` (assigned, not copied) and check that
     nothing is left on the meta device; CheckpointError naming the file and the keys otherwise."""
+    wanted = model.state_dict()  # meta tensors: shapes only
+    for key, t in rest.items():
+        if key in wanted and tuple(t.shape) != tuple(wanted[key].shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(wanted[key].shape)} for the "
+                f"{label} model its config describes"
+            )
     result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensor(s) {result.unexpected_keys[:5]} for a {label} model")
@@ -189,4 +234,189 @@ ZIMAGE = Layout(
     },
 )
 
-LAYOUTS = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE)}
+
+# ---- SDXL (nunchaku/models/unets/unet_sdxl.py) -------------------------------------------------------------------
+# Nunchaku patches every BasicTransformerBlock of the UNet (down, mid and up blocks; the ResNets' convolutions stay
+# 16-bit — its shifted-conv patch is unused): self-attention q/k/v fused into attn1.to_qkv (rows [q; k; v], no bias
+# when diffusers' q/k/v have none), attn1.to_out.0, cross-attention attn2.to_q (image tokens) and attn2.to_out.0,
+# and both feed-forward linears (GEGLU's ff.net.0.proj, rows as diffusers' [value; gate], and ff.net.2). The
+# cross-attention's to_k / to_v read the text features and stay 16-bit. ff.net.2 is *signed*: unlike
+# NunchakuFeedForward, NunchakuSDXLFeedForward sets no act_unsigned (a GEGLU output is not bounded below). Its
+# published file (svdq-int4_r32-sdxl.safetensors) keeps the C++ tensor names (lora_down / lora_up / smooth /
+# smooth_orig; its convert_sdxl_state_dict renames them at load), diffusers names for everything else.
+# The model is fused as svdq's own SDXL family is (`svdq.models.prepare`: attn1.to_qkv, attn2.to_kv with
+# diffusers' fused attention processor), so the file's separate 16-bit to_k / to_v become svdq's to_kv.
+
+
+def _sdxl_fuse(model: nn.Module) -> None:
+    from ..models import prepare
+
+    prepare(model)
+
+
+def _transformer_blocks(model: nn.Module) -> list[str]:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return [name for name, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]
+
+
+SDXL = Layout(
+    class_name="UNet2DConditionModel",
+    label="SDXL",
+    layers={
+        "attn1.to_qkv": ("w4a4", "attn1.to_qkv.linear"),  # svdq's fused group, rows [q; k; v] as the file's
+        "attn1.to_out.0": ("w4a4", None),
+        "attn2.to_q": ("w4a4", None),
+        "attn2.to_out.0": ("w4a4", None),
+        "ff.net.0.proj": ("w4a4", None),
+        "ff.net.2": ("w4a4", None),  # signed (no act_unsigned in NunchakuSDXLFeedForward)
+    },
+    blocks=lambda config, qc: [],  # unused: model_blocks
+    fix_up=_sdxl_fuse,
+    joins={"attn2.to_kv.linear.weight": ("attn2.to_k.weight", "attn2.to_v.weight"),
+           "attn2.to_kv.linear.bias": ("attn2.to_k.bias", "attn2.to_v.bias")},
+    model_blocks=_transformer_blocks,
+)
+
+LAYOUTS = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE, SDXL)}
+LOADABLE = (
+    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
+    "and UNet2DConditionModel (SDXL)"
+)
+
+
+# ---- SANA (nunchaku/models/transformers/transformer_sana.py → C++ src/SanaModel.cpp): refused -------------------
+# Nunchaku's SANA runs its transformer blocks in C++ (QuantizedSanaModel) under C++ names: attn.qkv_proj (linear
+# attention: q rows padded to a multiple of 128, then k / v interleaved per 32-channel head — the GEMM epilogue
+# computes ReLU(k)ᵀ[v, 1] itself), attn.out_proj, cross_attn.q_linear / kv_linear (16-bit) / out_proj, and the
+# GLUMBConv feed-forward as ff.inverted_conv (a 4-bit 1×1 convolution with SiLU; value / gate channels
+# interleaved, the hidden size padded to 64, which its GLU kernel reads in pairs), ff.depth_conv (16-bit 3×3
+# depthwise, [C, 3, 3, 1]) and ff.point_conv (a 4-bit 1×1 convolution). diffusers' GLUMBConv holds those as
+# nn.Conv2d on NCHW tensors; svdq's quantized layers are linear layers, so the file is refused by name.
+
+
+def refuse_sana(path: Path, keys: list[str]) -> None:
+    """CheckpointError for a Nunchaku SANA file, naming its first quantized convolution."""
+    convs = [n for n in nk.quantized_layer_names(keys) if n.endswith((".ff.inverted_conv", ".ff.point_conv"))]
+    where = (f"its layer {convs[0]!r} is" if convs else
+             "its feed-forward layers (transformer_blocks.i.ff.inverted_conv / ff.point_conv) are")
+    raise CheckpointError(
+        f"{path}: a Nunchaku checkpoint of SanaTransformer2DModel; svdq loads {LOADABLE} files, not SANA's: {where} "
+        f"a 4-bit 1×1 convolution of SANA's GLUMBConv feed-forward (diffusers' ff.conv_inverted / ff.conv_point, "
+        f"nn.Conv2d), which svdq's quantized layers (linear only) cannot hold (docs/formats.md)"
+    )
+
+
+# ---- export: an svdq-quantized SDXL UNet → one Nunchaku INT4 file ------------------------------------------------
+
+# svdq layer under a BasicTransformerBlock → Nunchaku layer (same path except the fused group's `.linear`)
+_EXPORT_SDXL = {
+    "attn1.to_qkv.linear": "attn1.to_qkv", "attn1.to_out.0": "attn1.to_out.0", "attn2.to_q": "attn2.to_q",
+    "attn2.to_out.0": "attn2.to_out.0", "ff.net.0.proj": "ff.net.0.proj", "ff.net.2": "ff.net.2",
+}
+
+
+def export_sdxl(model, path: str | os.PathLike) -> Path:
+    """Write an svdq-quantized SDXL ``UNet2DConditionModel`` as one Nunchaku INT4 checkpoint (the layout
+    NunchakuSDXLUNet2DConditionModel.from_pretrained loads: diffusers paths, C++ tensor names, metadata
+    ``config`` / ``quantization_config`` / ``model_class``), atomically. Every tensor is a copy or an exact
+    permutation (`nunchaku.layer_to_nunchaku`; the 16-bit cross-attention to_kv split back into to_k / to_v);
+    nothing is recomputed: SDXL's Nunchaku runtime runs every layer signed, as svdq does. Refuses (ValueError
+    naming the layer) what the layout cannot express: another model class, fp32, act_format other than int4,
+    shifted layers, loaded LoRA adapters, K or N not a multiple of 128, W4A16 layers, a quantized layer
+    Nunchaku keeps 16-bit (quantize with ``exclude=family.exclude + ("*attn2.to_kv*",)``) or a 16-bit one it
+    quantizes."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..linear import SVDQLinear
+    from ..lora import list_loras
+    from ..models import SharedInputLinear
+    from ..quantize import quantized_layers
+    from ..weight_only import weight_only_layers
+
+    what = "export --format nunchaku"
+    if type(model).__name__ != "UNet2DConditionModel":
+        raise ValueError(f"{what}: {type(model).__name__} is not an SDXL UNet2DConditionModel")
+    if list_loras(model):
+        raise ValueError(f"{what}: unload the LoRA adapters first (svdq.unload_lora)")
+    qlayers, wo = quantized_layers(model), weight_only_layers(model)
+    if not qlayers:
+        raise ValueError(f"{what}: the model is not quantized (svdq.quantize it first)")
+    if wo:
+        raise ValueError(
+            f"{what}: layer {sorted(wo)[0]!r} is weight-only 4-bit (W4A16); Nunchaku's SDXL layout has no such layer "
+            f"(quantize without weight_only / --adaln)"
+        )
+    blocks = _transformer_blocks(model)
+    wanted = {f"{b}.{ours}": theirs for b in blocks for ours, theirs in _EXPORT_SDXL.items()}
+    extra = sorted(set(qlayers) - set(wanted))
+    if extra:
+        hint = (" (Nunchaku keeps the cross-attention to_k / to_v 16-bit: quantize with "
+                "exclude=svdq.models.FAMILIES['sdxl'].exclude + ('*attn2.to_kv*',))") if ".attn2.to_kv" in extra[0] else ""
+        raise ValueError(f"{what}: quantized layer {extra[0]!r} is 16-bit in Nunchaku's SDXL layout{hint}")
+    dtypes = {m.dtype for m in qlayers.values()}
+    if dtypes - {torch.bfloat16, torch.float16} or len(dtypes) != 1:
+        raise ValueError(f"{what}: Nunchaku runs bf16 or fp16 models, this one is {sorted(map(str, dtypes))}")
+    for name, m in qlayers.items():
+        if m.act_format != "int4":
+            raise ValueError(f"{what}: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
+        if m.act_shift:
+            raise ValueError(f"{what}: layer {name!r} has shifted activations (act_shift={m.act_shift}); Nunchaku's "
+                             f"SDXL runtime runs every layer on signed activations")
+        if m.in_features % nk.K_STEP or m.out_features % nk.WARP_N:
+            raise ValueError(f"{what}: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
+                             f"need K and N multiples of 128")
+    for name in wanted:
+        if not isinstance(qlayers.get(name), SVDQLinear):
+            raise ValueError(f"{what}: {name!r} is not a W4A4 layer; Nunchaku's SDXL layout quantizes it (quantize the "
+                             f"transformer blocks with svdq)")
+    rank = nk._up(max(m.rank for m in qlayers.values()), nk.LOWRANK_TILE)  # one rank for every layer at run time
+    out: dict[str, torch.Tensor] = {}
+    for name, theirs in wanted.items():
+        m = qlayers[name]
+        t = {k: v.detach().cpu() for k, v in m.state_dict().items() if k not in ("lora_scales", "act_shift")}
+        pad = rank - t["lora_down"].shape[1]  # zero columns: exact
+        t["lora_down"] = torch.nn.functional.pad(t["lora_down"], (0, pad))
+        t["lora_up"] = torch.nn.functional.pad(t["lora_up"], (0, pad))
+        block = name[: -len(next(o for o in _EXPORT_SDXL if name.endswith("." + o))) - 1]
+        out.update({f"{block}.{theirs}.{k}": v.contiguous() for k, v in nk.layer_to_nunchaku(t, m.in_features, m.out_features).items()})
+    owned = tuple(f"{name}." for name in wanted)
+    for key, v in model.state_dict().items():
+        if key.startswith(owned):
+            continue
+        out[key] = v.detach().cpu().contiguous()
+    # svdq's fused 16-bit cross-attention k / v → the file's separate to_k / to_v (rows split; exact)
+    for b in blocks:
+        kv = model.get_submodule(f"{b}.attn2").to_kv if hasattr(model.get_submodule(f"{b}.attn2"), "to_kv") else None
+        if not isinstance(kv, SharedInputLinear):
+            continue
+        if not isinstance(kv.linear, torch.nn.Linear):
+            raise ValueError(f"{what}: {b}.attn2.to_kv.linear is not a 16-bit nn.Linear")
+        for suffix in ("weight", "bias"):
+            t = out.pop(f"{b}.attn2.to_kv.linear.{suffix}", None)
+            if t is None:
+                continue
+            for part, chunk in zip(kv.names, torch.split(t, list(kv.sizes))):
+                out[f"{b}.attn2.{part}.{suffix}"] = chunk.contiguous()
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
+    config["_class_name"] = "UNet2DConditionModel"
+    spec = {"dtype": "int4", "scale_dtype": None, "group_size": nk.GROUP_SIZE}
+    meta = {
+        "config": json.dumps(config, default=list),
+        "model_class": "NunchakuSDXLUNet2DConditionModel",
+        "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=meta)
+        os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
