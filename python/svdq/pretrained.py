@@ -411,10 +411,21 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
                 f"load the base pipeline in {model_dtype} (--dtype), or quantize again in {torch_dtype}"
             )
         kwargs[component] = model
+    # The pipeline's own class, not DiffusionPipeline: DiffusionPipeline.from_pretrained (diffusers 0.42) drops a
+    # passed denoiser that the pipeline declares optional (WanPipeline's transformer, optional since Wan 2.2's
+    # two-expert form) and loads the 16-bit one from disk instead — found by `svdq generate` on a Wan pipeline.
+    pipeline_class = DiffusionPipeline
+    if quantized is not None:
+        import diffusers
+
+        pipeline_class = getattr(diffusers, str(index.get("_class_name")), None) or DiffusionPipeline
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(base), **kwargs)
+        pipe = pipeline_class.from_pretrained(str(base), **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
+    if quantized is not None and getattr(pipe, component, None) is not kwargs[component]:
+        raise RuntimeError(f"{type(pipe).__name__}.from_pretrained did not take the quantized {component} passed to "
+                           "it (a diffusers loading change?); please report this")
     pipe = pipe.to(device)
     if quantized is not None:  # 4-bit text encoders written by `svdq quantize --text-encoder w4a16`, if any
         from .formats import nunchaku

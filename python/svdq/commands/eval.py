@@ -4,7 +4,9 @@ Every prompt runs twice with the same seed (prompt i uses seed + i): 16-bit, the
 denoiser. Per image: PSNR and SSIM (Gaussian-window SSIM, 11×11, σ = 1.5, on [0, 1] RGB, averaged over
 channels) and LPIPS (AlexNet) when the `lpips` package and its weights are available (else reported as
 skipped). Writes into --out: ref_XXX.png / svdq_XXX.png, grid.png (columns: 16-bit | quantized),
-report.json and report.md.
+report.json and report.md. A video pipeline (Wan; --num-frames) is compared frame by frame: PSNR over all
+frames' pixels, SSIM and LPIPS averaged over frames; its videos are written as ref_XXX.gif / svdq_XXX.gif and
+the grid shows each video's middle frame.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from .generate import generate_image
+from .generate import generate_frames, save_frames
 from .quantize import add_common_pipeline_args, call_kwargs, check_output_dir, check_positive, device_and_dtype
 
 EXAMPLES = """examples:
@@ -53,7 +55,7 @@ def _to_tensor(image):
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of two [C, H, W] images in [0, 1] (inf when identical)."""
+    """PSNR in dB of two [C, H, W] images (or [T, C, H, W] videos) in [0, 1] (inf when identical)."""
     mse = float(((a - b) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
@@ -130,13 +132,14 @@ def _mean(values):
 
 
 def run(args) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from ..calibrate import default_prompts, read_prompts
     from ..models import pipeline_component
     from ..pretrained import from_pretrained, load_pipeline, read_info, resolve
 
-    check_positive(args, "--steps", "--limit", "--height", "--width", "--max-sequence-length")
+    check_positive(args, "--steps", "--limit", "--height", "--width", "--max-sequence-length", "--num-frames")
     out = check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
@@ -155,26 +158,30 @@ def run(args) -> int:
     family = family_of(getattr(pipe, component))
     quantized = from_pretrained(args.quantized, device=device, expected_family=family.name if family else None)
 
-    refs, qs, ref_times, q_times = [], [], [], []
+    refs, qs, ref_times, q_times = [], [], [], []  # per prompt: its frames (one for an image pipeline)
     for i, prompt in enumerate(tqdm(prompts, desc="16-bit", unit="image")):
-        image, times = generate_image(pipe, prompt, args.seed + i, args.steps, kwargs, device)
-        refs.append(image)
+        frames, times = generate_frames(pipe, prompt, args.seed + i, args.steps, kwargs, device)
+        refs.append(frames)
         ref_times += times
     setattr(pipe, component, quantized)  # the same pipeline, text encoders, VAE and scheduler
     for i, prompt in enumerate(tqdm(prompts, desc="svdq W4A4", unit="image")):
-        image, times = generate_image(pipe, prompt, args.seed + i, args.steps, kwargs, device)
-        qs.append(image)
+        frames, times = generate_frames(pipe, prompt, args.seed + i, args.steps, kwargs, device)
+        qs.append(frames)
         q_times += times
 
     lp = Lpips()
     rows = []
+    suffix = ".gif" if len(refs[0]) > 1 else ".png"
     for i, (prompt, ref, q) in enumerate(zip(prompts, refs, qs)):
-        ref.save(out / f"ref_{i:03d}.png")
-        q.save(out / f"svdq_{i:03d}.png")
-        a, b = _to_tensor(ref), _to_tensor(q)
-        rows.append({"index": i, "prompt": prompt, "seed": args.seed + i, "psnr": psnr(a, b), "ssim": ssim(a, b),
-                     "lpips": lp(a, b)})
-    grid(list(zip(refs, qs))).save(out / "grid.png")
+        save_frames(ref, out / f"ref_{i:03d}{suffix}")
+        save_frames(q, out / f"svdq_{i:03d}{suffix}")
+        a, b = [_to_tensor(f) for f in ref], [_to_tensor(f) for f in q]
+        lpips_frames = [lp(x, y) for x, y in zip(a, b)]
+        rows.append({"index": i, "prompt": prompt, "seed": args.seed + i,
+                     "psnr": psnr(torch.stack(a), torch.stack(b)),
+                     "ssim": _mean([ssim(x, y) for x, y in zip(a, b)]),
+                     "lpips": None if None in lpips_frames else _mean(lpips_frames)})
+    grid([(ref[len(ref) // 2], q[len(q) // 2]) for ref, q in zip(refs, qs)]).save(out / "grid.png")
 
     summary = {
         "base": str(args.model),

@@ -24,7 +24,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_common_pipeline_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by quantize / generate / eval: device, dtype, image size."""
+    """Options shared by quantize / generate / eval: device, dtype, image size, video length."""
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="16-bit pipeline dtype (default: bf16 on cuda, fp32 on cpu)")
@@ -33,6 +33,8 @@ def add_common_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 text tokens (FLUX / PixArt pipelines; default: the pipeline's)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames per video (video pipelines such as Wan; default: the pipeline's)")
 
 
 def check_positive(args, *options: str) -> None:
@@ -96,12 +98,14 @@ def call_kwargs(args, pipe) -> dict:
     from ..models import call_defaults
 
     kw = dict(call_defaults(pipe))
-    for opt in ("height", "width", "guidance_scale", "max_sequence_length"):
+    for opt in ("height", "width", "guidance_scale", "max_sequence_length", "num_frames"):
         value = getattr(args, opt, None)
         if value is not None:
             kw[opt] = value
-    if "max_sequence_length" in kw and "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
-        raise ValueError(f"--max-sequence-length does not apply to {type(pipe).__name__}")
+    accepted = inspect.signature(pipe.__call__).parameters
+    for opt in ("max_sequence_length", "num_frames"):
+        if opt in kw and opt not in accepted:
+            raise ValueError(f"--{opt.replace('_', '-')} does not apply to {type(pipe).__name__}")
     return kw
 
 
@@ -168,7 +172,7 @@ def run(args) -> int:
     from ..pretrained import load_pipeline
 
     # Arguments and the output directory are checked before the (slow) pipeline load and calibration.
-    check_positive(args, "--steps", "--num-calib-prompts", "--batch-size", "--height", "--width",
+    check_positive(args, "--steps", "--num-calib-prompts", "--batch-size", "--height", "--width", "--num-frames",
                    "--max-sequence-length")
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
