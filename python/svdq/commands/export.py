@@ -6,6 +6,14 @@ Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed 
 computes differently: the `mlp_fc2` biases (its shifted unsigned activations) and the AdaNorm scale-chunk
 biases (+1). Refused with a message naming the layer: other models, fp32, W4A8, loaded LoRAs, layers whose
 K or N is not a multiple of 128, 16-bit AdaNorm layers. The file is written atomically.
+
+`--format nunchaku-lite`: any svdq-quantized diffusers model becomes a diffusers `nunchaku_lite` model
+directory (config.json with the compact quantization_config + diffusion_pytorch_model.safetensors), the
+packaging diffusers' own NunchakuLite loader reads: W4A4 layers as `svdq_w4a4` targets, W4A16 layers as
+`awq_w4a16` targets, svdq's fused projections split back to diffusers' module paths; only permutations and
+padding (svdq loads it back bit for bit). Refused, naming the layer: shifted activations, W4A8, fp32, loaded
+LoRAs, K / N the layout cannot hold (W4A4: multiples of 128), W4A16 zero points that do not convert exactly.
+The directory is written atomically; put it as the `transformer/` of a pipeline for diffusers.
 """
 
 from __future__ import annotations
@@ -15,20 +23,22 @@ import argparse
 EXAMPLES = """examples:
   svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --adaln w4a16 --dtype bf16
   svdq export --format nunchaku flux-dev-svdq svdq-int4_r32-flux.1-dev.safetensors
+  svdq export --format nunchaku-lite flux-dev-svdq flux-dev-nunchaku-lite
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 files)",
+        help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 files; "
+             "nunchaku-lite: diffusers' nunchaku_lite directories)",
         description=__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("quantized", help="svdq model directory (svdq quantize / save_pretrained) or hub id")
-    p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--format", choices=("nunchaku",), required=True, help="target format")
+    p.add_argument("out", help="output .safetensors file (nunchaku) or directory (nunchaku-lite)")
+    p.add_argument("--format", choices=("nunchaku", "nunchaku-lite"), required=True, help="target format")
     p.set_defaults(func=run)
 
 
@@ -39,6 +49,13 @@ def run(args) -> int:
     from svdq.formats import nunchaku
 
     out = Path(args.out)
+    if args.format == "nunchaku-lite":
+        from svdq.formats import nunchaku_lite
+
+        path = nunchaku_lite.export(svdq.from_pretrained(args.quantized), out)
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        print(f"wrote {path} ({size:.1f} MiB, diffusers nunchaku_lite directory; docs/formats.md says what is exact)")
+        return 0
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: Nunchaku checkpoints are .safetensors files")
     if out.is_dir():
