@@ -178,7 +178,8 @@ def test_export_loads_back_bit_exact(flux, flux_dir):
 
 
 def _independent_tensors(model, broken=None, only=None) -> dict:
-    """The nunchaku_lite tensors of svdq's quantized layers (``only``: the one W4A4 module path), packed by the
+    """The nunchaku_lite tensors of svdq's quantized layers in the first double and single block (``only``: the
+    one W4A4 module path; the per-element packers are slow Python loops), packed by the
     independent packers (layout description → destination indices) from their plain values; ``broken``: a
     deliberately wrong packing of the W4A4 targets ("nibbles": swapped nibbles, "channels": the scale
     permutation not applied)."""
@@ -186,7 +187,10 @@ def _independent_tensors(model, broken=None, only=None) -> dict:
 
     f32 = lambda t: t.float().numpy()  # noqa: E731
     tensors = {}
+    first = ("transformer_blocks.0.", "single_transformer_blocks.0.")
     for name, layer in quantized_layers(model).items():
+        if not name.startswith(first):
+            continue
         s = layer.state_dict()
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, SharedInputLinear):
@@ -207,6 +211,8 @@ def _independent_tensors(model, broken=None, only=None) -> dict:
                                  ("proj_down", "lora_down"), ("proj_up", "lora_up"), ("bias", "bias")):
                 tensors[f"{path}.{theirs}"] = packed[ours]
     for name, layer in weight_only_layers(model).items() if only is None else ():
+        if not name.startswith(first):
+            continue
         s = layer.state_dict()
         u = (ref.unpack_int4(s["qweight"]).to(torch.int16) + 8).numpy()  # symmetric q ↦ u = q + 8, zero −8·s
         tensors[f"{name}.qweight"] = torch.from_numpy(indep_pack_awq_qweight(u))
@@ -219,10 +225,11 @@ def _independent_tensors(model, broken=None, only=None) -> dict:
 def test_independently_packed_directory_loads_to_the_same_layers(flux, flux_dir, tmp_path):
     model, inp, y = flux
     tensors = _independent_tensors(model)
-    d = _variant(flux_dir, tmp_path / "indep", tensors=lambda sd: sd.update(tensors))  # + the unquantized tensors
+    assert len([k for k in tensors if k.endswith(".qweight")]) == 12 + 5 + 3  # W4A4 double, single; AWQ
+    d = _variant(flux_dir, tmp_path / "indep", tensors=lambda sd: sd.update(tensors))  # + svdq's other layers
     check_against_diffusers(d)
-    a, b = load_file(str(d / WEIGHTS)), load_file(str(flux_dir / WEIGHTS))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the two packers agree bit for bit
+    exported = load_file(str(flux_dir / WEIGHTS))
+    assert all(torch.equal(t, exported[k]) for k, t in tensors.items())  # the two packers agree bit for bit
     loaded = svdq.from_pretrained(d)
     with torch.no_grad():
         assert torch.equal(loaded(**inp)[0], y)
@@ -352,13 +359,13 @@ def test_export_refuses_what_diffusers_loader_cannot_run(flux, tmp_path, monkeyp
         norm1.linear = kept
     monkeypatch.undo()
     small = dict(num_layers=1, num_single_layers=1)
+    one = ["transformer_blocks.0.attn.to_out.0"]  # one layer is enough to be refused (and quick)
     odd = tiny_flux_transformer(0, dtype=torch.bfloat16, attention_head_dim=24, **small)  # hidden 96
-    svdq.models.prepare(odd)
-    svdq.quantize(odd, rank=16, progress=False)
-    with pytest.raises(ValueError, match=r"is \[96 -> 96\].*multiples of 128"):
+    svdq.quantize(odd, rank=16, progress=False, include=one)
+    with pytest.raises(ValueError, match=r"'transformer_blocks\.0\.attn\.to_out\.0'.*is \[96 -> 96\].*multiples of 128"):
         nl.export(odd, tmp_path / "a")
     fp32 = tiny_flux_transformer(0, **small)
-    svdq.quantize(fp32, rank=16, progress=False)
+    svdq.quantize(fp32, rank=16, progress=False, include=one)
     with pytest.raises(ValueError, match=r"bf16 or fp16 layers, this model has \['torch\.float32'\]"):
         nl.export(fp32, tmp_path / "a")
     with pytest.raises(ValueError, match="not quantized"):
@@ -408,3 +415,15 @@ def test_qwenimage_round_trip_is_bit_exact(tmp_path):
     assert type(loaded).__name__ == "QwenImageTransformer2DModel"
     with torch.no_grad():
         assert torch.equal(loaded(**captured["kw"])[0], model(**captured["kw"])[0])
+
+
+def test_svdq_generate_runs_a_nunchaku_lite_directory(flux_dir, tmp_path):
+    """`svdq generate --quantized <nunchaku_lite directory>`: its denoiser in the base pipeline."""
+    from svdq import cli
+    from svdq.testing import tiny
+
+    tiny.tiny_flux_full_pipeline(0).save_pretrained(tmp_path / "flux")
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--model", str(tmp_path / "flux"), "--quantized", str(flux_dir), "--prompt", "a cat",
+                   "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
+    assert rc == 0 and out.is_file()
