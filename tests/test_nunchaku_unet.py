@@ -293,3 +293,15 @@ def test_sana_files_are_refused_naming_the_convolution(tmp_path):
                                               r"4-bit 1×1 convolution") as e:
         svdq.from_pretrained(path)
     assert str(path) in str(e.value)
+
+
+def test_svdq_generate_runs_a_nunchaku_sdxl_file(quantized_unet, sdxl_file, tmp_path):
+    """`svdq generate --quantized <Nunchaku SDXL file>`: the file's UNet in the base SDXL pipeline."""
+    from svdq import cli
+    from svdq.testing import tiny
+
+    tiny.tiny_sdxl_pipeline(0, torch.bfloat16, unet=_tiny_unet()).save_pretrained(tmp_path / "sdxl")
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--model", str(tmp_path / "sdxl"), "--quantized", str(sdxl_file), "--prompt", "a cat",
+                   "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
+    assert rc == 0 and out.is_file()
