@@ -58,12 +58,13 @@ def diffusers_model(directory: Path):
     """(the model diffusers' NunchakuLite loader builds for ``directory`` on the meta device, its parsed config)."""
     import diffusers
     from accelerate import init_empty_weights
+    from diffusers.quantizers.auto import DiffusersAutoQuantizer
     from diffusers.quantizers.quantization_config import NunchakuLiteQuantizationConfig
 
     config = json.loads((directory / "config.json").read_text())
     qc = config.pop("quantization_config")
-    assert qc["quant_method"] == "nunchaku_lite"
-    parsed = NunchakuLiteQuantizationConfig(**{k: v for k, v in qc.items() if k != "quant_method"})
+    parsed = DiffusersAutoQuantizer.from_dict(qc)  # diffusers' own dispatch of config.json's quantization_config
+    assert type(parsed) is NunchakuLiteQuantizationConfig
     with init_empty_weights():
         model = getattr(diffusers, config["_class_name"]).from_config({k: v for k, v in config.items() if not k.startswith("_")})
     code = diffusers_nunchaku_code()
