@@ -203,6 +203,25 @@ def test_export_sdxl_is_the_independent_layout_and_loads_back(quantized_unet, sd
     assert "quantization_config" not in meta["config"]
     loaded = svdq.from_pretrained(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in quantized_unet.state_dict().items())
+    # Nunchaku → svdq → Nunchaku: the loaded model exports the same bytes again (no padding here to differ)
+    again = load_file(str(nm.export_sdxl(loaded, tmp_path / "again.safetensors")))
+    assert again.keys() == independent.keys() and all(torch.equal(again[k], independent[k]) for k in independent)
+
+
+def test_zero_biases_on_bias_free_layers_load_and_change_nothing(quantized_unet, sdxl_file, svdq_output, tmp_path):
+    """DeepCompressor's converter writes a bias for every W4A4 layer (zeros where the linear has none):
+    attn1.to_qkv / attn2.to_q with a zero bias load and compute the same, bit for bit."""
+    tensors = load_file(str(sdxl_file))
+    with safe_open(str(sdxl_file), framework="pt") as f:
+        meta = f.metadata()
+    for b in _blocks(quantized_unet):
+        for layer, n in (("attn1.to_qkv", 384), ("attn2.to_q", 128)):
+            assert f"{b}.{layer}.bias" not in tensors
+            tensors[f"{b}.{layer}.bias"] = torch.zeros(n, dtype=torch.bfloat16)
+    loaded = svdq.from_pretrained(_write(tensors, tmp_path / "biased.safetensors", meta))
+    assert loaded.get_submodule(_blocks(loaded)[0]).attn2.to_q.bias is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs())[0], svdq_output)
 
 
 def test_export_sdxl_refuses_what_the_layout_cannot_express(quantized_unet, tmp_path):
