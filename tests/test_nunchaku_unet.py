@@ -324,3 +324,14 @@ def test_svdq_generate_runs_a_nunchaku_sdxl_file(quantized_unet, sdxl_file, tmp_
     rc = cli.main(["generate", "--model", str(tmp_path / "sdxl"), "--quantized", str(sdxl_file), "--prompt", "a cat",
                    "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
     assert rc == 0 and out.is_file()
+
+
+def test_export_cli_writes_sdxl(quantized_unet, sdxl_file, tmp_path):
+    """`svdq export --format nunchaku <svdq SDXL dir> <file>` writes the same file as `export_sdxl`."""
+    from svdq.cli import main
+
+    svdq.save_pretrained(quantized_unet, tmp_path / "q")
+    out = tmp_path / "svdq-int4_r16-sdxl.safetensors"
+    assert main(["export", "--format", "nunchaku", str(tmp_path / "q"), str(out)]) == 0
+    written, independent = load_file(str(out)), load_file(str(sdxl_file))
+    assert written.keys() == independent.keys() and all(torch.equal(written[k], independent[k]) for k in independent)

@@ -1,7 +1,10 @@
 """`svdq export`: write an svdq-quantized model in another project's checkpoint format.
 
 `--format nunchaku`: a FLUX.1 model quantized by svdq (with 4-bit AdaNorm layers: `svdq quantize --adaln
-w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md).
+w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md); so
+does an SDXL UNet quantized as Nunchaku's is (the cross-attention to_k / to_v kept 16-bit: from Python,
+`svdq.quantize(unet, exclude=svdq.models.FAMILIES["sdxl"].exclude + ("*attn2.to_kv*",))`), every tensor a copy
+or a permutation.
 Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed because Nunchaku's runtime
 computes differently: the `mlp_fc2` biases (its shifted unsigned activations) and the AdaNorm scale-chunk
 biases (+1). Refused with a message naming the layer: other models, fp32, W4A8, loaded LoRAs, layers whose
@@ -60,8 +63,13 @@ def run(args) -> int:
         raise ValueError(f"--out {out}: Nunchaku checkpoints are .safetensors files")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name")
-    model = svdq.from_pretrained(args.quantized, expected_family="flux")
-    path = nunchaku.export_flux(model, out)
+    model = svdq.from_pretrained(args.quantized)
+    if type(model).__name__ == "UNet2DConditionModel":  # SDXL: svdq.formats.nunchaku_models.export_sdxl
+        from svdq.formats.nunchaku_models import export_sdxl
+
+        path = export_sdxl(model, out)
+    else:
+        path = nunchaku.export_flux(model, out)  # FLUX.1; names the class of anything else
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, Nunchaku INT4 layout; docs/formats.md says what is exact)")
     return 0
