@@ -132,3 +132,84 @@ def test_two_adapters_with_strengths(family):
         svdq.unload_lora(quant, "two")
     assert torch.equal(run(quant, call), base_q)
     assert rel(y, ref_16) < 1.5 * rel(base_q, base_16)
+
+
+# ---- community layouts, converted by each family's own diffusers loader (svdq.lora_formats.DIFFUSERS_LORA_LOADERS)
+ALPHA = 2.0 * RANK  # scale alpha / rank = 2: a converter that dropped the alpha would be off by 2x
+
+# Wan's original (Wan-AI repo / ComfyUI) names of the diffusers modules the converter maps
+WAN_ORIGINAL = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0",
+                "ffn.net.2": "ffn.2"}
+
+
+def community_key(family: str, layout: str, name: str) -> str | None:
+    """The module's name in a community LoRA layout diffusers' converter for the family accepts (None: the
+    layout has no name for it)."""
+    if layout == "kohya":  # kohya / sd-scripts: lora_unet_<path with _>
+        return "lora_unet_" + name.replace(".", "_")
+    if family == "wan":
+        block, _, rest = name.partition(".")
+        idx, _, sub = rest.partition(".")
+        return f"diffusion_model.blocks.{idx}.{WAN_ORIGINAL[sub]}" if block == "blocks" and sub in WAN_ORIGINAL else None
+    if family == "zimage":  # the original repo spells attention.to_out.0 as attention.out
+        return "diffusion_model." + name.replace("attention.to_out.0", "attention.out")
+    return "diffusion_model." + name
+
+
+def make_community_lora(model, family: str, layout: str, seed: int) -> dict[str, torch.Tensor]:
+    """An adapter in a community layout (``.lora_down`` / ``.lora_up`` / ``.alpha``) on the blocks' linears."""
+    peft = make_peft_lora(model, seed, std=LORA_STD[family])
+    sd = {}
+    for key, t in peft.items():
+        name, which = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        new = community_key(family, layout, name)
+        if new is None:
+            continue
+        if which.startswith("A"):
+            sd[f"{new}.lora_down.weight"] = t
+            sd[f"{new}.alpha"] = torch.tensor(ALPHA)
+        else:
+            sd[f"{new}.lora_up.weight"] = t
+    assert len(sd) > 30
+    return sd
+
+
+@pytest.mark.parametrize("family,layout", [("qwenimage", "comfy"), ("qwenimage", "kohya"), ("wan", "comfy"),
+                                           ("zimage", "comfy")])
+def test_community_lora_layouts_load_as_diffusers_reads_them(family, layout):
+    from svdq.lora_formats import DIFFUSERS_LORA_LOADERS
+    from diffusers.loaders import lora_pipeline
+
+    full, quant, call = setup(family)
+    base_16, base_q = run(full, call), run(quant, call)
+    community = make_community_lora(full, family, layout, seed=4)
+    mixin = getattr(lora_pipeline, DIFFUSERS_LORA_LOADERS[type(full).__name__])
+    # what pipe.load_lora_weights does with the file (on copies: diffusers' Wan converter scales tensors in place)
+    converted = mixin.lora_state_dict({k: v.clone() for k, v in community.items()})
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in converted)
+    ref_16 = diffusers_16bit(full, [(converted, 1.0)], call)
+    assert rel(ref_16, base_16) > 0.03
+
+    before = {k: v.clone() for k, v in community.items()}
+    svdq.load_lora(quant, community, name="c")
+    assert all(torch.equal(community[k], v) for k, v in before.items())  # the caller's tensors are not touched
+    try:
+        y = run(quant, call)
+        info = svdq.list_loras(quant)["c"]
+        assert info.format == f"community ({mixin.__name__})" and info.quantized_layers > 0, info
+    finally:
+        svdq.unload_lora(quant, "c")
+    assert torch.equal(run(quant, call), base_q)
+    base_err, lora_err = rel(base_q, base_16), rel(y, ref_16)
+    print(f"{family} {layout}: LoRA effect {rel(ref_16, base_16):.3f}, quantized+LoRA vs diffusers 16-bit+LoRA "
+          f"{lora_err:.4f} (quantized base {base_err:.4f})")
+    assert lora_err < 1.5 * base_err, (lora_err, base_err)
+    # the alpha matters: the same file without its alphas (scale 1 instead of 2) is measurably different
+    no_alpha = {k: v for k, v in community.items() if not k.endswith(".alpha")}
+    svdq.load_lora(quant, no_alpha, name="n")
+    try:
+        assert rel(run(quant, call), ref_16) > 2 * lora_err
+    finally:
+        svdq.unload_lora(quant, "n")

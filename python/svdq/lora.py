@@ -57,7 +57,7 @@ class LoraInfo:
 
     name: str
     strength: float
-    format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya"
+    format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya", "community (<diffusers loader mixin>)"
     quantized_layers: int  # SVDQLinear layers it is on (a fused layer counts once)
     fp16_layers: int  # layers computing in 16 bits it is on (nn.Linear, W4A16; denoiser and text encoders)
     text_encoder_modules: int  # of the modules above, how many are in text encoders

@@ -16,6 +16,11 @@ Supported layouts (detected from the keys, not from the file name):
   * anything else (PixArt-Σ, which has no diffusers LoRA loader, or kohya files trained on diffusers module
     names): ``lora_unet_<path with _>`` / ``lora_transformer_<path with _>`` is matched against the model's own
     module names with dots replaced by underscores.
+- **the community layouts of the generic families** (ComfyUI / original-repo names under ``diffusion_model.``,
+  kohya / musubi ``lora_unet_…``, ``.lora_down``/``.lora_up`` with ``.alpha``, ai-toolkit, …): converted by the
+  ``lora_state_dict`` of the family's own diffusers loader (`DIFFUSERS_LORA_LOADERS`: QwenImageLoraLoaderMixin,
+  WanLoraLoaderMixin, ZImageLoraLoaderMixin, Flux2LoraLoaderMixin, …) — the code ``pipe.load_lora_weights`` runs,
+  so a file loads into an svdq model exactly as diffusers reads it; alphas come folded into the weights.
 
 The canonical module path is relative to a *component*: ``""`` for the denoiser (transformer / UNet) and
 ``"text_encoder"``, ``"text_encoder_2"``, … for the text encoders of a pipeline.
@@ -39,6 +44,18 @@ DENOISER_PREFIXES = ("transformer", "unet")
 TEXT_ENCODER_RE = re.compile(r"^(text_encoder(?:_\d)?)\.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# The diffusers LoRA loader (a `*LoraLoaderMixin` of `diffusers.loaders.lora_pipeline`) of each generic-family
+# denoiser class: the mixin its pipelines inherit (ChromaPipeline uses FLUX.1's).
+DIFFUSERS_LORA_LOADERS = {
+    "QwenImageTransformer2DModel": "QwenImageLoraLoaderMixin",
+    "WanTransformer3DModel": "WanLoraLoaderMixin",
+    "ZImageTransformer2DModel": "ZImageLoraLoaderMixin",
+    "Flux2Transformer2DModel": "Flux2LoraLoaderMixin",
+    "SD3Transformer2DModel": "SD3LoraLoaderMixin",
+    "SanaTransformer2DModel": "SanaLoraLoaderMixin",
+    "HiDreamImageTransformer2DModel": "HiDreamImageLoraLoaderMixin",
+    "ChromaTransformer2DModel": "FluxLoraLoaderMixin",
+}
 
 
 @dataclass
@@ -63,7 +80,7 @@ class ParsedLora:
     """A LoRA file in canonical form. ``modules`` keys are ``(component, module path)``."""
 
     modules: dict[tuple[str, str], AdapterWeights]
-    format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya"
+    format: str  # "peft", "kohya-flux", "kohya-sdxl", "kohya", "community (<diffusers loader mixin>)"
     unsupported: list[str] = field(default_factory=list)  # keys we understood but cannot apply (DoRA, lora bias…)
     unparsed: list[str] = field(default_factory=list)  # keys in no layout we know
 
@@ -130,7 +147,12 @@ def parse(
     alphas: dict[str, float] = {}
     fmt = "peft"
     unparsed: list[str] = []
-    if is_kohya(state.keys()):
+    loader = diffusers_lora_loader(denoiser) if family == "generic" else None
+    if loader is not None and not _peft_named(state):
+        converted = _convert_with_diffusers(loader, state)
+        if converted is not None:
+            state, fmt = converted, f"community ({loader.__name__})"
+    if fmt == "peft" and is_kohya(state.keys()):
         if family == "flux":
             from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
@@ -153,6 +175,39 @@ def parse(
     state = _normalize_peft_names(state)
     modules, unsupported, rest = _collect(state, alphas, meta)
     return ParsedLora(modules=modules, format=fmt, unsupported=unsupported, unparsed=unparsed + rest)
+
+
+def diffusers_lora_loader(denoiser: nn.Module):
+    """The diffusers LoRA loader mixin for this denoiser's class (`DIFFUSERS_LORA_LOADERS`), or None."""
+    name = DIFFUSERS_LORA_LOADERS.get(type(denoiser).__name__)
+    if name is None:
+        return None
+    from diffusers.loaders import lora_pipeline
+
+    return getattr(lora_pipeline, name, None)
+
+
+def _peft_named(state: dict[str, torch.Tensor]) -> bool:
+    """Every key already diffusers / PEFT (``<module>.lora_A/B.weight``, ``<module>.alpha``) under no foreign prefix."""
+    return not any(k.startswith("diffusion_model.") for k in state) and all(
+        _PEFT_KEY.match(k.removeprefix("base_model.model.")) or k.endswith(".alpha") for k in state
+    )
+
+
+def _convert_with_diffusers(loader, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``loader.lora_state_dict`` on the tensors (a dict: nothing is read from disk, nothing unpickled) →
+    diffusers / PEFT keys; None when the result is still not PEFT-named (a layout that loader does not know:
+    the generic kohya matcher gets the original keys)."""
+    try:
+        # Copies of the tensors: diffusers' Wan converter scales some of them in place (`*= scale_down` on the
+        # caller's tensors, diffusers 0.42.1), which would change a user's dict and double-scale a second load.
+        out = loader.lora_state_dict({k: v.clone() for k, v in state.items()})
+    except (KeyError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        log.info("%s.lora_state_dict did not convert the LoRA (%s: %s)", loader.__name__, type(e).__name__, e)
+        return None
+    if isinstance(out, tuple):  # (state dict, alphas / metadata) for some loaders
+        out = out[0]
+    return out if out and _peft_named(out) else None
 
 
 def _linear_names(model: nn.Module) -> list[str]:
