@@ -37,7 +37,8 @@ class Layout:
     # Nunchaku layer under a block → (kind, target): kind "w4a4" / "shifted" / "awq"; target a tuple of the
     # diffusers linears it fuses (in the file's row order), or one linear's path (a rename), or None (same path)
     layers: dict[str, tuple[str, tuple[str, ...] | str | None]]
-    blocks: Callable[[dict, dict], list[str]]  # (config, quantization_config) → block prefixes holding those layers
+    # (config, quantization_config) → block prefixes holding those layers (or `model_blocks`, below)
+    blocks: Callable[[dict, dict], list[str]] | None = None
     # 16-bit tensors under a block whose diffusers form differs (file key suffix → [(diffusers suffix, rows)]):
     # rows (start, stop) of the file tensor, None for all of it
     renames: dict[str, list[tuple[str, tuple[int, int] | None]]] = field(default_factory=dict)
@@ -47,8 +48,8 @@ class Layout:
     # 16-bit tensors the model holds as one that the file keeps apart (diffusers suffix under a block → file
     # suffixes, concatenated along rows in this order), e.g. SDXL's cross-attention to_k / to_v → svdq's to_kv
     joins: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # block prefixes read off the meta-built model instead of the config (`blocks` is then not called): for
-    # models whose block list the config describes only through diffusers' own construction rules (a UNet)
+    # block prefixes read off the meta-built model instead of the config (instead of `blocks`): for models whose
+    # block list the config describes only through diffusers' own construction rules (a UNet)
     model_blocks: Callable[[nn.Module], list[str]] | None = None
 
 
@@ -271,7 +272,6 @@ SDXL = Layout(
         "ff.net.0.proj": ("w4a4", None),
         "ff.net.2": ("w4a4", None),  # signed (no act_unsigned in NunchakuSDXLFeedForward)
     },
-    blocks=lambda config, qc: [],  # unused: model_blocks
     fix_up=_sdxl_fuse,
     joins={"attn2.to_kv.linear.weight": ("attn2.to_k.weight", "attn2.to_v.weight"),
            "attn2.to_kv.linear.bias": ("attn2.to_k.bias", "attn2.to_v.bias")},
