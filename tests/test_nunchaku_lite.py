@@ -396,13 +396,13 @@ def test_qwenimage_round_trip_is_bit_exact(tmp_path):
     from svdq.models import generic, prepare
     from svdq.testing import families as tf
 
-    pipe = tf.tiny_family_pipeline("qwenimage", 0, torch.bfloat16)
-    captured = {}
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: captured.setdefault("kw", dict(kw)) and None, with_kwargs=True)
-    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("qwenimage"))
-    hook.remove()
-    model = pipe.transformer
+    model = tf.tiny_transformer("qwenimage", 0, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    # what QwenImagePipeline passes its transformer for a 64×64 image (8×8 latent patches) and 64 text tokens
+    kw = dict(hidden_states=torch.randn(1, 64, 64, generator=g).to(torch.bfloat16),
+              encoder_hidden_states=torch.randn(1, 64, 32, generator=g).to(torch.bfloat16),
+              timestep=torch.tensor([0.5], dtype=torch.bfloat16), img_shapes=[[(1, 8, 8)]], return_dict=False)
+    captured = {"kw": kw}
     generic.analyze(model, lambda m: m(**captured["kw"]))
     family = prepare(model)
     svdq.quantize(model, weight_only=family.adaln, progress=False, rank=16)
