@@ -9,7 +9,6 @@ tests/test_nunchaku_format.py (written from the layout description, not svdq's p
 """
 
 import ast
-import copy
 import itertools
 import json
 import math
@@ -18,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
