@@ -117,7 +117,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict, dict, torch.dtype]:
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{where}: quantization_config.quant_method is not {QUANT_METHOD!r}")
-    name = qc.get("compute_dtype", "bfloat16")  # diffusers' default
+    name = qc.get("compute_dtype") or "bfloat16"  # diffusers' default when absent or null
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(f"{where}: quantization_config.compute_dtype = {name!r}, expected a torch floating dtype name (e.g. 'bfloat16')")
