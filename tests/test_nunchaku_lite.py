@@ -243,6 +243,24 @@ def test_independently_packed_directory_loads_to_the_same_layers(flux, flux_dir,
         assert rel(got(x), want(x)) > 0.1, broken
 
 
+def test_awq_qweight_follows_diffuse_compressors_rule():
+    """The AWQ qweight rule as diffuse-compressor states it (backends/nunchaku/layouts.py, code order of
+    pack_awq_w4a16_weight): input c of a 64-group goes to int32 word (c // 32)·4 + (c % 8) // 2, nibble
+    (c % 32) // 8 + 4·(c % 2); four output rows interleaved per group — written here as a loop over c, equal to
+    what the export writes (`nunchaku.pack_awq`, one split)."""
+    n, k = 16, 192
+    g = k // 64
+    u = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    words = torch.zeros(n, g, 8, dtype=torch.int64)
+    for c in range(64):
+        words[:, :, (c // 32) * 4 + (c % 8) // 2] |= u.view(n, g, 64)[:, :, c] << (4 * ((c % 32) // 8 + 4 * (c % 2)))
+    words = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # the 32-bit patterns as int32
+    want = words.view(n // 4, 4, g, 8).permute(0, 2, 1, 3).reshape(n // 4, k // 2)
+    s = torch.rand(n, g).to(torch.bfloat16)
+    assert torch.equal(nk.pack_awq(u.to(torch.uint8), s, s, None, 1, pad_groups=False)["qweight"], want)
+    assert not torch.equal(nk.pack_awq(u.to(torch.uint8), s, s, None, 2, pad_groups=False)["qweight"], want)
+
+
 def test_sharded_directory_and_pipeline_directory_load(flux, flux_dir, tmp_path):
     model, inp, y = flux
     pipe = tmp_path / "pipe"
