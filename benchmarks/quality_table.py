@@ -32,7 +32,7 @@ import svdq  # noqa: E402
 from svdq.testing import tiny  # noqa: E402
 from svdq.commands.eval import psnr, ssim  # noqa: E402
 from svdq.models import FAMILIES, call_defaults, pipeline_model, prepare  # noqa: E402
-from svdq.quantize import collect_input_stats, quantized_layers, select_linears  # noqa: E402
+from svdq.quantize import quantized_layers, select_linears  # noqa: E402
 
 FAMILY_NAMES = ("flux", "sdxl", "pixart")
 STEPS = 4
@@ -59,6 +59,7 @@ VARIANTS = {
     "naive": dict(method="naive"),
     "SmoothQuant": dict(method="smoothquant", rounding="nearest"),
     "SVDQuant (r32)": dict(method="svdquant", rank=32, rounding="nearest"),
+    # GPTQ rounding of the residual, then the low-rank branch refit to the codes (svdq.gptq)
     "SVDQuant + GPTQ (r32)": dict(method="svdquant", rank=32, rounding="gptq"),
     # per-layer ranks under the byte budget of uniform rank 32 (rank_budget=UNIFORM_32 is resolved per model)
     "SVDQuant + GPTQ, per-layer rank (r32 bytes)": dict(method="svdquant", rank=32, rounding="gptq",
@@ -94,10 +95,31 @@ def generate(pipe, prompts, seed0: int):
 
 
 def held_out_inputs(pipe, model, layers) -> dict[str, torch.Tensor]:
-    """Input rows of every selected layer while the 16-bit pipeline runs the EVAL_PROMPTS."""
+    """HELD_OUT_ROWS input rows of every selected layer, drawn uniformly (seeded) from *all* the rows it sees
+    while the 16-bit pipeline runs the EVAL_PROMPTS — every occurrence counts, as in the layer's real use.
+
+    Not the calibration sampler (`collect_input_stats`): that one keeps distinct rows, by content key. Before it
+    did, repeated rows shared a key and its sample was all-or-nothing copies: on the tiny SDXL the held-out
+    rows of the 16 cross-attention k/v and output layers were all zero rows (the empty negative prompt's
+    embedding), so those layers scored error 0 under every method."""
     calib = svdq.calibrate_pipeline(pipe, EVAL_PROMPTS, seed=EVAL_SEED, progress=False, **call_kwargs(pipe))
-    stats = collect_input_stats(model, layers, calib, HELD_OUT_ROWS)
-    return {name: s.sample for name, s in stats.items() if s.sample is not None}
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, _n=name: rows[_n].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+        for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            calib(model)
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    out = {}
+    for name, chunks in rows.items():
+        if chunks:
+            x = torch.cat(chunks)
+            out[name] = x[torch.randperm(x.shape[0], generator=gen)[:HELD_OUT_ROWS]]
+    return out
 
 
 def layer_errors(model, originals: dict, inputs: dict) -> dict[str, float]:
@@ -165,8 +187,8 @@ def markdown(results: dict, meta: dict) -> str:
         f"Tiny FLUX.1 / SDXL / PixArt-Σ pipelines from `svdq.testing.tiny` (seeded synthetic weights with planted "
         f"activation outliers, fp32, CPU), {STEPS} steps, 32×32 images. Calibration: {len(CALIB_PROMPTS)} prompts "
         f"(seeds 0…), smoothing grid α ∈ {ALPHAS} for every method. Per-layer error: relative output error ‖y_q − y‖/‖y‖ of every quantized layer on inputs "
-        f"recorded from {len(EVAL_PROMPTS)} *held-out* prompts (seeds {EVAL_SEED}…; up to {HELD_OUT_ROWS} rows per "
-        f"layer), averaged over layers. End to end: PSNR / SSIM of the held-out prompts' images against the 16-bit "
+        f"recorded from {len(EVAL_PROMPTS)} *held-out* prompts (seeds {EVAL_SEED}…; {HELD_OUT_ROWS} rows per layer drawn "
+        f"uniformly from all the rows it sees), averaged over layers. End to end: PSNR / SSIM of the held-out prompts' images against the 16-bit "
         f"pipeline (same seeds). LPIPS: not computed (needs AlexNet weights, not available offline). These are "
         f"toy models: the numbers rank the methods; they do not predict FLUX.1-dev image quality.",
         "",

@@ -2,7 +2,9 @@
 
 What could break: the stored format (codes, scales, padding) drifting from docs/numerics.md §3; the error
 spread going to the wrong columns (then GPTQ is *worse* than round-to-nearest); the Hessian built from raw
-instead of smoothed inputs; the guard that keeps round-to-nearest where GPTQ does not help.
+instead of smoothed inputs; the low-rank refit after GPTQ fitting in the wrong metric (or not at all); the
+guard that keeps round-to-nearest where GPTQ does not help; the calibration sample collapsing onto repeated
+rows (then the tiny SDXL's cross-attention layers are calibrated on zero rows only).
 """
 
 import pytest
@@ -11,7 +13,7 @@ from torch import nn
 
 import svdq
 from svdq.decompose import decompose, fake_quant_forward, smoothing_factors
-from svdq.gptq import gptq_quantize_weight, smoothed_hessian
+from svdq.gptq import dequantize, gptq_quantize_weight, refit_low_rank, smoothed_hessian
 from svdq.ops import reference as ref
 
 
@@ -113,7 +115,7 @@ def test_quantize_gptq_beats_nearest_on_outlier_layers():
             if rounding == "gptq":
                 assert report["rounding"] == "gptq" and report["rel_error"] < report["rel_error_nearest"]
     mean = {r: sum(e) / len(e) for r, e in errors.items()}
-    assert mean["gptq"] <= 0.85 * mean["nearest"], errors  # measured 0.81 (each seed 0.81–0.82)
+    assert mean["gptq"] <= 0.85 * mean["nearest"], errors  # measured 0.80 (GPTQ without the refit: 0.81)
     assert all(g <= 1.01 * n for g, n in zip(errors["gptq"], errors["nearest"])), errors
 
 
@@ -125,16 +127,188 @@ def test_gptq_falls_back_to_nearest_without_calibration_and_where_it_does_not_he
     nearest = svdq.SVDQLinear.from_linear(lin, rank=32)
     assert torch.equal(data_free[0].qweight, nearest.qweight)  # rounded to nearest: no Hessian without data
 
-    # A GPTQ that makes things worse (error spread with the wrong sign) must be rejected by the guard.
+    # A GPTQ that makes things worse must be rejected by the guard. (Error spread with the wrong sign is no
+    # longer bad enough: the low-rank refit after it absorbs much of the damage; codes of −R are.)
     import svdq.decompose as d
 
     real = d.gptq_quantize_weight
-    monkeypatch.setattr(d, "gptq_quantize_weight", lambda r, h, dt: real(r, -h + 2 * torch.diag(torch.diag(h)), dt))
+    monkeypatch.setattr(d, "gptq_quantize_weight", lambda r, h, dt: real(-r, h, dt))
     lin, calib_x, _ = correlated_outlier_layer(3)
     model = nn.Sequential(lin)
     svdq.quantize(model, calibration=lambda m: m(calib_x), rounding="gptq", progress=False)
     assert model.svdq_report["0"]["rounding"] == "nearest"
     assert model.svdq_report["0"]["rel_error"] == model.svdq_report["0"]["rel_error_nearest"]
+
+
+# ---- the low-rank branch refit after GPTQ (svdq.gptq.refit_low_rank) ----
+
+def test_refit_low_rank_is_the_best_rank_r_fit_in_the_input_metric():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(48, 96, generator=g)
+    x = (torch.randn(600, 12, generator=g) @ torch.randn(12, 96, generator=g) + 0.1 * torch.randn(600, 96, generator=g))
+    x[:, :4] *= 20  # outlier channels: the metric differs a lot from the plain Frobenius norm
+    h = x.T @ x
+    l1, l2 = refit_low_rank(t, h, 8)
+    assert l1.shape == (48, 8) and l2.shape == (8, 96)
+    torch.testing.assert_close(l2 @ l2.T, torch.eye(8), atol=1e-5, rtol=0)  # stored in SVD form (§2.2)
+    # Eckart–Young in the C metric (H + δI = C·Cᵀ, δ = 0.01·mean diag): the error is the tail of T·C's spectrum
+    c = torch.linalg.cholesky(h + 0.01 * torch.diagonal(h).mean() * torch.eye(96))
+    sv = torch.linalg.svdvals(t @ c)
+    got = float(((t - l1 @ l2) @ c).norm())
+    assert got == pytest.approx(float(sv[8:].norm()), rel=1e-4)
+    # ...which the plain SVD (what SVDQuant's branch is) and the wrong-side factor C⁻ᵀ do not reach
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    assert float(((t - (u[:, :8] * s[:8]) @ vh[:8]) @ c).norm()) > 1.2 * got
+    a = torch.linalg.svd(t @ torch.linalg.inv(c).T, full_matrices=False)
+    wrong = (a.U[:, :8] * a.S[:8]) @ a.Vh[:8] @ c.T
+    assert float(((t - wrong) @ c).norm()) > 1.2 * got
+    # H = I (or no signal at all): the plain best rank-r approximation
+    for eye in (torch.eye(96), torch.zeros(96, 96)):
+        e1, e2 = refit_low_rank(t, eye, 8)
+        torch.testing.assert_close(e1 @ e2, (u[:, :8] * s[:8]) @ vh[:8], atol=1e-4, rtol=1e-4)
+
+
+def _variants_at_alpha(lin, calib_x, alpha):
+    """Decompositions of one layer at smoothing α: round to nearest, GPTQ + refit (decompose(xtx=)), and the
+    broken variants the refit and the Hessian must beat."""
+    from svdq.decompose import Decomposition, top_singular
+
+    w = lin.weight.detach()
+    k = w.shape[1]
+    lam = smoothing_factors(calib_x.abs().amax(0), w, alpha)
+    xtx = calib_x.T @ calib_x
+    near = decompose(w, 32, lam)
+    lam_d = near.smooth.float()
+    residual = w * lam_d - near.lora_up.float() @ (lam_d[:, None] * near.lora_down.float()).T
+    q, s = gptq_quantize_weight(residual, smoothed_hessian(xtx, lam_d), torch.float32)
+    l1, l2 = top_singular(w * lam_d - dequantize(q, s, k), 32)
+    return {
+        "nearest": near,
+        "gptq": decompose(w, 32, lam, xtx=xtx),
+        "no refit": Decomposition(q, s, near.smooth, near.lora_down, near.lora_up),  # the SVD branch kept
+        "refit unweighted": Decomposition(q, s, near.smooth, l2.T / lam_d[:, None], l1),  # refit ignoring H
+        # zeroed Hessian compensation: only diag(H) → GPTQ rounds to nearest, the refit weighs channels only
+        "diagonal Hessian": decompose(w, 32, lam, xtx=torch.diag(torch.diagonal(xtx))),
+    }
+
+
+def test_refit_and_hessian_compensation_each_lower_the_held_out_error():
+    errors = {}
+    for seed in range(2):
+        lin, calib_x, test_x = correlated_outlier_layer(seed)
+        y = test_x @ lin.weight.detach().T
+        for name, dec in _variants_at_alpha(lin, calib_x, 0.7).items():  # α = 0.7: what the search picks here
+            errors.setdefault(name, []).append(float((fake_quant_forward(test_x, dec) - y).norm() / y.norm()))
+    mean = {name: sum(e) / len(e) for name, e in errors.items()}
+    ratio = {name: m / mean["gptq"] for name, m in mean.items()}
+    # measured: nearest 1.26, no refit 1.02, refit unweighted 1.07, diagonal Hessian 1.15 (× GPTQ + refit)
+    assert ratio["nearest"] > 1.18 and ratio["no refit"] > 1.01 and ratio["refit unweighted"] > 1.03, ratio
+    assert ratio["diagonal Hessian"] > 1.08, ratio
+    assert all(g < n for g, n in zip(errors["gptq"], errors["no refit"])), errors  # every seed
+
+
+def test_gptq_decomposition_keeps_the_stored_format():
+    lin, calib_x, _ = correlated_outlier_layer(6, k=200)
+    w = lin.weight.detach().to(torch.bfloat16)
+    lam = smoothing_factors(calib_x.abs().amax(0), w, 0.5)
+    near = decompose(w, 20, lam)
+    dec = decompose(w, 20, lam, xtx=calib_x.T @ calib_x)
+    for name in ("qweight", "wscales", "smooth", "lora_down", "lora_up"):
+        a, b = getattr(dec, name), getattr(near, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape)
+    assert dec.lora_down.shape == (200, 32) and torch.equal(dec.smooth, near.smooth)
+    assert (dec.lora_down[:, 20:] == 0).all() and (dec.lora_up[:, 20:] == 0).all()  # rank 20 padded to 32
+    assert float(dec.lora_up[:, :20].float().norm()) > 0
+    codes = ref.unpack_int4(dec.qweight)
+    assert codes.min() >= ref.QMIN and codes.max() <= ref.QMAX and (codes[:, 200:] == 0).all()
+    assert (codes.abs().amax(dim=-1) >= 6).all()  # s = max|group|/7 of the values GPTQ rounds: ranges used
+    # the refit branch stays in SVD form (orthonormal rows of L2 = λ·lora_down), like the plain one
+    l2 = (dec.smooth.float()[:, None] * dec.lora_down.float())[:, :20].T
+    torch.testing.assert_close(l2 @ l2.T, torch.eye(20), atol=0.02, rtol=0)  # bf16-rounded factors
+
+
+# ---- the tiny SDXL pipeline's calibrated layers ----
+
+@pytest.fixture(scope="module")
+def sdxl_layers():
+    """The tiny SDXL UNet's quantized layers, their calibration statistics (2 prompts × 2 steps, CFG, Hessians
+    for every layer) and held-out input rows (another prompt and seed; 512 rows per layer drawn uniformly from
+    every row the layer sees)."""
+    from svdq.models import FAMILIES, call_defaults, pipeline_model, prepare
+    from svdq.quantize import collect_input_stats, select_linears
+    from svdq.testing import tiny
+
+    pipe = tiny.tiny_pipeline("sdxl")
+    model = pipeline_model(pipe)
+    prepare(model)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, **call_defaults(pipe))
+    layers = select_linears(model, svdq.QuantizeConfig(exclude=FAMILIES["sdxl"].exclude))
+    calib = svdq.calibrate_pipeline(pipe, ["a lighthouse in a storm, watercolor", "portrait of an old man"],
+                                    progress=False, **kwargs)
+    stats = collect_input_stats(model, layers, calib, 256, xtx=list(layers))
+    rows = {name: [] for name in layers}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, _n=name: rows[_n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for name, m in layers.items()]
+    try:
+        svdq.calibrate_pipeline(pipe, ["a red fox sitting in the snow"], seed=100, progress=False, **kwargs)(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(0)
+    held = {}
+    for name, chunks in rows.items():
+        x = torch.cat(chunks)
+        held[name] = x[torch.randperm(x.shape[0], generator=g)[:512]]
+    return layers, stats, held
+
+
+def test_gptq_beats_nearest_on_the_tiny_sdxl_layers(sdxl_layers):
+    # Done criterion of issue 16 on a pipeline: ≥ 15 % lower mean held-out per-layer error than SVDQuant round
+    # to nearest, no layer worse beyond noise. The SDXL layers are where GPTQ alone fell short (K = 64: one
+    # group per row; the refit of the rank-32 branch after it is what reaches the goal).
+    from svdq.quantize import quantize_layer
+
+    layers, stats, held = sdxl_layers
+    cross_kv = [n for n in layers if n.endswith("attn2.to_kv.linear")]
+    assert cross_kv and all(int((stats[n].sample.abs().sum(1) > 0).sum()) > 100 for n in cross_kv)  # not zero rows
+    config = svdq.QuantizeConfig(alphas=(0.3, 0.5, 0.7), rounding="gptq")
+    errors = {"nearest": {}, "gptq": {}}
+    with torch.no_grad():
+        for name, lin in layers.items():
+            w, x = lin.weight.detach(), held[name]
+            y = x @ w.T
+            if float(y.norm()) == 0:  # every held-out row zero (can happen for cross-attention): nothing to score
+                continue
+            dec, info = quantize_layer(lin, stats[name], config)
+            alpha = info["alpha"]
+            near = decompose(w, 32, None if alpha is None else smoothing_factors(stats[name].absmax, w, alpha))
+            for key, d in (("nearest", near), ("gptq", dec)):
+                errors[key][name] = float((fake_quant_forward(x, d) - y).norm() / y.norm())
+    assert len(errors["gptq"]) >= 50
+    mean = {k: sum(e.values()) / len(e) for k, e in errors.items()}
+    assert mean["gptq"] <= 0.85 * mean["nearest"], mean  # measured 0.77
+    worst = max(errors["gptq"][n] / errors["nearest"][n] for n in errors["gptq"])
+    assert worst <= 1.02, worst  # measured 0.94 (no layer worse)
+
+
+# ---- the calibration sample ----
+
+def test_calibration_sample_keeps_distinct_rows_whatever_the_split():
+    from svdq.quantize import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(300, 64, generator=g)
+    # the SDXL case: half the rows one all-zero row (empty negative prompt), text rows repeated every step
+    x = torch.cat([torch.zeros(2000, 64), distinct.repeat(4, 1)])
+    x = x[torch.randperm(x.shape[0], generator=g)]
+    whole, split = InputStats(), InputStats()
+    whole.update(x, 256)
+    for chunk in x.split(333):
+        split.update(chunk, 256)
+    assert torch.equal(whole.sample, split.sample) and torch.equal(whole.keys, split.keys)
+    assert whole.sample.shape == (256, 64) and whole.seen == x.shape[0]
+    assert torch.unique(whole.sample, dim=0).shape[0] == 256  # no row twice (before: 256 copies of a few rows)
+    assert int((whole.sample.abs().sum(1) == 0).sum()) <= 1
 
 
 def test_dead_channels_and_bad_hessians():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gptq import gptq_quantize_weight, smoothed_hessian
+from .gptq import dequantize, gptq_quantize_weight, refit_low_rank, smoothed_hessian
 from .ops import reference
 from .ops.reference import RANK_MULTIPLE
 
@@ -87,7 +87,8 @@ def decompose(
     `rank` is clamped to min(N, K) and then padded with zero columns to a multiple of 16; `smooth` (λ, [K])
     defaults to ones (data-free). The dtype `D` of the stored tensors is `weight.dtype`.
     xtx: Σ xᵀx [K, K] of the layer's raw calibration inputs → the residual is rounded by GPTQ against the
-    smoothed inputs' Hessian (`svdq.gptq`); ``None`` → round to nearest (§2.4).
+    smoothed inputs' Hessian and the low-rank branch is then refit to the codes (`svdq.gptq`); ``None`` →
+    round to nearest (§2.4).
     factors: `top_singular(W·diag(λ), r')` for some r' ≥ rank, already computed for this λ (the per-layer
     rank search reuses one SVD for every rank it tries); ``None`` → computed here.
     """
@@ -118,7 +119,12 @@ def decompose(
     else:
         if xtx.shape != (k, k):
             raise ValueError(f"xtx must have shape ({k}, {k}) for a weight {tuple(weight.shape)}, got {tuple(xtx.shape)}")
-        qweight, wscales = gptq_quantize_weight(residual, smoothed_hessian(xtx.to(w.device), lam), dtype)
+        hessian = smoothed_hessian(xtx.to(w.device), lam)
+        qweight, wscales = gptq_quantize_weight(residual, hessian, dtype)
+        if r > 0:  # the branch is refit to the error the codes left, in the inputs' metric (svdq.gptq)
+            l1, l2 = refit_low_rank(w_hat - dequantize(qweight, wscales, k), hessian, r)
+            lora_down[:, :r] = (l2.T / lam.unsqueeze(1)).to(dtype)
+            lora_up[:, :r] = l1.to(dtype)
     return Decomposition(qweight, wscales, lam.to(dtype), lora_down, lora_up)
 
 

@@ -184,7 +184,7 @@ def select_weight_only(model: nn.Module, config: QuantizeConfig) -> dict[str, nn
 
 @dataclass
 class InputStats:
-    """Per-layer calibration record: per-channel max |x| and a bounded uniform sample of input rows."""
+    """Per-layer calibration record: per-channel max |x| and a bounded uniform sample of the distinct input rows."""
 
     absmax: torch.Tensor | None = None
     sample: torch.Tensor | None = None  # [≤ capacity, K] on CPU, input dtype
@@ -201,20 +201,30 @@ class InputStats:
             self.xtx = xf.T @ xf if self.xtx is None else self.xtx.addmm_(xf.T, xf)
         cur = x.abs().amax(dim=0).to(torch.float32)
         self.absmax = cur if self.absmax is None else torch.maximum(self.absmax, cur)
-        # Bottom-k sample: keep the `capacity` rows with the smallest keys, in key order. The keys hash each
+        # Bottom-k sample: keep the `capacity` distinct rows with the smallest keys, in key order. The keys hash each
         # row's bytes (uniform, but not random): the sample does not depend on the order or the split of the
         # tokens, so ranks of a context-parallel run can merge theirs into one process's (svdq.parallel).
-        keys = row_keys(x).cpu()
-        keys, idx = keys.sort(stable=True)
-        keys, idx = keys[:capacity], idx[:capacity]
+        keys, idx = _smallest_distinct(row_keys(x).cpu(), capacity)
         rows = x[idx.to(x.device)].to("cpu", copy=True)
         if self.sample is not None:
-            keys = torch.cat([self.keys, keys])
-            rows = torch.cat([self.sample, rows.to(self.sample.dtype)])
-            keys, idx = keys.sort(stable=True)
-            keys, rows = keys[:capacity], rows[idx[:capacity]]
+            keys, idx = _smallest_distinct(torch.cat([self.keys, keys]), capacity)
+            rows = torch.cat([self.sample, rows.to(self.sample.dtype)])[idx]
         self.sample, self.keys = rows, keys
         self.seen += x.shape[0]
+
+
+def _smallest_distinct(keys: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ``capacity`` smallest *distinct* keys ascending, their positions in ``keys``).
+
+    Why distinct: identical rows share one key (it hashes the bytes), so keeping every copy made the sample
+    all-or-nothing copies of a few rows. Text embeddings repeat every sampling step, and under classifier-free
+    guidance SDXL's empty negative prompt is all zeros — half the rows of its cross-attention inputs are one
+    row; on the tiny SDXL pipeline the k/v and output projections of cross-attention got samples of zero rows
+    only, so their α search and the GPTQ guard measured no error at all. Each distinct row counts once."""
+    keys, idx = keys.sort(stable=True)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys[first][:capacity], idx[first][:capacity]
 
 
 def collect_input_stats(
