@@ -128,3 +128,14 @@ def test_dtype_mismatch_is_reported(dirs, capsys):
     rc = cli.main(["generate", "--model", str(dirs["pixart"]), "--quantized", str(dirs["pixart-q"]),
                    "--dtype", "bf16", "--prompt", "x", "--out", str(dirs["root"] / "x.png")])
     assert rc == 1 and "is torch.float32 but the pipeline was asked for torch.bfloat16" in capsys.readouterr().err
+
+
+def test_quantize_exclude_keeps_layers_16bit(dirs, capsys):
+    import svdq
+
+    out = dirs["root"] / "pixart-q-exclude"
+    assert cli.main(["quantize", "--model", str(dirs["pixart"]), "--out", str(out), "--data-free",
+                     "--exclude", "*attn2*", "--exclude", "*ff.net.2"]) == 0
+    names = set(svdq.quantized_layers(svdq.from_pretrained(out)))
+    assert names and not any("attn2" in n or n.endswith("ff.net.2") for n in names)
+    assert any("attn1.to_qkv" in n for n in names)  # the family's fused groups still apply

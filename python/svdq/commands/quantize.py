@@ -143,6 +143,9 @@ def add_parser(sub) -> None:
                    help="large text encoders (T5: FLUX.1's text_encoder_2, PixArt's, SD3's; others >= 0.3 B "
                         "parameters): keep 16-bit (default) or weight-only 4-bit (W4A16), saved under "
                         "OUT/text_encoders/ (svdq.load_text_encoders)")
+    p.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
+                   help="keep the linears matching this fnmatch pattern 16-bit, besides the family's defaults "
+                        "(repeatable; e.g. '*attn2.to_kv' for a Nunchaku-exportable SDXL)")
     p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
@@ -242,7 +245,13 @@ def run(args) -> int:
                                            propagate=getattr(args, "propagate", "quantized"))
     if streaming:
         print(f"streaming block by block; finished blocks are kept in {state_dir} (rerun to resume)")
+    exclude = None
+    if getattr(args, "exclude", None):
+        from ..quantize import DEFAULT_EXCLUDE
+
+        exclude = tuple(family.exclude if family else DEFAULT_EXCLUDE) + tuple(args.exclude)
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
+                  exclude=exclude,
                   act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"),
                   act_shift=getattr(args, "act_shift", 0.0), **stream)
     out = svdq.save_pretrained(model, args.out, base=str(args.model))
