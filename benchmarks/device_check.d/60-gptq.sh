@@ -2,6 +2,8 @@
 # extrapolated extra quantize time for the whole FLUX.1-dev (19 double + 38 single blocks, fused projections).
 # Prediction (written before measuring): the column loop is K steps of ~6 small kernels (~10 µs each) → ~0.2 s
 # at K = 3072, ~0.8 s at K = 12288/15360; Cholesky/inverse of H < 0.2 s; so ≈ 2–3 min extra for the model.
+# The low-rank refit after GPTQ (svdq.gptq.refit_low_rank, timed inside decompose): one more Cholesky of H,
+# (Ŵ − Q)·C (N·K² flops) and a randomized rank-32 SVD — predicted +0.05–0.2 s per layer, ≈ +0.5 min for the model.
 # Results in $OUT/gptq/timing.json: per shape seconds for decompose (nearest) and decompose (gptq), the
 # output-error ratio gptq/nearest on held-out rows (must be < 1), the codes/scales format checks, and the total.
 gptq_cuda_timing() {

@@ -6,20 +6,24 @@ rounded, weighted by the inverse Hessian H = X̂ᵀX̂ of the layer's smoothed c
 minimizes ‖X̂ (R − R_q)ᵀ‖ (the residual's share of the output error) instead of ‖R − R_q‖.
 
 Only *how the codes and scales are chosen* changes: the result is the stored format of §3 exactly — codes
-−8..7, one scale in the model dtype per row and 64-group, padding columns 0, no reordering (act-order would
-permute columns across groups, which the format cannot express). Each group's scale is chosen when GPTQ
+−8..7, one scale in the model dtype per row and 64-group, padding columns 0, columns in stored order
+(act-order with static groups would fit the format too; it measured no gain, below). Each group's scale is chosen when GPTQ
 reaches the group, from the group's values *after* the earlier columns' error was spread onto them
 (`s = D(max|group| / 7)`, the §2.4 formula on the updated values), so the scale covers what is rounded.
 
 After the codes are chosen, the rank-r low-rank branch is refit to what they left (`refit_low_rank`): the
 branch was the top-r SVD of Ŵ, chosen before any rounding and blind to the inputs; the refit takes the best
 rank-r L for ‖X̂ (Ŵ − Q − L)ᵀ‖ (Ŵ's smoothed weight, Q the dequantized codes), so the 16-bit branch absorbs the
-largest directions of the codes' output error. Same stored tensors (lora_down, lora_up) and shapes. Measured on
-the tiny pipelines' held-out inputs (docs/quality.md): GPTQ alone lowers the mean per-layer error by 10–26 %
-against round to nearest, GPTQ + refit by 24–30 %. Measured and *not* kept (issue 16): alternating GPTQ ↔
-refit (no further gain), act-order with static groups (±1 %), dampening 0.1 / 0.001 (±0.5 %), and GPTQ against
-the quantized activations X̃ (W' = R·X̂ᵀX̃·(X̃ᵀX̃)⁻¹, Hessian X̃ᵀX̃): lower error on the calibration rows but
-up to 8× higher on held-out rows — it fits the calibration rows' particular activation rounding.
+largest directions of the codes' output error. Same stored tensors (lora_down, lora_up) and shapes.
+
+Measured (`benchmarks/quality/gptq_variants.py` → `benchmarks/results/gptq_variants_cpu.json`: tiny FLUX.1 /
+SDXL / PixArt-Σ pipelines, mean held-out per-layer error against round to nearest): GPTQ with the plain SVD
+branch −22 / −16 / −26 %, with the refit −25 / −24 / −30 % (worst layer 0.83 / 0.92 / 0.82× nearest).
+Measured and *not* kept: alternating GPTQ ↔ refit twice (within ±0.3 %, twice the time), act-order with static
+groups (within ±0.6 %), dampening 0.1 / 0.001 (within ±0.5 %), and GPTQ against the quantized activations X̃
+(W' = R·X̂ᵀX̃·(X̃ᵀX̃)⁻¹, Hessian X̃ᵀX̃): −40 % on PixArt-Σ but +18 % on SDXL and +625 % on FLUX (worst layers 7.8×
+and 109×) — it fits the calibration rows' particular activation rounding where rows are few per channel, and
+the guard (error on the calibration sample, part of those rows) cannot see that.
 """
 
 from __future__ import annotations

@@ -66,10 +66,10 @@ class QuantizeConfig:
     calib_tokens: input rows kept per layer for the search (bounded memory). weight_only: fnmatch patterns of
     layers to make weight-only 4-bit (W4A16, `SVDQWeightOnlyLinear`), chosen among the `nn.Linear` layers that
     include / exclude keep 16-bit (e.g. a family's ``svdq.models.FAMILIES[...].adaln``); default none.
-    rounding: "gptq" (default; `svdq.gptq`: codes chosen against the calibration inputs' Hessian — needs
-    calibration, data-free layers round to nearest; kept per layer only where it lowers the output error on the
-    calibration sample; the Hessians take K²·4 bytes per layer during calibration, see
-    `svdq.gptq.layers_within_memory`) or "nearest" (docs/numerics.md §2.4).
+    rounding: "gptq" (default; `svdq.gptq`: codes chosen against the calibration inputs' Hessian, then the
+    low-rank branch refit to them — needs calibration, data-free layers round to nearest; kept per layer only
+    where it lowers the output error on the calibration sample; the Hessians take K²·4 bytes per layer during
+    calibration, see `svdq.gptq.layers_within_memory`) or "nearest" (docs/numerics.md §2.4).
     rank_budget: total bytes of all W4A4 layers' low-rank branches (lora_down + lora_up), spent per layer in
     ranks of multiples of 16 (0 … 4·rank) where the calibration error drops most (`allocate_layer_ranks`);
     ``None`` (default) → every layer gets `rank`. Needs calibration and method "svdquant".
