@@ -57,13 +57,70 @@ PIXART_SIGMA = dict(activation_fn="gelu-approximate", attention_bias=True, atten
 CPU_FLUX = dict(FLUX_DEV, num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=64,
                 joint_attention_dim=512, pooled_projection_dim=256, axes_dims_rope=(8, 28, 28))
 
+# The generic family's models (docs/models.md, "Generic family": the table's "published config counted"), each the
+# transformer/config.json of its hub repo. Written out even where they equal the diffusers 0.42.1 class defaults
+# (noted per entry), so a change of a default cannot silently change what is benchmarked; tests/
+# test_bench_families.py checks every one against the table's bf16 GiB column.
+# Qwen/Qwen-Image = QwenImageTransformer2DModel() defaults: 60 blocks, 24 × 128 = 3072 wide, Qwen2.5-VL-7B text 3584.
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+# Wan-AI/Wan2.1-T2V-14B-Diffusers = WanTransformer3DModel() defaults: 40 blocks, 40 × 128 = 5120, FFN 13824, UMT5 4096.
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+# stabilityai/stable-diffusion-3.5-large (NOT the class defaults, which are SD3-medium's 18 blocks × 1152): 38 blocks,
+# 38 heads × 64 = 2432 wide, QK RMSNorm, no dual-attention blocks (those are SD3.5-medium's), pos-embed grid 192.
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
+                  qk_norm="rms_norm")
+# Tongyi-MAI/Z-Image-Turbo = ZImageTransformer2DModel() defaults: 30 blocks + 2 noise + 2 context refiners, 3840 wide,
+# Qwen3-4B text 2560.
+Z_IMAGE_TURBO = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                     n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                     rope_theta=256.0, t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512))
+# black-forest-labs/FLUX.2-dev = Flux2Transformer2DModel() defaults: 8 double + 48 single blocks, 48 × 128 = 6144,
+# Mistral-Small-3.1 text 3 layers × 5120 = 15360, guidance-distilled (guidance embedder).
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True)
+# lodestones/Chroma1-HD = ChromaTransformer2DModel() defaults: FLUX.1's 19 + 38 blocks, 5-layer modulation approximator.
+CHROMA1 = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+               approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers = SanaTransformer2DModel() defaults: 20 blocks, 70 × 32 = 2240,
+# DC-AE f32c32 latents (32 channels, 1/32 of the pixels), Gemma-2-2B text 2304.
+SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False,
+                  norm_eps=1e-6)
+# HiDream-ai/HiDream-I1-Full (the class has no usable defaults: patch_size / caption_channels / llama_layers are
+# None): 16 double + 32 single blocks, 20 × 128 = 2560, MoE of 4 routed experts (2 active) + a shared one, T5 and
+# Llama-3.1-8B text 4096 each, pooled CLIP-L + CLIP-G 2048; each block reads one of Llama's 32 layers' hidden
+# states (llama_layers: the 32 layers, then the last one again for the remaining 16 blocks; it does not change
+# the parameter count).
+HIDREAM_I1 = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+                  attention_head_dim=128, num_attention_heads=20, caption_channels=(4096, 4096), text_emb_dim=2048,
+                  num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
+                  max_resolution=(128, 128), llama_layers=tuple(range(32)) + (31,) * 16)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     cls: str  # diffusers class
     config: dict
-    text_tokens: int  # FLUX: T5 max_sequence_length; SDXL: CLIP 77; PixArt-Σ: T5 300
+    # Text tokens the denoiser receives. FLUX: T5 max_sequence_length; SDXL: CLIP 77; PixArt-Σ: T5 300; the generic
+    # families: what their pipeline passes (padded pipelines: max_sequence_length; see GENERIC_MODELS).
+    text_tokens: int
+    family: str = ""  # generic family: its key in svdq.testing.families (tiny stand-in, call kwargs); "" hand-written
+    vae_scale: int = 8  # pixels per latent pixel (spatial)
+    frames: int = 1  # video frames in pixels (Wan)
+    vae_temporal: int = 1  # frames per latent frame after the first (Wan's VAE: 4)
+
+    @property
+    def generic(self) -> bool:
+        return bool(self.family)
 
 
 MODELS = {
@@ -72,13 +129,42 @@ MODELS = {
     "sdxl": ModelSpec("sdxl", "UNet2DConditionModel", SDXL_UNET, 77),
     "pixart-sigma": ModelSpec("pixart-sigma", "PixArtTransformer2DModel", PIXART_SIGMA, 300),
 }
+# Text tokens: padded pipelines pass max_sequence_length tokens (Wan's UMT5 512, SD3.5's CLIP 77 + T5 256, FLUX.2's
+# Mistral 512, Chroma's T5 512, SANA's Gemma-2 300, HiDream's T5 128 and Llama 128); Qwen-Image and Z-Image pass the
+# prompt's own tokens (no padding): 128 here, a long prompt. Wan: 17 frames (5 latent frames) at res×res.
+GENERIC_MODELS = {
+    "qwen-image": ModelSpec("qwen-image", "QwenImageTransformer2DModel", QWEN_IMAGE, 128, "qwenimage"),
+    "wan2.1-14b": ModelSpec("wan2.1-14b", "WanTransformer3DModel", WAN_14B, 512, "wan", frames=17, vae_temporal=4),
+    "sd3.5-large": ModelSpec("sd3.5-large", "SD3Transformer2DModel", SD35_LARGE, 77 + 256, "sd3"),
+    "z-image-turbo": ModelSpec("z-image-turbo", "ZImageTransformer2DModel", Z_IMAGE_TURBO, 128, "zimage"),
+    "flux2-dev": ModelSpec("flux2-dev", "Flux2Transformer2DModel", FLUX2_DEV, 512, "flux2"),
+    "chroma1": ModelSpec("chroma1", "ChromaTransformer2DModel", CHROMA1, 512, "chroma"),
+    "sana-1600m": ModelSpec("sana-1600m", "SanaTransformer2DModel", SANA_1600M, 300, "sana", vae_scale=32),
+    "hidream-i1": ModelSpec("hidream-i1", "HiDreamImageTransformer2DModel", HIDREAM_I1, 128, "hidream"),
+}
+MODELS.update(GENERIC_MODELS)
+
+
+def _tiny_text_tokens(family: str) -> int:
+    """Text tokens the family's tiny pipeline hands its transformer (svdq.testing.families.CALL_KWARGS)."""
+    from ..testing import families as tf
+
+    n = tf.CALL_KWARGS[family]["max_sequence_length"]
+    return 77 + n if family == "sd3" else n  # SD3: CLIP's 77 tokens before T5's
 
 
 def cpu_spec(name: str) -> ModelSpec:
-    """The scaled-down stand-in for `name` in CPU mode (FLUX: CPU_FLUX; SDXL / PixArt-Σ: svdq.testing.tiny's configs)."""
+    """The scaled-down stand-in for `name` in CPU mode (FLUX: CPU_FLUX; SDXL / PixArt-Σ: svdq.testing.tiny's configs;
+    the generic families: svdq.testing.families' tiny configs, with their tiny VAEs' 2× latent scale)."""
     from ..testing import tiny
 
     spec = MODELS[name]
+    if spec.generic:
+        from ..testing import families as tf
+
+        video = spec.frames > 1
+        return ModelSpec(name, spec.cls, dict(tf.CONFIGS[spec.family]), _tiny_text_tokens(spec.family), spec.family,
+                         vae_scale=2, frames=tf.VIDEO_FRAMES if video else 1, vae_temporal=2 if video else 1)
     if spec.cls == "FluxTransformer2DModel":
         return ModelSpec(name, spec.cls, dict(CPU_FLUX, guidance_embeds=spec.config["guidance_embeds"]), 64)
     if spec.cls == "UNet2DConditionModel":
@@ -114,7 +200,10 @@ def default_config(model: str, device: torch.device, **overrides) -> ModelConfig
     if device.type == "cuda":
         cfg = ModelConfig(model, device, (512, 1024), backends=tuple(b for b in ("cuda",) if b in avail))
     else:
-        cfg = ModelConfig(model, device, (256, 512), warmup=1, repeats=3, compile=False, profile=False,
+        # The generic families' tiny stand-ins have 2× VAEs: 64² / 128² give CPU_FLUX's 256 / 1024 image tokens
+        # (SD3's tiny position grid, pos_embed_max_size 16, ends at 64²).
+        res = (256, 512) if not MODELS[model].generic else (32, 64) if MODELS[model].family == "sd3" else (64, 128)
+        cfg = ModelConfig(model, device, res, warmup=1, repeats=3, compile=False, profile=False,
                           variants=("fp32", "bf16", "fp8", "nf4", "int4", "svdq"),
                           backends=tuple(b for b in ("cpu", "reference") if b in avail))
         cfg.notes.append(CPU_MODE_NOTE)
@@ -168,12 +257,60 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
     import diffusers
 
     cls = getattr(diffusers, spec.cls)
-    with torch.device("meta"):
-        model = cls(**spec.config)
-    model = nn.Module.to(model, dtype).to_empty(device=device)  # cast on meta: never a full fp32 copy
+    if spec.generic:
+        # Parameters on meta, buffers computed by the class itself on the CPU (RoPE tables, SD3's 192² sin-cos
+        # position grid, …): no per-class recipe. They are cast like from_pretrained(torch_dtype=...) casts them and
+        # put back after `to_empty`, which would leave them uninitialized.
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = cls(**spec.config)
+        _cast_like_from_pretrained(model, dtype)
+        buffers = {name: b for name, b in model.named_buffers()}
+        model = model.to_empty(device=device)
+        for name, b in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = b.to(device)
+    else:
+        with torch.device("meta"):
+            model = cls(**spec.config)
+        model = nn.Module.to(model, dtype).to_empty(device=device)  # cast on meta: never a full fp32 copy
     _init_(model, seed)
-    _fix_buffers(model)
+    if spec.generic:
+        _check_buffers(model)
+    else:
+        _fix_buffers(model)
     return model.eval().requires_grad_(False)
+
+
+def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and buffers to ``dtype``, except those of the class's ``_keep_in_fp32_modules`` (a path
+    component named so), which diffusers' ``from_pretrained(torch_dtype=...)`` keeps in float32 (Wan: its RoPE,
+    time embedder, norms and modulation table)."""
+    keep = tuple(getattr(type(model), "_keep_in_fp32_modules", None) or ())
+    for mod_name, mod in model.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            for leaf, t in store.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                path = f"{mod_name}.{leaf}" if mod_name else leaf
+                want = torch.float32 if any(k in path.split(".") for k in keep) else dtype
+                if t.dtype != want:
+                    store[leaf] = nn.Parameter(t.to(want), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(want)
+
+
+def _check_buffers(model: nn.Module) -> None:
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise RuntimeError(f"{type(model).__name__}: buffer {name} is not finite after construction")
+
+
+def meta_model(spec: ModelSpec) -> nn.Module:
+    """The architecture of `spec` on the meta device (no memory): for counting parameters and layers."""
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, spec.cls)(**spec.config)
 
 
 def make_inputs(spec: ModelSpec, model: nn.Module, res: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -187,6 +324,8 @@ def make_inputs(spec: ModelSpec, model: nn.Module, res: int, device: torch.devic
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     t = spec.text_tokens
+    if spec.generic:
+        return _generic_inputs(spec, cfg, res, rnd, device, dtype)
     if spec.cls == "FluxTransformer2DModel":
         side = res // 16
         r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -210,7 +349,85 @@ def make_inputs(spec: ModelSpec, model: nn.Module, res: int, device: torch.devic
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
+def latent_frames(spec: ModelSpec) -> int:
+    """Latent frames of a `spec.frames`-frame video (causal video VAEs keep the first frame: 1 + (F − 1) / scale)."""
+    return 1 + (spec.frames - 1) // spec.vae_temporal if spec.frames > 1 else 1
+
+
+def _patch(spec: ModelSpec) -> int:
+    """Latent pixels per token side: the pipeline's 2×2 packing (Qwen-Image, FLUX.2, Chroma) or the patch size."""
+    if spec.family in ("qwenimage", "flux2", "chroma"):
+        return 2
+    p = spec.config.get("patch_size", spec.config.get("all_patch_size"))
+    return int(p[-1] if isinstance(p, (tuple, list)) else p)
+
+
+def _generic_inputs(spec: ModelSpec, cfg, res: int, rnd, device: torch.device, dtype: torch.dtype) -> dict:
+    """What the family's diffusers pipeline passes its transformer for one batch-1, guidance-free step (the names,
+    dtypes and shapes are checked against the tiny pipelines' calls, tests/test_bench_families.py): latents of a
+    res×res image (Wan: `spec.frames` frames) through the family's VAE, `spec.text_tokens` text features."""
+    pixel_multiple = spec.vae_scale * _patch(spec)
+    if res % pixel_multiple:
+        raise ValueError(f"{spec.name}: resolution must be a multiple of {pixel_multiple}, got {res}")
+    lat, t, fam = res // spec.vae_scale, spec.text_tokens, spec.family
+    i64 = dict(device=device, dtype=torch.int64)
+
+    def full(value, dt=dtype):
+        return torch.full((1,), value, device=device, dtype=dt)
+
+    if fam == "qwenimage":  # latents packed 2×2 (16 → 64 channels); timestep in latents' dtype, / 1000
+        side = lat // 2
+        return dict(hidden_states=rnd(1, side * side, cfg.in_channels), timestep=full(0.5), guidance=None,
+                    encoder_hidden_states_mask=None, encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
+                    img_shapes=[[(1, side, side)]], attention_kwargs={})
+    if fam == "wan":  # UniPC's integer timesteps
+        return dict(hidden_states=rnd(1, cfg.in_channels, latent_frames(spec), lat, lat),
+                    timestep=torch.full((1,), 500, **i64), encoder_hidden_states=rnd(1, t, cfg.text_dim),
+                    attention_kwargs=None)
+    if fam == "sd3":  # [CLIP-L ‖ CLIP-G zero-padded to T5's width] then T5, along the sequence
+        return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat), timestep=full(500.0, torch.float32),
+                    encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
+                    pooled_projections=rnd(1, cfg.pooled_projection_dim), joint_attention_kwargs=None)
+    if fam == "zimage":  # per-sample lists: latents [C, 1, H, W], prompt features without padding [T, C]
+        return dict(x=[rnd(cfg.in_channels, 1, lat, lat)], t=full(0.5, torch.float32),
+                    cap_feats=[rnd(t, cfg.cap_feat_dim)], joint_attention_kwargs=None)
+    if fam == "flux2":  # latents patchified 2×2 (32 → 128 channels); ids (t, h, w, l) int64
+        side = lat // 2
+        h, w = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1).reshape(1, -1, 4)
+        txt_ids = torch.stack([torch.zeros(t, dtype=torch.int64)] * 3 + [torch.arange(t)], -1).unsqueeze(0)
+        return dict(hidden_states=rnd(1, side * side, cfg.in_channels), timestep=full(0.5),
+                    guidance=full(4.0, torch.float32) if cfg.guidance_embeds else None,
+                    encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim), txt_ids=txt_ids.to(device),
+                    img_ids=img_ids.to(device), joint_attention_kwargs=None)
+    if fam == "chroma":  # FLUX.1's packing and ids; mask over [text ‖ image] (all prompt tokens valid here)
+        side = lat // 2
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+        return dict(hidden_states=rnd(1, side * side, cfg.in_channels), timestep=full(0.5),
+                    encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
+                    txt_ids=torch.zeros(t, 3, device=device, dtype=dtype), img_ids=img_ids,
+                    attention_mask=torch.ones(1, t + side * side, device=device, dtype=dtype), joint_attention_kwargs={})
+    if fam == "sana":  # DC-AE latents, patch 1; Gemma-2 features with their (all-ones) mask
+        return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat), encoder_hidden_states=rnd(1, t, cfg.caption_channels),
+                    encoder_attention_mask=torch.ones(1, t, **i64), timestep=full(500.0, torch.float32),
+                    attention_kwargs=None)
+    if fam == "hidream":  # T5 features, and every Llama layer's hidden states stacked [layers, B, T, C]
+        t5_dim, llama_dim = cfg.caption_channels
+        return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat), timesteps=full(500.0, torch.float32),
+                    encoder_hidden_states_t5=rnd(1, t, t5_dim),
+                    encoder_hidden_states_llama3=rnd(max(cfg.llama_layers) + 1, 1, t, llama_dim),
+                    pooled_embeds=rnd(1, cfg.text_emb_dim), attention_kwargs=None)
+    raise ValueError(f"no input builder for generic family {fam!r} ({spec.cls})")
+
+
 def tokens(spec: ModelSpec, res: int) -> str:
+    if spec.generic:
+        grid = res // spec.vae_scale // _patch(spec)
+        if spec.frames > 1:
+            return (f"{spec.frames} frames: {latent_frames(spec)} × {grid}² = {latent_frames(spec) * grid * grid} "
+                    f"video + {spec.text_tokens} text tokens")
+        return f"{grid * grid} image + {spec.text_tokens} text tokens"
     if spec.cls == "FluxTransformer2DModel":
         return f"{(res // 16) ** 2} image + {spec.text_tokens} text tokens"
     if spec.cls == "PixArtTransformer2DModel":
@@ -557,6 +774,25 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
     nparams = sum(p.numel() for p in model.parameters())
     log(f"built {spec.cls} ({cfg.model}{', CPU-mode width' if not gpu else ''}): {nparams / 1e9:.3f} B params, "
         f"{weight_bytes(model) / 2**30:.2f} GiB in {str(base_dtype)[6:]}, {build_s:.1f} s")
+    plan = None
+    if spec.generic:
+        # The generic family's layer plan (which linears are W4A4 / modulation / 16-bit, fused groups) comes from
+        # one traced forward (svdq.models.generic.analyze) of the benchmark's own inputs at the smallest resolution.
+        # It is stored on the model: quantized_layer_names / adaln_bytes / prepare / quantize below all use it, so
+        # fp8 / nf4 / int4 swap exactly the layers svdq quantizes.
+        from ..models import generic
+
+        res0 = min(cfg.resolutions)
+        t0 = time.perf_counter()
+        gp = generic.analyze(model, lambda m: m(**make_inputs(spec, m, res0, cfg.device, base_dtype), return_dict=False))
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the trace's recorded inputs are gone
+        plan = {"traced_at_res": res0, "seconds": round(time.perf_counter() - t0, 2), "blocks": len(gp.blocks),
+                "w4a4": len(gp.w4a4), "modulation": len(gp.modulation), "fp16": len(gp.fp16), "fused_groups": len(gp.groups),
+                "quantized_after_fusion": len(gp.quantized_names())}
+        log(f"  generic plan (one traced forward at {res0}²): {len(gp.w4a4)} W4A4 linears in {len(gp.groups)} fused "
+            f"groups, {len(gp.modulation)} modulation, {len(gp.fp16)} 16-bit, {plan['seconds']:.1f} s")
     names = quantized_layer_names(model)
     rows, quant = [], {}
     for variant in cfg.variants:
@@ -636,11 +872,13 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
         "config": {"model": cfg.model, "class": spec.cls, "architecture": {k: (list(v) if isinstance(v, tuple) else v)
                                                                           for k, v in spec.config.items()},
                    "text_tokens": spec.text_tokens, "resolutions": list(cfg.resolutions), "batch": 1,
+                   **({"frames": spec.frames} if spec.frames > 1 else {}),
                    "warmup": cfg.warmup, "repeats": cfg.repeats, "compile": cfg.compile,
                    "compile_mode": cfg.compile_mode, "rank": cfg.rank, "adaln": cfg.adaln,
                    "backends": list(cfg.backends), "variants": list(cfg.variants), "seed": cfg.seed,
                    "weights": "synthetic (seeded), no download"},
-        "model": {"params": nparams, "build_seconds": round(build_s, 2), "quantized_linear_layers": len(names)},
+        "model": {"params": nparams, "build_seconds": round(build_s, 2), "quantized_linear_layers": len(names),
+                  **({"generic_plan": plan} if plan else {})},
         "quantization": quant,
         "rows": rows,
         "targets": _targets(rows, quant) if gpu and spec.cls == "FluxTransformer2DModel" else {},

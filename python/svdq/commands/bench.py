@@ -4,7 +4,9 @@
 cuBLAS, fp8 (sm_89+), svdq fused, svdq with the low-rank branch unfused (the ablation), svdq r = 0.
 
 --model NAME: one denoising step of the full-size architecture (synthetic weights, no download, built on the
-meta device and materialized on the GPU in bf16) at 512² and 1024², batch 1: bf16 diffusers, dynamic FP8,
+meta device and materialized on the GPU in bf16) at 512² and 1024², batch 1 — FLUX.1-dev / -schnell, SDXL,
+PixArt-Σ, and through the generic family (layer plan from one traced forward) Qwen-Image, Wan 2.1 14B (17
+frames), SD3.5-large, Z-Image-Turbo, FLUX.2-dev, Chroma1, SANA-1600M, HiDream-I1: bf16 diffusers, dynamic FP8,
 NF4 (bitsandbytes) / int4 (torchao) weight-only when installed, svdq quantized data-free (quantization time
 reported) — each eager and under torch.compile. Per row: median latency (CUDA events), peak and weight
 memory, speedup vs bf16, and the step's GPU time split into GEMM / attention / other (torch.profiler).
@@ -23,10 +25,15 @@ EXAMPLES = """examples:
   svdq bench --layers                           # GPU: FLUX.1 shapes; CPU: scaled-down shapes
   svdq bench --model flux-dev --out benchmarks/results
   svdq bench --model sdxl --res 1024 --no-compile
+  svdq bench --model qwen-image --variants bf16,fp8,svdq --compile-res 1024
   svdq bench --model flux-dev --device cpu --res 128 --repeats 2 --threads 1
 """
 
-MODEL_CHOICES = ("flux-dev", "flux-schnell", "sdxl", "pixart-sigma")
+# = svdq.bench.model.MODELS (kept literal: parsing arguments must not import torch; tests check they agree).
+# The hand-written families, then the generic family's models (their plan comes from one traced forward).
+MODEL_CHOICES = ("flux-dev", "flux-schnell", "sdxl", "pixart-sigma",
+                 "qwen-image", "wan2.1-14b", "sd3.5-large", "z-image-turbo", "flux2-dev", "chroma1", "sana-1600m",
+                 "hidream-i1")
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -82,7 +89,8 @@ def add_parser(sub) -> None:
                    help="KxN list (GPU default 3072x9216,3072x3072,3072x12288,12288x3072; CPU the same ÷4)")
     g = p.add_argument_group("--model options")
     g.add_argument("--res", type=_int_list, default=None,
-                   help="image sizes in pixels, comma-separated multiples of 16 (GPU default 512,1024; CPU 256,512)")
+                   help="image sizes in pixels, comma-separated multiples of 16 (SANA: 32; GPU default 512,1024; "
+                   "CPU 256,512, generic families 64,128)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on for GPU, off in CPU mode)")
     g.add_argument("--compile-mode", choices=("auto", "regional", "full"), default=None,
