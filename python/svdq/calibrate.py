@@ -48,15 +48,21 @@ def calibrate_pipeline(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
+    component: str | None = None,
     **pipe_kwargs,
 ) -> Callable[[nn.Module], None]:
-    """The ``calibration`` argument of `svdq.quantize` for the denoiser of ``pipe`` (transformer / UNet).
+    """The ``calibration`` argument of `svdq.quantize` for the denoiser of ``pipe`` (transformer / UNet), or
+    for its denoiser ``component`` (``"transformer_2"``: Wan 2.2 A14B's low-noise expert).
 
     prompts: the texts to run (default: `default_prompts()`); num_inference_steps / guidance_scale: passed to
     the pipeline when given (else its defaults: calibrate with the settings you will sample with);
     batch_size prompts per pipeline call; seed: the latents of call i use ``seed + i``. Extra keyword
     arguments (``height``, ``width``, ``max_sequence_length``, ...) go to every pipeline call.
     The returned callable must be given the pipeline's own denoiser (it runs ``pipe``, not the module).
+    With two experts (Wan 2.2 A14B: ``transformer`` at timesteps >= ``boundary_ratio``, ``transformer_2`` below)
+    each is calibrated by its own callable: the pipeline runs all steps, and only the forwards of the module
+    being quantized are recorded, i.e. its own timesteps; ValueError when that component never runs (too few
+    steps for both experts).
     For FLUX.1 / SDXL / PixArt-Σ the denoiser's shared-input projections are fused now (`svdq.models.prepare`;
     the function is unchanged); any other diffusers denoiser first gets its generic plan from one traced
     pipeline step (`svdq.models.generic.analyze_pipeline`), so that `svdq.quantize` sees, calibrates and quantizes each group as one layer.
@@ -66,10 +72,12 @@ def calibrate_pipeline(
         raise ValueError("calibrate_pipeline needs at least one prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    denoiser = pipeline_model(pipe)
+    denoiser = pipeline_model(pipe, component)
+    steps = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
     if family_of(denoiser) is None and generic.is_diffusers_model(denoiser):
-        # Any other diffusers denoiser: one traced step decides its layer plan (svdq.models.generic).
-        generic.analyze_pipeline(pipe, prompts[0], **{**call_defaults(pipe), **pipe_kwargs})
+        # Any other diffusers denoiser: its first forward (at the calibration's steps: a second expert runs only
+        # after the first one's timesteps) decides its layer plan (svdq.models.generic).
+        generic.analyze_pipeline(pipe, prompts[0], component=component, **{**call_defaults(pipe), **pipe_kwargs, **steps})
     prepare(denoiser)  # shared-input projections become one nn.Linear: calibrated and quantized as one layer
     kwargs = {**call_defaults(pipe), **pipe_kwargs, "output_type": "latent"}
     if num_inference_steps is not None:
@@ -86,6 +94,8 @@ def calibrate_pipeline(
             )
         previous = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole calibration instead of one per call
+        forwards = []
+        counter = denoiser.register_forward_pre_hook(lambda *_: forwards.append(None))
         try:
             bar = tqdm(total=len(prompts), desc="svdq calibrate", unit="prompt", disable=not progress)
             with bar, torch.no_grad():
@@ -94,6 +104,9 @@ def calibrate_pipeline(
                     pipe(prompt=batch, generator=gen, **kwargs)
                     bar.update(len(batch))
         finally:
+            counter.remove()
             pipe._progress_bar_config = previous
+        if not forwards:  # nothing recorded: svdq.quantize would quantize data-free without saying so
+            raise ValueError(generic.never_ran_message(pipe, component or "denoiser", num_inference_steps))
 
     return calibration

@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,13 +48,31 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LEGACY_WEIGHTS_NAME = "svdq_model.safetensors"  # what svdq wrote before the diffusers quantizer; still read
 INFO_NAME = "svdq.json"
 CONFIG_NAME = "config.json"
+# Wan 2.2 A14B's second expert: an svdq model directory inside the first one's (`save_pretrained(transformer_2=)`).
+SECOND_DENOISER_DIR = "transformer_2"
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base: str | None = None,
+    transformer_2: nn.Module | None = None,
+    extra: Callable[[Path], object] | None = None,
+) -> Path:
     """Write the quantized diffusers ``model`` to ``directory`` (created); ``base``: the hub id or directory
-    of the 16-bit pipeline it belongs to (recorded for `svdq generate` / `svdq eval`)."""
+    of the 16-bit pipeline it belongs to (recorded for `svdq generate` / `svdq eval`).
+
+    transformer_2: the pipeline's second quantized denoiser (Wan 2.2 A14B's low-noise expert), written as the
+    svdq model directory ``directory/transformer_2/`` in the same atomic swap (never one expert without the
+    other); `load_pipeline` loads both. extra(tmp): writes more files into the new directory before the swap
+    (`svdq quantize` writes its 4-bit text encoders so). What an earlier save left in ``directory`` is kept
+    unless this save wrote an entry of the same name."""
     if not hasattr(model, "save_config"):
         raise TypeError(f"save_pretrained expects a diffusers model (ModelMixin), got {type(model).__name__}")
+    if transformer_2 is not None and getattr(transformer_2, "svdq_config", None) is None:
+        raise ValueError(f"transformer_2 ({type(transformer_2).__name__}) is not quantized: run svdq.quantize on it "
+                         "first")
     if getattr(model, "svdq_config", None) is None:
         if getattr(model, "svdq_source", None):
             raise ValueError(f"{type(model).__name__} was loaded from {model.svdq_source}; saving it as an svdq model "
@@ -82,9 +101,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, base: str
         model.save_config(tmp)
         save(model, tmp / WEIGHTS_NAME)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if transformer_2 is not None:
+            save_pretrained(transformer_2, tmp / SECOND_DENOISER_DIR, base=base)
+        if extra is not None:
+            extra(tmp)
         if directory.is_dir():  # the user's files next to ours (README.md, …) are carried over
             for entry in directory.iterdir():
-                if entry.name not in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME):
+                if entry.name not in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME) and not (
+                    tmp / entry.name
+                ).exists():
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.copytree(entry, tmp / entry.name, symlinks=True)
                     else:
@@ -200,7 +225,8 @@ def resolve(dir_or_hub_id: str | os.PathLike, **hub_kwargs) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(s, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME], **hub_kwargs)
+        names = [CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, INFO_NAME]
+        local = snapshot_download(s, allow_patterns=names + [f"{SECOND_DENOISER_DIR}/{n}" for n in names], **hub_kwargs)
     except Exception as e:  # offline, unknown repo, gated, ...: say what was looked for
         raise FileNotFoundError(
             f"svdq model {s!r}: no local directory of that name, and the Hugging Face Hub repo could not be "
@@ -400,17 +426,21 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
     kwargs = {} if torch_dtype is None else {_dtype_kwarg(): torch_dtype}
     if quantized is not None:
         index = _model_index(base)
-        component = "transformer" if "transformer" in index else "unet"
+        components = _pipeline_denoisers(index)
+        component = components[0]
         class_name = index.get(component, [None, None])[1]
         expected = next((f.name for f in FAMILIES.values() if class_name in f.classes), None)
-        model = from_pretrained(quantized, device=device, expected_family=expected)
-        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if torch_dtype is not None and model_dtype is not None and model_dtype != torch_dtype:
-            raise ValueError(
-                f"the quantized model at {quantized} is {model_dtype} but the pipeline was asked for {torch_dtype}: "
-                f"load the base pipeline in {model_dtype} (--dtype), or quantize again in {torch_dtype}"
-            )
-        kwargs[component] = model
+        models = load_quantized_denoisers(quantized, components, device=device, expected_family=expected,
+                                          pipeline=f"base pipeline {base}")
+        for model in models.values():
+            model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            if torch_dtype is not None and model_dtype is not None and model_dtype != torch_dtype:
+                raise ValueError(
+                    f"the quantized model at {quantized} is {model_dtype} but the pipeline was asked for "
+                    f"{torch_dtype}: load the base pipeline in {model_dtype} (--dtype), or quantize again in "
+                    f"{torch_dtype}"
+                )
+        kwargs.update(models)
     # The pipeline's own class, not DiffusionPipeline: DiffusionPipeline.from_pretrained (diffusers 0.42) drops a
     # passed denoiser that the pipeline declares optional (WanPipeline's transformer, optional since Wan 2.2's
     # two-expert form) and loads the 16-bit one from disk instead — found by `svdq generate` on a Wan pipeline.
@@ -423,9 +453,10 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         pipe = pipeline_class.from_pretrained(str(base), **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load base pipeline {base!r}: {str(e).splitlines()[0]}") from e
-    if quantized is not None and getattr(pipe, component, None) is not kwargs[component]:
-        raise RuntimeError(f"{type(pipe).__name__}.from_pretrained did not take the quantized {component} passed to "
-                           "it (a diffusers loading change?); please report this")
+    for name in components if quantized is not None else ():
+        if getattr(pipe, name, None) is not kwargs[name]:
+            raise RuntimeError(f"{type(pipe).__name__}.from_pretrained did not take the quantized {name} passed to "
+                               "it (a diffusers loading change?); please report this")
     pipe = pipe.to(device)
     if quantized is not None:  # 4-bit text encoders written by `svdq quantize --text-encoder w4a16`, if any
         from .formats import nunchaku
@@ -434,6 +465,42 @@ def load_pipeline(base: str | os.PathLike, quantized: str | os.PathLike | None =
         if nunchaku.find_checkpoint(quantized) is None:  # a Nunchaku checkpoint holds the denoiser only
             load_text_encoders(pipe, resolve(quantized), device)
     return pipe
+
+
+def _pipeline_denoisers(index: dict) -> list[str]:
+    """The denoiser components a pipeline's model_index.json declares, in the order they run: transformer (or
+    unet), then Wan 2.2 A14B's transformer_2 when present (a Wan 2.1 index lists it as [null, null])."""
+    first = "transformer" if "transformer" in index else "unet"
+    return [first] + [SECOND_DENOISER_DIR] * bool((index.get(SECOND_DENOISER_DIR) or [None])[0])
+
+
+def load_quantized_denoisers(quantized, components: list[str], *, device="cpu", expected_family: str | None = None,
+                             pipeline: str = "the pipeline") -> dict[str, nn.Module]:
+    """{component: svdq model} for a pipeline whose denoiser components are ``components`` (`_pipeline_denoisers`
+    / `svdq.models.denoiser_components`): the first from ``quantized``, Wan 2.2 A14B's ``transformer_2`` from
+    ``quantized/transformer_2/``. CheckpointError, before anything loads, when exactly one of the pipeline and
+    the quantized directory has a transformer_2 (the pipeline would run a 16-bit expert, or miss one)."""
+    from .formats import nunchaku
+
+    second = None
+    if nunchaku.find_checkpoint(quantized) is None:  # a Nunchaku file holds one denoiser
+        second = resolve(quantized) / SECOND_DENOISER_DIR
+    has_second = second is not None and second.is_dir()
+    wants_second = SECOND_DENOISER_DIR in components
+    if wants_second and not has_second:
+        raise CheckpointError(
+            f"{pipeline} has a {SECOND_DENOISER_DIR} (Wan 2.2 A14B's low-noise expert) but {quantized} holds no "
+            f"quantized {SECOND_DENOISER_DIR}/: quantize the pipeline with svdq quantize (it quantizes both experts)"
+        )
+    if has_second and not wants_second:
+        raise CheckpointError(
+            f"{quantized} holds a quantized {SECOND_DENOISER_DIR}/ (a two-expert model, Wan 2.2 A14B) but {pipeline} "
+            f"has no {SECOND_DENOISER_DIR}: use the base pipeline it was quantized from"
+        )
+    models = {components[0]: from_pretrained(quantized, device=device, expected_family=expected_family)}
+    if has_second:
+        models[SECOND_DENOISER_DIR] = from_pretrained(second, device=device, expected_family=expected_family)
+    return models
 
 
 def _dtype_kwarg() -> str:

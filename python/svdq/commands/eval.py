@@ -136,8 +136,8 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from ..calibrate import default_prompts, read_prompts
-    from ..models import pipeline_component
-    from ..pretrained import from_pretrained, load_pipeline, read_info, resolve
+    from ..models import denoiser_components
+    from ..pretrained import load_pipeline, load_quantized_denoisers, read_info, resolve
 
     check_positive(args, "--steps", "--limit", "--height", "--width", "--max-sequence-length", "--num-frames")
     out = check_output_dir(args.out)
@@ -151,19 +151,22 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     kwargs = call_kwargs(args, pipe)
-    component = pipeline_component(pipe)
-    index = type(getattr(pipe, component)).__name__
+    components = denoiser_components(pipe)  # Wan 2.2 A14B: transformer and transformer_2, both quantized
+    index = type(getattr(pipe, components[0])).__name__
     from ..models import family_of
 
-    family = family_of(getattr(pipe, component))
-    quantized = from_pretrained(args.quantized, device=device, expected_family=family.name if family else None)
+    family = family_of(getattr(pipe, components[0]))
+    quantized = load_quantized_denoisers(args.quantized, components, device=device,
+                                         expected_family=family.name if family else None,
+                                         pipeline=f"base pipeline {args.model}")
 
     refs, qs, ref_times, q_times = [], [], [], []  # per prompt: its frames (one for an image pipeline)
     for i, prompt in enumerate(tqdm(prompts, desc="16-bit", unit="image")):
         frames, times = generate_frames(pipe, prompt, args.seed + i, args.steps, kwargs, device)
         refs.append(frames)
         ref_times += times
-    setattr(pipe, component, quantized)  # the same pipeline, text encoders, VAE and scheduler
+    for component, model in quantized.items():  # the same pipeline, text encoders, VAE and scheduler
+        setattr(pipe, component, model)
     for i, prompt in enumerate(tqdm(prompts, desc="svdq W4A4", unit="image")):
         frames, times = generate_frames(pipe, prompt, args.seed + i, args.steps, kwargs, device)
         qs.append(frames)

@@ -194,17 +194,19 @@ def _generate(args, device, dtype, rank: int) -> int:
     if args.quantized:
         import svdq
 
-        from ..models import pipeline_model
+        from ..models import denoiser_components, pipeline_model
 
         model = pipeline_model(pipe)
         fmt = args.act_format or getattr(getattr(model, "svdq_config", None), "act_format", "int4")
-        svdq.set_act_format(model, fmt)
+        for component in denoiser_components(pipe):  # Wan 2.2 A14B: both experts
+            svdq.set_act_format(pipeline_model(pipe, component), fmt)
     if args.ulysses * args.ring > 1:
         import svdq.parallel
 
-        from ..models import pipeline_model
+        from ..models import denoiser_components, pipeline_model
 
-        svdq.parallel.enable_context_parallel(pipeline_model(pipe), ulysses=args.ulysses, ring=args.ring)
+        for component in denoiser_components(pipe):  # Wan 2.2 A14B: both experts
+            svdq.parallel.enable_context_parallel(pipeline_model(pipe, component), ulysses=args.ulysses, ring=args.ring)
     pipe.set_progress_bar_config(desc="denoising", disable=rank != 0)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

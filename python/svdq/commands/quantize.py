@@ -168,10 +168,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import svdq
 
     from ..calibrate import default_prompts, read_prompts
-    from ..models import pipeline_model, prepare
+    from ..models import denoiser_components
     from ..pretrained import load_pipeline
 
     # Arguments and the output directory are checked before the (slow) pipeline load and calibration.
@@ -188,8 +190,6 @@ def run(args) -> int:
         raise ValueError("--offload-blocks needs --streaming (only the streaming quantizer moves blocks)")
     state_dir = None
     if streaming:
-        from pathlib import Path
-
         out_path = Path(args.out)
         state_dir = check_output_dir(args.state_dir or out_path.with_name(out_path.name + ".svdq-state"),
                                      "--state-dir")
@@ -201,15 +201,81 @@ def run(args) -> int:
         prompts = read_prompts(args.calib_prompts) if args.calib_prompts else default_prompts()
         if args.num_calib_prompts is not None:
             prompts = prompts[: args.num_calib_prompts]
+    if streaming and (Path(args.model) / "model_index.json").is_file():  # a local pipeline: refuse before loading
+        from ..pretrained import _model_index, _pipeline_denoisers
+
+        _refuse_streaming(_pipeline_denoisers(_model_index(args.model)), _model_index(args.model).get("_class_name"))
     print(f"loading {args.model} ({dtype}, {device}) ...")
     pipe = load_pipeline(args.model, device="cpu" if offload else device, torch_dtype=dtype)
-    model = pipeline_model(pipe)
-    from ..models import family_of, generic
+    components = denoiser_components(pipe)  # Wan 2.2 A14B: ["transformer", "transformer_2"]
+    if len(components) > 1:
+        if streaming:
+            _refuse_streaming(components, type(pipe).__name__)
+    elif (Path(args.out) / "transformer_2").exists():
+        raise ValueError(f"--out {args.out} holds a transformer_2/ from an earlier two-expert save, but "
+                         f"{type(pipe).__name__} has one denoiser: remove it or choose another --out")
+    steps = {} if args.steps is None else {"num_inference_steps": args.steps}
+    models, layers, wo = {}, 0, 0
+    t0 = time.perf_counter()
+    for name in components:
+        model = _quantize_component(args, pipe, name, prompts, device, offload, streaming, state_dir, adaln,
+                                    text_encoder, steps)
+        models[name] = model
+        layers += len(svdq.quantized_layers(model))
+        wo += len(svdq.weight_only_layers(model))
+    extra, encoders = None, []
+    if text_encoder == "w4a16":
+        # After the calibration runs (they need the 16-bit encoders' embeddings); written into the new output
+        # directory before its atomic swap (all or nothing, with the denoisers).
+        from ..weight_only import quantize_pipeline_text_encoders, save_text_encoders
 
+        encoders = quantize_pipeline_text_encoders(pipe)
+        extra = lambda tmp: save_text_encoders(pipe, tmp, encoders)  # noqa: E731
+    out = svdq.save_pretrained(models[components[0]], args.out, base=str(args.model),
+                               transformer_2=models.get("transformer_2"), extra=extra)
+    if streaming:
+        import shutil
+
+        shutil.rmtree(state_dir)  # the saved model is complete: the per-block state is not needed any more
+    if encoders:
+        print(f"text encoder(s) W4A16: {', '.join(encoders)} -> {out}")
+    print(
+        f"quantized {layers} layers of {' + '.join(f'{n} ({type(m).__name__})' for n, m in models.items())}"
+        if len(models) > 1 else f"quantized {layers} layers of {type(models[components[0]]).__name__}",
+        end="",
+    )
+    print(
+        (f" (+ {wo} AdaLN layers W4A16)" if wo else "") + " "
+        f"({'data-free' if prompts is None else f'{len(prompts)} calibration prompts'}) in "
+        f"{time.perf_counter() - t0:.1f} s -> {out}"
+    )
+    return 0
+
+
+def _refuse_streaming(components: list[str], pipeline: str) -> None:
+    if len(components) > 1:
+        raise ValueError(f"--streaming: {pipeline} has two denoisers ({', '.join(components)}); the streaming "
+                         "quantizer (and --offload-blocks) handles one model: run without --streaming")
+
+
+def _quantize_component(args, pipe, name, prompts, device, offload, streaming, state_dir, adaln, text_encoder,
+                        steps):
+    """Plan, fuse, calibrate and quantize the pipeline's denoiser ``name`` in place; returns it. With two experts
+    (Wan 2.2 A14B) this runs per expert, in pipeline order: each is calibrated on the timesteps it runs at, the
+    second on the latents the already quantized first one hands it (as at inference)."""
+    import svdq
+
+    from ..calibrate import default_prompts
+    from ..models import family_of, generic, pipeline_model, prepare
+
+    model = pipeline_model(pipe, name)
+    label = type(model).__name__ if name in ("transformer", "unet") else f"{name} ({type(model).__name__})"
     if family_of(model) is None and generic.is_diffusers_model(model):
-        # no hand-written family: one traced pipeline step plans the layers (svdq.models.generic, docs/models.md)
-        generic.analyze_pipeline(pipe, (prompts or default_prompts())[0], **call_kwargs(args, pipe))
-        print(f"note: {type(model).__name__}: generic family (layer plan from one traced step)")
+        # no hand-written family: its first forward in a pipeline call plans the layers (svdq.models.generic,
+        # docs/models.md); a second expert is reached after the first one's timesteps
+        generic.analyze_pipeline(pipe, (prompts or default_prompts())[0], component=name,
+                                 **{**call_kwargs(args, pipe), **steps})
+        print(f"note: {label}: generic family (layer plan from one traced step)")
     family = prepare(model)  # fuse shared-input projections (also when data-free)
     if offload:
         from torch import nn
@@ -222,7 +288,7 @@ def run(args) -> int:
         blocks = place_offloaded(model, device)
         print(f"{len(blocks)} blocks of {type(model).__name__} stay in CPU memory; the rest is on {device}")
     if family is None:
-        print(f"note: {type(model).__name__} is not a diffusers model svdq can plan: default layer selection")
+        print(f"note: {label} is not a diffusers model svdq can plan: default layer selection")
     weight_only = None
     if adaln == "w4a16":
         if family is None or not family.adaln:
@@ -238,9 +304,8 @@ def run(args) -> int:
     if prompts is not None:
         calibration = svdq.calibrate_pipeline(
             pipe, prompts, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-            **call_kwargs(args, pipe),
+            component=name, **call_kwargs(args, pipe),
         )
-    t0 = time.perf_counter()
     stream = {} if not streaming else dict(streaming=True, state_dir=state_dir, device=device,
                                            propagate=getattr(args, "propagate", "quantized"))
     if streaming:
@@ -254,24 +319,4 @@ def run(args) -> int:
                   exclude=exclude,
                   act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"),
                   act_shift=getattr(args, "act_shift", 0.0), **stream)
-    out = svdq.save_pretrained(model, args.out, base=str(args.model))
-    if streaming:
-        import shutil
-
-        shutil.rmtree(state_dir)  # the saved model is complete: the per-block state is not needed any more
-    if getattr(args, "text_encoder", "16bit") == "w4a16":
-        # After the calibration run (it needs the 16-bit encoders' embeddings) and the denoiser's save.
-        from ..weight_only import quantize_pipeline_text_encoders, save_text_encoders
-
-        encoders = quantize_pipeline_text_encoders(pipe)
-        save_text_encoders(pipe, out, encoders)
-        print(f"text encoder(s) W4A16: {', '.join(encoders)} -> {out}")
-    layers = svdq.quantized_layers(model)
-    wo = svdq.weight_only_layers(model)
-    print(
-        f"quantized {len(layers)} layers of {type(model).__name__}"
-        + (f" (+ {len(wo)} AdaLN layers W4A16)" if wo else "") + " "
-        f"({'data-free' if calibration is None else f'{len(prompts)} calibration prompts'}) in "
-        f"{time.perf_counter() - t0:.1f} s -> {out}"
-    )
-    return 0
+    return model

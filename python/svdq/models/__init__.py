@@ -380,8 +380,15 @@ def prepare(model: nn.Module) -> Family | None:
     return family
 
 
-def pipeline_model(pipe) -> nn.Module:
-    """The denoiser of a diffusers pipeline (``pipe.transformer`` or ``pipe.unet``)."""
+def pipeline_model(pipe, component: str | None = None) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``pipe.transformer`` or ``pipe.unet``), or the named
+    ``component`` (e.g. ``"transformer_2"``: Wan 2.2 A14B's low-noise expert, see `denoiser_components`)."""
+    if component is not None:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{type(pipe).__name__} has no denoiser component {component!r} (its denoisers: "
+                             f"{denoiser_components(pipe) if _has_denoiser(pipe) else 'none'})")
+        return model
     for attr in ("transformer", "unet"):
         model = getattr(pipe, attr, None)
         if isinstance(model, nn.Module):
@@ -392,6 +399,23 @@ def pipeline_model(pipe) -> nn.Module:
 def pipeline_component(pipe) -> str:
     """The name of the denoiser's pipeline component ("transformer" / "unet")."""
     return "transformer" if isinstance(getattr(pipe, "transformer", None), nn.Module) else "unet"
+
+
+# Pipeline components that are a second denoiser next to ``transformer``: Wan 2.2 A14B's low-noise expert
+# (WanPipeline runs ``transformer`` at timesteps >= boundary_ratio · num_train_timesteps, ``transformer_2`` below).
+SECOND_DENOISERS = ("transformer_2",)
+
+
+def _has_denoiser(pipe) -> bool:
+    return any(isinstance(getattr(pipe, a, None), nn.Module) for a in ("transformer", "unet"))
+
+
+def denoiser_components(pipe) -> list[str]:
+    """The pipeline's denoiser components in the order they run: ``["transformer"]`` / ``["unet"]``, or
+    ``["transformer", "transformer_2"]`` for a two-expert pipeline (Wan 2.2 A14B). `svdq quantize` quantizes
+    each, calibrated on the timesteps it runs at."""
+    first = pipeline_component(pipe)
+    return [first] + [c for c in SECOND_DENOISERS if isinstance(getattr(pipe, c, None), nn.Module)]
 
 
 # PixArt pipelines snap height/width to aspect-ratio bins defined for the released sample sizes only.
@@ -478,6 +502,7 @@ __all__ = [
     "get_family",
     "is_fused",
     "call_defaults",
+    "denoiser_components",
     "pipeline_component",
     "pipeline_model",
     "prepare",

@@ -353,18 +353,57 @@ def family_from_plan(model: nn.Module):
     )
 
 
-def analyze_pipeline(pipe, prompt: str = "a photo", **call_kwargs) -> Plan:
-    """`analyze` the pipeline's denoiser with one denoising step of ``pipe(prompt, **call_kwargs)``."""
+class _FirstForwardDone(Exception):
+    """Raised by `analyze_pipeline`'s hook after the traced component's first forward: the rest of the pipeline
+    call is not needed."""
+
+
+def analyze_pipeline(pipe, prompt: str = "a photo", *, component: str | None = None, **call_kwargs) -> Plan:
+    """`analyze` the pipeline's denoiser (or the denoiser ``component``, e.g. Wan 2.2's ``"transformer_2"``)
+    with its first forward in ``pipe(prompt, **call_kwargs)``; the call stops right after it.
+
+    ``num_inference_steps`` (default: the pipeline's) decides which timesteps come first: a component that runs
+    only at low noise (Wan 2.2's ``transformer_2``, below ``boundary_ratio``) is reached after the other expert's
+    steps, so give the step count you calibrate with. ValueError naming the component when it never runs."""
     from . import pipeline_model
 
-    model = pipeline_model(pipe)
-    kwargs = {**call_kwargs, "num_inference_steps": 1, "output_type": "latent"}
+    model = pipeline_model(pipe, component)
+    name = component or "denoiser"
+    kwargs = {**call_kwargs, "output_type": "latent"}
     previous = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
+    ran = []
+
+    def stop(*_):  # registered after analyze's own hooks, so it runs after they have recorded the forward
+        ran.append(True)
+        raise _FirstForwardDone
+
+    def run(_m):
+        handle = model.register_forward_hook(stop)
+        try:
+            pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+        except _FirstForwardDone:
+            pass
+        finally:
+            handle.remove()
+        if not ran:
+            raise ValueError(never_ran_message(pipe, name, kwargs.get("num_inference_steps")))
+
     try:
-        return analyze(model, lambda _m: pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **kwargs))
+        return analyze(model, run)
     finally:
         pipe._progress_bar_config = previous
+
+
+def never_ran_message(pipe, component: str, steps) -> str:
+    """Why a pipeline call never ran the denoiser ``component`` (Wan 2.2: its experts split the timesteps)."""
+    msg = (f"{type(pipe).__name__}'s {component} never ran during a pipeline call with "
+           f"num_inference_steps={steps if steps is not None else 'its default'}")
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is not None:
+        msg += (f" (boundary_ratio={ratio}: transformer runs at timesteps >= {ratio} of the training timesteps, "
+                "transformer_2 below; use more steps so that both experts run)")
+    return msg
 
 
 def is_diffusers_model(model: nn.Module) -> bool:
