@@ -64,8 +64,8 @@ def calibrate_pipeline(
     being quantized are recorded, i.e. its own timesteps; ValueError when that component never runs (too few
     steps for both experts).
     For FLUX.1 / SDXL / PixArt-Σ the denoiser's shared-input projections are fused now (`svdq.models.prepare`;
-    the function is unchanged); any other diffusers denoiser first gets its generic plan from one traced
-    pipeline step (`svdq.models.generic.analyze_pipeline`), so that `svdq.quantize` sees, calibrates and quantizes each group as one layer.
+    the function is unchanged); any other diffusers denoiser first gets its generic plan from its first
+    forward in a pipeline call (`svdq.models.generic.analyze_pipeline`), so that `svdq.quantize` sees, calibrates and quantizes each group as one layer.
     """
     prompts = list(default_prompts() if prompts is None else prompts)
     if not prompts:
