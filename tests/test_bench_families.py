@@ -143,6 +143,10 @@ def test_resolution_must_fit_the_vae_and_patch():
     spec = bmodel.MODELS["sana-1600m"]  # DC-AE: 32 pixels per latent, patch 1
     with pytest.raises(ValueError, match="sana-1600m: resolution must be a multiple of 32"):
         bmodel.make_inputs(spec, bmodel.meta_model(spec), 48, torch.device("meta"), torch.bfloat16)
+    # and `svdq bench` says so before building anything (the GPU configuration; no GPU needed to check it)
+    with pytest.raises(ValueError, match=r"sana-1600m: resolutions must be multiples of 32 pixels .*\[48\]"):
+        bmodel.default_config("sana-1600m", torch.device("cuda"), resolutions=(512, 48))
+    bmodel.default_config("sana-1600m", torch.device("cuda"), resolutions=(512, 1024))
 
 
 def test_cli_wan_cpu_mode(tmp_path):

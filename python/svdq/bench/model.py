@@ -19,6 +19,13 @@ quantization / attention / other) — the GEMM share bounds what faster GEMMs ca
 
 Without a GPU (CPU mode): a reduced-width FLUX config (`CPU_FLUX`), fp32 and bf16 against svdq on the
 `cpu` and `reference` backends, eager only unless --compile.
+
+The generic family's models (`GENERIC_MODELS`: Qwen-Image, Wan 2.1 14B, SD3.5-large, Z-Image-Turbo, FLUX.2-dev,
+Chroma1, SANA-1600M, HiDream-I1; docs/models.md) work the same way, with three differences: the model keeps the
+buffers its class computes (parameters alone start on meta), its layer plan comes from one traced forward of the
+benchmark's inputs (`svdq.models.generic.analyze`) before anything is swapped or quantized, and in CPU mode the
+stand-in is the family's tiny transformer from `svdq.testing.families`. Their inputs are what each pipeline hands
+its transformer (tests/test_bench_families.py compares them with the tiny pipelines' calls).
 """
 
 from __future__ import annotations
@@ -212,6 +219,12 @@ def default_config(model: str, device: torch.device, **overrides) -> ModelConfig
             setattr(cfg, k, v)
     if cfg.adaln not in ("16bit", "w4a16"):
         raise ValueError(f"adaln must be '16bit' or 'w4a16', got {cfg.adaln!r}")
+    spec = MODELS[model] if device.type == "cuda" else cpu_spec(model)
+    if spec.generic:  # before minutes of building: SANA's DC-AE needs multiples of 32 pixels
+        unit = spec.vae_scale * _patch(spec)
+        bad = [r for r in cfg.resolutions + tuple(cfg.compile_resolutions or ()) if r % unit]
+        if bad:
+            raise ValueError(f"{model}: resolutions must be multiples of {unit} pixels (VAE × patch), got {bad}")
     return cfg
 
 
