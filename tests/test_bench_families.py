@@ -37,7 +37,8 @@ TABLE_ROW = {"qwen-image": "Qwen-Image (", "wan2.1-14b": "Wan 2.x", "sd3.5-large
 # benchmark times batch 1); SANA's resolution binning would move the 32² request to a 512² bin.
 NO_CFG = {"sd3": dict(guidance_scale=1.0), "sana": dict(guidance_scale=1.0, use_resolution_binning=False)}
 # Pipelines that pass the prompt's own tokens, not max_sequence_length (the tiny prompt's length is taken as is).
-UNPADDED = {"qwenimage": lambda kw: kw["encoder_hidden_states"].shape[1], "zimage": lambda kw: kw["cap_feats"][0].shape[0]}
+UNPADDED = {"qwenimage": lambda kw: kw["encoder_hidden_states"].shape[1],
+            "zimage": lambda kw: kw["cap_feats"][0].shape[0]}
 
 
 class _Captured(Exception):

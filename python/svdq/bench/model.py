@@ -309,7 +309,8 @@ def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> None:
                 path = f"{mod_name}.{leaf}" if mod_name else leaf
                 want = torch.float32 if any(k in path.split(".") for k in keep) else dtype
                 if t.dtype != want:
-                    store[leaf] = nn.Parameter(t.to(want), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(want)
+                    cast = t.to(want)
+                    store[leaf] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
 
 
 def _check_buffers(model: nn.Module) -> None:
@@ -420,9 +421,11 @@ def _generic_inputs(spec: ModelSpec, cfg, res: int, rnd, device: torch.device, d
         return dict(hidden_states=rnd(1, side * side, cfg.in_channels), timestep=full(0.5),
                     encoder_hidden_states=rnd(1, t, cfg.joint_attention_dim),
                     txt_ids=torch.zeros(t, 3, device=device, dtype=dtype), img_ids=img_ids,
-                    attention_mask=torch.ones(1, t + side * side, device=device, dtype=dtype), joint_attention_kwargs={})
+                    attention_mask=torch.ones(1, t + side * side, device=device, dtype=dtype),
+                    joint_attention_kwargs={})
     if fam == "sana":  # DC-AE latents, patch 1; Gemma-2 features with their (all-ones) mask
-        return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat), encoder_hidden_states=rnd(1, t, cfg.caption_channels),
+        return dict(hidden_states=rnd(1, cfg.in_channels, lat, lat),
+                    encoder_hidden_states=rnd(1, t, cfg.caption_channels),
                     encoder_attention_mask=torch.ones(1, t, **i64), timestep=full(500.0, torch.float32),
                     attention_kwargs=None)
     if fam == "hidream":  # T5 features, and every Llama layer's hidden states stacked [layers, B, T, C]
@@ -797,12 +800,14 @@ def run_model(cfg: ModelConfig, log=print) -> dict:
 
         res0 = min(cfg.resolutions)
         t0 = time.perf_counter()
-        gp = generic.analyze(model, lambda m: m(**make_inputs(spec, m, res0, cfg.device, base_dtype), return_dict=False))
+        gp = generic.analyze(model, lambda m: m(**make_inputs(spec, m, res0, cfg.device, base_dtype),
+                                                return_dict=False))
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the trace's recorded inputs are gone
         plan = {"traced_at_res": res0, "seconds": round(time.perf_counter() - t0, 2), "blocks": len(gp.blocks),
-                "w4a4": len(gp.w4a4), "modulation": len(gp.modulation), "fp16": len(gp.fp16), "fused_groups": len(gp.groups),
+                "w4a4": len(gp.w4a4), "modulation": len(gp.modulation), "fp16": len(gp.fp16),
+                "fused_groups": len(gp.groups),
                 "quantized_after_fusion": len(gp.quantized_names())}
         log(f"  generic plan (one traced forward at {res0}²): {len(gp.w4a4)} W4A4 linears in {len(gp.groups)} fused "
             f"groups, {len(gp.modulation)} modulation, {len(gp.fp16)} 16-bit, {plan['seconds']:.1f} s")
