@@ -8,6 +8,7 @@ compared with the 16-bit pipeline's (same seeds) by PSNR and SSIM (`svdq eval`'s
 
     .venv/bin/python benchmarks/quality_table.py                  # all families → docs/quality.md (+ .json)
     .venv/bin/python benchmarks/quality_table.py --families flux --out /tmp/q.md
+    .venv/bin/python benchmarks/quality_table.py --append --families sdxl --variants naive   # add / redo rows
 
 Variants are configured in VARIANTS; SVDQuant rows use rank 32 and the default α grid.
 """
@@ -195,7 +196,7 @@ def markdown(results: dict, meta: dict) -> str:
         "| family | method | ranks | mean layer error | vs SVDQuant | worst layer ratio | PSNR (dB) | SSIM | quantize (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for family, r in results.items():
+    for family, r in sorted(results.items(), key=lambda kv: FAMILY_NAMES.index(kv[0])):
         base = r["variants"].get("SVDQuant (r32)")
         for vname, v in r["variants"].items():
             rel = worst = "—"
@@ -215,9 +216,11 @@ def markdown(results: dict, meta: dict) -> str:
     lines += [
         "",
         "*vs SVDQuant*: change of the mean per-layer error against SVDQuant with round-to-nearest (negative is "
-        "better). *worst layer ratio*: the largest per-layer error ratio against it (> 1: that layer got worse).",
+        "better). *worst layer ratio*: the largest per-layer error ratio against it (> 1: that layer got worse). "
+        "*quantize (s)*: wall time of `svdq.quantize` (calibration run included) on the machine below.",
         "",
-        f"Environment: torch {meta['torch']}, Python {meta['python']}, {meta['machine']}; total {meta['seconds']:.0f} s.",
+        f"Environment: torch {meta['torch']}, Python {meta['python']}, {meta['machine']}; total {meta['seconds']:.0f} s."
+        + (f" {meta['note']}" if meta.get("note") else ""),
         "",
     ]
     return "\n".join(lines)
@@ -230,10 +233,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality.md"), help="markdown output (JSON next to it)")
     ap.add_argument("--append", action="store_true",
                     help="add the variants run now to the JSON already next to --out (same families) and rewrite both")
+    ap.add_argument("--render", action="store_true", help="only rewrite --out from the JSON next to it (no runs)")
+    ap.add_argument("--note", help="a sentence about how this run was made, printed under the table (kept in the JSON)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        old = json.loads(out.with_suffix(".json").read_text())
+        if args.note is not None:
+            old["meta"]["note"] = args.note
+            out.with_suffix(".json").write_text(json.dumps(old, indent=1) + "\n")
+        out.write_text(markdown(old["results"], old["meta"]))
+        return 0
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    out = Path(args.out)
     results, seconds = {}, 0.0
     if args.append:
         old = json.loads(out.with_suffix(".json").read_text())
@@ -246,6 +258,8 @@ def main(argv=None) -> int:
             results[f] = new
         meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "seconds": seconds + time.perf_counter() - t0}
+        if args.note:
+            meta["note"] = args.note
         out.write_text(markdown(results, meta))
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
