@@ -1,4 +1,5 @@
-"""LoRA (diffusers / PEFT format) on generic-family models: Qwen-Image, Z-Image, Wan, FLUX.2, SANA, HiDream-I1.
+"""LoRA (diffusers / PEFT format) on generic-family models: Qwen-Image (and in Qwen-Image-Edit's pipeline, with
+its conditioning image's tokens in the sequence), Z-Image, Wan, FLUX.2, SANA, HiDream-I1.
 
 Per family, on the tiny transformer with the inputs of one real pipeline step (captured from its tiny
 pipeline): an adapter on every linear of the blocks (attention projections — fused groups included — MLPs,
@@ -21,8 +22,9 @@ from svdq.testing import families as tf
 
 RANK = 4
 # Factor std per family: adapters that change the 16-bit output by ~5–10 % (a typical style LoRA).
-LORA_STD = {"qwenimage": 0.05, "zimage": 0.03, "wan": 0.05, "flux2": 0.08, "sana": 0.05, "hidream": 0.05}
-LORA_FAMILIES = ("qwenimage", "zimage", "wan", "flux2", "sana", "hidream")
+LORA_STD = {"qwenimage": 0.05, "qwenimage-edit": 0.05, "zimage": 0.03, "wan": 0.05, "flux2": 0.08, "sana": 0.05,
+            "hidream": 0.05}
+LORA_FAMILIES = ("qwenimage", "qwenimage-edit", "zimage", "wan", "flux2", "sana", "hidream")
 
 
 def rel(a, b) -> float:
@@ -42,7 +44,7 @@ def setup(family: str):
             lambda _m, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True
         )
         try:
-            pipe(prompt="a red fox", num_inference_steps=1, output_type="latent", **tf.CALL_KWARGS[family])
+            pipe(prompt="a red fox", num_inference_steps=1, output_type="latent", **tf.call_kwargs(family))
         finally:
             handle.remove()
         full = pipe.transformer

@@ -5,8 +5,10 @@ images (Wan: 16×16, 5 frames). Families: Qwen-Image (`QwenImagePipeline`, Qwen2
 (`WanPipeline`, UMT5), SD3.5 (`StableDiffusion3Pipeline`, CLIP-L/G + T5; QK RMSNorm and one dual-attention
 block as in SD3.5-medium), Z-Image (`ZImagePipeline`, Qwen3), FLUX.2 klein (`Flux2KleinPipeline`, Qwen3),
 Chroma (`ChromaPipeline`, T5), SANA (`SanaPipeline`, Gemma-2, DC-AE), HiDream-I1 (`HiDreamImagePipeline`,
-CLIP-L/G + T5 + Llama-3, MoE experts) and FLUX.1 Kontext (`FluxKontextPipeline` around `svdq.testing.tiny`'s
-FLUX.1, with a seeded conditioning image: `call_kwargs`).
+CLIP-L/G + T5 + Llama-3, MoE experts), and two image-conditioned pipelines with a seeded conditioning image
+(`call_kwargs`): Qwen-Image-Edit (`TinyQwenImageEditPipeline`: diffusers' `QwenImageEditPipeline` with the
+conditioning image kept at 32², Qwen2.5-VL's vision tower on it) and FLUX.1 Kontext (`FluxKontextPipeline`
+around `svdq.testing.tiny`'s FLUX.1).
 
 Random init has no activation outliers (real checkpoints do; they are what SVDQuant is for), so
 `plant_attention_outliers` gives a few channels of every attention's value projection ×30 and divides the
@@ -14,12 +16,19 @@ matching columns of its output projection by 30: attention output channel j is a
 value channel j, so the 16-bit function is unchanged while the output projection's input now has the heavy
 channels naive W4A4 suffers from (any attention module with ``to_v``/``to_out.0`` and the text stream's
 ``add_v_proj``/``to_add_out``: no per-family code). `plant_mlp_outliers` does the same for each MLP's
-down-projection input. Modulation linears get ×3 (`MODULATION_GAIN`) and learned modulation tables std 0.3,
-so that the blocks carry a real share of the output (at plain std 0.05 the gates are ~0.01 and the blocks
-changed the output by ~3 %: quantization errors in them would not show).
+down-projection input, `plant_single_block_outliers` for single-stream blocks' shared output projection
+(FLUX.1 / Chroma ``proj_out``, FLUX.2 ``attn.to_out``); `OUTLIER_CHANNELS` (8) channels each.
+Modulation linears get ×3 (`MODULATION_GAIN`) and learned modulation tables std 0.3, so that the blocks carry
+a real share of the output (at plain std 0.05 the gates are ~0.01 and the blocks changed the output by ~3 %:
+quantization errors in them would not show). Per family, the patch embedder's gain (`EMBED_GAIN`) sets how
+much of the output the blocks carry against the embedding's pass-through, and `OUTPUT_GAIN` the velocity's
+scale where the tiny VAE needs it: chosen (measured, docs/models.md "The naive bound") so that on every family
+calibrated W4A4 is ≥ 3 dB above the 30 dB image bound of tests/test_families.py and naive W4A4 ≥ 3 dB below it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -39,6 +48,21 @@ TEXT_HIDDEN = 32  # the tiny LLM / T5 text encoders' width
 MODULATION_NAMES = ("norm", "_mod", "adaLN", "modulation", "time_proj")
 MODULATION_GAIN = 3.0
 GATE_STD = 0.3  # Wan / PixArt-style learned modulation tables: gates large enough that blocks matter
+# The patch embedder (latent -> residual stream) of each family. Its output is the residual stream's pass-through:
+# the blocks read it through a norm (scale-free) and add gated outputs to it, and the final layer reads the sum
+# through a norm. Scaling the embedder by EMBED_GAIN < 1 leaves what the blocks compute unchanged and shrinks
+# the pass-through, so the blocks carry more of the output (in a trained model they carry almost all of it);
+# Z-Image's sandwich-normed blocks add unit-RMS branches, and there the gain is > 1 (blocks carry less).
+EMBEDDERS = {"qwenimage": "img_in", "wan": "patch_embedding", "sd3": "pos_embed.proj", "zimage": "all_x_embedder.2-1",
+             "flux2": "x_embedder", "chroma": "x_embedder", "sana": "patch_embed.proj", "hidream": "x_embedder.proj",
+             "kontext": "x_embedder"}
+EMBED_GAIN = {"qwenimage": 0.05, "wan": 0.3, "zimage": 2.5, "flux2": 0.3, "chroma": 0.4, "hidream": 0.3, "kontext": 0.07}
+# The final projection (velocity out) of each family, and its gain: at std 0.05 the tiny models predict velocities
+# of RMS ~0.6 where a trained flow model's v = noise - x0 has RMS >= 1 (the noise's). Qwen-Image's tiny VAE decodes
+# with low contrast (two seeds' images 20 dB apart, the others' 13-16 dB): its velocity is scaled up (×3.5: RMS ~2).
+OUTPUT_LAYERS = {"qwenimage": "proj_out"}
+OUTPUT_GAIN = {"qwenimage": 3.5}
+OUTLIER_CHANNELS = 8
 
 CONFIGS = {
     "qwenimage": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
@@ -82,7 +106,10 @@ CLASSES = {
 FAMILIES = tuple(CONFIGS)  # the generic family's
 # Pipelines of hand-written families that need their own fixture: FLUX.1 Kontext (the FLUX.1 transformer,
 # image-conditioned through `FluxKontextPipeline`: the input image's latents join the token sequence).
-PIPELINE_FAMILIES = FAMILIES + ("kontext",)
+# Qwen-Image-Edit: Qwen-Image's transformer in `QwenImageEditPipeline` (the conditioning image's latents join the
+# token sequence; the image also goes through Qwen2.5-VL's vision tower into the prompt embedding).
+PIPELINE_FAMILIES = FAMILIES + ("qwenimage-edit", "kontext")
+CONDITIONED = ("qwenimage-edit", "kontext")  # pipelines that take a conditioning image (`call_kwargs` adds it)
 # Keyword arguments every pipeline call of the family needs (sizes; FLUX.2 klein's text layers for 2-layer LLMs).
 CALL_KWARGS = {
     "qwenimage": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=64),
@@ -98,6 +125,8 @@ CALL_KWARGS = {
     "sana": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, complex_human_instruction=None),
     # HiDream-I1-Dev / -Fast (CFG-distilled) run with guidance 0; -Full's CFG 5: see docs/models.md ("HiDream")
     "hidream": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, guidance_scale=0.0),
+    # the edit pipeline's conditioning size is kept at the tiny size by `TinyQwenImageEditPipeline`
+    "qwenimage-edit": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=64),
     # Kontext: the pipeline would resize the conditioning image to ~1 MP (`_auto_resize`) and the output to
     # `max_area`; both kept at the tiny size. The image is added by `call_kwargs`.
     "kontext": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, max_area=IMAGE_SIZE ** 2,
@@ -105,8 +134,9 @@ CALL_KWARGS = {
 }
 
 
-def kontext_image(seed: int = 0):
-    """A seeded 32×32 RGB conditioning image (smooth colour ramps plus noise) for FLUX.1 Kontext."""
+def condition_image(seed: int = 0):
+    """A seeded 32×32 RGB conditioning image (smooth colour ramps plus noise) for FLUX.1 Kontext and
+    Qwen-Image-Edit."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed + 3)
@@ -121,8 +151,8 @@ def call_kwargs(family: str) -> dict:
     """Keyword arguments for a call of ``family``'s tiny pipeline: `CALL_KWARGS` plus, for image-conditioned
     pipelines, a fresh conditioning image."""
     kwargs = dict(CALL_KWARGS[family])
-    if family == "kontext":
-        kwargs["image"] = kontext_image()
+    if family in CONDITIONED:
+        kwargs["image"] = condition_image()
     return kwargs
 
 
@@ -135,10 +165,37 @@ def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     cls = getattr(diffusers, CLASSES[family])
     model = _seeded(seed + 41, lambda: cls(**CONFIGS[family]))
     _scale_init(model, seed)
+    scale_embedder(model, family)
     if outliers:
-        plant_attention_outliers(model, seed)
-        plant_mlp_outliers(model, seed)
+        plant_attention_outliers(model, seed, OUTLIER_CHANNELS)
+        plant_mlp_outliers(model, seed, OUTLIER_CHANNELS)
+        plant_single_block_outliers(model, seed, OUTLIER_CHANNELS)
     return _cast(model, dtype).eval()
+
+
+def tiny_kontext_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, outliers: bool = True):
+    """`svdq.testing.tiny`'s FLUX.1 transformer (its q/k/v and MLP-input outliers) with this module's patch
+    embedder gain and single-block outliers."""
+    from .tiny import tiny_flux_transformer
+
+    model = tiny_flux_transformer(seed, torch.float32, outliers=outliers)
+    scale_embedder(model, "kontext")
+    if outliers:
+        plant_single_block_outliers(model, seed, OUTLIER_CHANNELS)
+    return _cast(model, dtype).eval()
+
+
+def scale_embedder(model: torch.nn.Module, family: str) -> None:
+    """Multiply the family's patch embedder by `EMBED_GAIN` and its final projection by `OUTPUT_GAIN` (weights
+    and biases; see there)."""
+    for names, gains in ((EMBEDDERS, EMBED_GAIN), (OUTPUT_LAYERS, OUTPUT_GAIN)):
+        gain = gains.get(family, 1.0)
+        if gain != 1.0:
+            layer = model.get_submodule(names[family])
+            with torch.no_grad():
+                layer.weight.mul_(gain)
+                if layer.bias is not None:
+                    layer.bias.mul_(gain)
 
 
 def _scale_init(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
@@ -208,6 +265,34 @@ def plant_mlp_outliers(model: torch.nn.Module, seed: int, channels: int = 4, fac
             down.weight[:, idx] /= factor
 
 
+def plant_single_block_outliers(model: torch.nn.Module, seed: int, channels: int = 4, factor: float = 30.0) -> None:
+    """Heavy channels at the output projection of single-stream blocks, whose attention and MLP share one
+    output projection over ``[attention | MLP]`` (not covered by the two functions above): FLUX.1 / Chroma
+    (``attn.to_v`` and ``proj_mlp`` -> ``proj_out``) and FLUX.2 (``attn.to_qkv_mlp_proj`` rows
+    ``[q | k | v | gate | value]`` -> ``attn.to_out``). Value channels: exact (as `plant_attention_outliers`);
+    FLUX.2's SwiGLU value half: exact; FLUX.1's GELU MLP: approximately (as `plant_mlp_outliers`)."""
+    gen = torch.Generator().manual_seed(seed + 9)
+    with torch.no_grad():
+        for m in model.modules():
+            attn = getattr(m, "attn", None)
+            if isinstance(getattr(m, "proj_mlp", None), torch.nn.Linear) and isinstance(getattr(m, "proj_out", None), torch.nn.Linear) \
+                    and isinstance(getattr(attn, "to_v", None), torch.nn.Linear):
+                inner, out = attn.to_v.out_features, m.proj_out
+                pairs = [(attn.to_v, 0, 0, inner), (m.proj_mlp, 0, inner, m.proj_mlp.out_features)]
+            elif isinstance(getattr(m, "to_qkv_mlp_proj", None), torch.nn.Linear) and isinstance(getattr(m, "to_out", None), torch.nn.Linear):
+                inner, out = m.inner_dim, m.to_out
+                hidden = out.in_features - inner
+                pairs = [(m.to_qkv_mlp_proj, 2 * inner, 0, inner), (m.to_qkv_mlp_proj, 3 * inner + hidden, inner, hidden)]
+            else:
+                continue
+            for up, row0, col0, width in pairs:  # rows row0 + idx of `up` feed columns col0 + idx of `out`
+                idx = torch.randperm(width, generator=gen)[:channels]
+                up.weight[row0 + idx] *= factor
+                if up.bias is not None:
+                    up.bias[row0 + idx] *= factor
+                out.weight[:, col0 + idx] /= factor
+
+
 def _first(m):
     if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
         return m[0] if len(m) else None
@@ -222,9 +307,13 @@ _CHAT_TEMPLATE = (
 )
 
 
-def tiny_qwen2_tokenizer():
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen2_tokenizer(vision: bool = False):
     """A byte-level BPE `Qwen2Tokenizer` (single bytes plus a few merges) with Qwen's special tokens and a
-    minimal chat template, built in memory (`save_pretrained` writes it as tokenizer.json)."""
+    minimal chat template, built in memory (`save_pretrained` writes it as tokenizer.json). ``vision``: also
+    Qwen2.5-VL's image markers (`VISION_TOKENS`), which Qwen-Image-Edit's prompt template uses."""
     from transformers import Qwen2Tokenizer
 
     chars = _byte_unicode_chars()
@@ -232,7 +321,8 @@ def tiny_qwen2_tokenizer():
     vocab = {c: i for i, c in enumerate(chars)}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+    extra = VISION_TOKENS if vision else ()
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + extra:
         vocab[special] = len(vocab)
     tok = Qwen2Tokenizer(
         vocab=vocab,
@@ -240,7 +330,7 @@ def tiny_qwen2_tokenizer():
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra],
         model_max_length=1024,
     )
     tok.chat_template = _CHAT_TEMPLATE
@@ -248,18 +338,24 @@ def tiny_qwen2_tokenizer():
 
 
 def tiny_qwen25_vl_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
-    """`Qwen2_5_VLForConditionalGeneration` with 2 text layers and a 2-layer vision tower (unused: text only)."""
+    """`Qwen2_5_VLForConditionalGeneration` with 2 text layers and a 2-layer vision tower (width 16; used by
+    Qwen-Image-Edit, whose tokenizer has `VISION_TOKENS`)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     n = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS} if VISION_TOKENS[0] in tokenizer.get_vocab() else None
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=n, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
                          rope_theta=1e6),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden),
-        # the image / video marker ids must exist in the tiny vocabulary (they are never produced by text)
-        image_token_id=n - 1, video_token_id=n - 2, vision_start_token_id=n - 3, vision_end_token_id=n - 4,
+        # the image / video marker ids must exist in the tiny vocabulary (without VISION_TOKENS they are never
+        # produced by text)
+        **(dict(image_token_id=n - 1, video_token_id=n - 2, vision_start_token_id=n - 3, vision_end_token_id=n - 4)
+           if ids is None else
+           dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])),
     )
     return _seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config)).eval()
 
@@ -301,6 +397,26 @@ def tiny_umt5_text_encoder(tokenizer, seed: int, d_model: int = TEXT_HIDDEN):
                         num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id)
     return _seeded(seed, lambda: UMT5EncoderModel(config)).eval()
+
+
+def tiny_qwen2_vl_processor(tokenizer):
+    """A `Qwen2VLProcessor` for images only, with Qwen2.5-VL's default image preprocessing (14-pixel patches, 2×2
+    merges: a 32² image is upscaled to its 56² minimum, 16 patches -> 4 image tokens in the prompt).
+
+    transformers checks the class of every processor argument, and the base class of its video processors
+    needs torchvision (not a dependency here): a subclass skips the check for the absent video processor
+    (Qwen-Image-Edit passes images only)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+                                     chat_template=_CHAT_TEMPLATE)
 
 
 # --- VAEs ------------------------------------------------------------------------------------------------------
@@ -359,10 +475,19 @@ def tiny_family_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    if family == "qwenimage-edit":
+        tok = tiny_qwen2_tokenizer(vision=True)
+        processor = tiny_qwen2_vl_processor(tok)
+        tr = transformer if transformer is not None else tiny_transformer("qwenimage", seed, dtype)
+        return _tiny_edit_pipeline_class()(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=_cast(_vae_qwen(seed), dtype),
+            text_encoder=_cast(tiny_qwen25_vl_text_encoder(tok, seed + 11), dtype), tokenizer=tok,
+            processor=processor, transformer=tr)
     if family == "kontext":
         from .tiny import tiny_flux_full_pipeline
 
-        return diffusers.FluxKontextPipeline(**tiny_flux_full_pipeline(seed, dtype, transformer).components)
+        tr = transformer if transformer is not None else tiny_kontext_transformer(seed, dtype)
+        return diffusers.FluxKontextPipeline(**tiny_flux_full_pipeline(seed, dtype, tr).components)
     if family not in CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(PIPELINE_FAMILIES)}")
     tr = transformer if transformer is not None else tiny_transformer(family, seed, dtype)
@@ -433,6 +558,43 @@ def tiny_family_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.
         # HiDream rescales every request to the area of its default size (128 latents² → 1 MP): make that 32²
         pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
     return pipe
+
+
+@functools.cache
+def _tiny_edit_pipeline_class():
+    import diffusers
+
+    class TinyQwenImageEditPipeline(diffusers.QwenImageEditPipeline):
+        """`QwenImageEditPipeline` whose conditioning image keeps the tiny size.
+
+        diffusers' pipeline resizes the conditioning image to ~1 MP whatever ``height`` / ``width`` say
+        (``calculate_dimensions(1024 * 1024, ratio)`` in ``pipeline_qwenimage_edit``, no argument changes it):
+        ~4096 image tokens plus ~5000 vision patches per call, far beyond a CPU test. During a call of this class
+        (only), that module's ``calculate_dimensions`` computes for `condition_area` instead; everything else —
+        VAE encoding of the image, its latents joining the token sequence, its RoPE grid (``img_shapes``), the
+        vision tower's prompt embedding — is diffusers' code unchanged. Not thread-safe (a module global is
+        swapped for the duration of the call): a test fixture.
+        """
+
+        condition_area = IMAGE_SIZE ** 2
+
+        def __call__(self, *args, **kwargs):
+            from unittest import mock
+
+            from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+            original = module.calculate_dimensions
+            with mock.patch.object(module, "calculate_dimensions",
+                                   lambda _area, ratio: original(self.condition_area, ratio)):
+                return super().__call__(*args, **kwargs)
+
+    return TinyQwenImageEditPipeline
+
+
+def __getattr__(name):  # the class is built on first use (diffusers is imported lazily)
+    if name == "TinyQwenImageEditPipeline":
+        return _tiny_edit_pipeline_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def with_transformer(pipe, transformer):
