@@ -239,13 +239,10 @@ def run(args) -> int:
         shutil.rmtree(state_dir)  # the saved model is complete: the per-block state is not needed any more
     if encoders:
         print(f"text encoder(s) W4A16: {', '.join(encoders)} -> {out}")
+    what = (" + ".join(f"{n} ({type(m).__name__})" for n, m in models.items()) if len(models) > 1
+            else type(models[components[0]]).__name__)
     print(
-        f"quantized {layers} layers of {' + '.join(f'{n} ({type(m).__name__})' for n, m in models.items())}"
-        if len(models) > 1 else f"quantized {layers} layers of {type(models[components[0]]).__name__}",
-        end="",
-    )
-    print(
-        (f" (+ {wo} AdaLN layers W4A16)" if wo else "") + " "
+        f"quantized {layers} layers of {what}" + (f" (+ {wo} AdaLN layers W4A16)" if wo else "") + " "
         f"({'data-free' if prompts is None else f'{len(prompts)} calibration prompts'}) in "
         f"{time.perf_counter() - t0:.1f} s -> {out}"
     )
