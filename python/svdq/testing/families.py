@@ -122,7 +122,9 @@ CALL_KWARGS = {
     "flux2": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, text_encoder_out_layers=(0, 1, 2)),
     "chroma": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32),
     # no "complex human instruction" (SANA's default prepends a ~300-token system prompt to every prompt)
-    "sana": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, complex_human_instruction=None),
+    # use_resolution_binning=False: the pipeline would snap 32² to its 512² aspect bin and resize the image back
+    "sana": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, complex_human_instruction=None,
+                 use_resolution_binning=False),
     # HiDream-I1-Dev / -Fast (CFG-distilled) run with guidance 0; -Full's CFG 5: see docs/models.md ("HiDream")
     "hidream": dict(height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32, guidance_scale=0.0),
     # the edit pipeline's conditioning size is kept at the tiny size by `TinyQwenImageEditPipeline`
