@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -772,10 +773,6 @@ def export_flux(model, path: str | os.PathLike) -> Path:
     and the AdaNorm scale-chunk biases (+1). Refuses (ValueError naming the layer) what the format cannot
     express: other model classes, fp32, W4A8, loaded LoRA adapters, K or N not a multiple of 128, AdaNorm
     layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
     from ..linear import SVDQLinear
     from ..lora import list_loras
     from ..quantize import quantized_layers
@@ -871,13 +868,22 @@ def export_flux(model, path: str | os.PathLike) -> Path:
         if len(parts) == 5 and parts[2] == "attn" and parts[3] in _EXPORT_NORMS:
             key = ".".join(parts[:2] + parts[3:])  # transformer_blocks.i.attn.norm_q.weight → ….i.norm_q.weight
         out[key] = v.detach().cpu().contiguous()
-    # the diffusers config without svdq's own quantization_config (Nunchaku's runtime builds a 16-bit skeleton)
+    return write_checkpoint(out, path, model, "FluxTransformer2DModel", "NunchakuFluxTransformer2dModel", rank)
+
+
+def write_checkpoint(tensors: dict, path, model, class_name: str, model_class: str, rank: int) -> Path:
+    """One Nunchaku INT4 file at ``path``, written atomically (a crash leaves the old file or the new one): the
+    tensors, and the metadata Nunchaku reads — diffusers' config of ``model`` as ``class_name`` without svdq's
+    own quantization_config (their runtime builds a 16-bit skeleton from it), ``model_class`` (their class's
+    name) and the INT4 / group-64 / ``rank`` quantization_config."""
+    from safetensors.torch import save_file
+
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
-    config["_class_name"] = "FluxTransformer2DModel"
+    config["_class_name"] = class_name
     spec = {"dtype": "int4", "scale_dtype": None, "group_size": GROUP_SIZE}
     meta = {
-        "config": json.dumps(config),
-        "model_class": "NunchakuFluxTransformer2dModel",
+        "config": json.dumps(config, default=list),
+        "model_class": model_class,
         "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank}),
     }
     path = Path(path)
@@ -885,8 +891,8 @@ def export_flux(model, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -326,11 +326,6 @@ def export_sdxl(model, path: str | os.PathLike) -> Path:
     shifted layers, loaded LoRA adapters, K or N not a multiple of 128, W4A16 layers, a quantized layer
     Nunchaku keeps 16-bit (quantize with ``exclude=family.exclude + ("*attn2.to_kv*",)``) or a 16-bit one it
     quantizes."""
-    import json
-    import tempfile
-
-    from safetensors.torch import save_file
-
     from ..linear import SVDQLinear
     from ..lora import list_loras
     from ..models import SharedInputLinear
@@ -401,22 +396,4 @@ def export_sdxl(model, path: str | os.PathLike) -> Path:
                 continue
             for part, chunk in zip(kv.names, torch.split(t, list(kv.sizes))):
                 out[f"{b}.attn2.{part}.{suffix}"] = chunk.contiguous()
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
-    config["_class_name"] = "UNet2DConditionModel"
-    spec = {"dtype": "int4", "scale_dtype": None, "group_size": nk.GROUP_SIZE}
-    meta = {
-        "config": json.dumps(config, default=list),
-        "model_class": "NunchakuSDXLUNet2DConditionModel",
-        "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank}),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return nk.write_checkpoint(out, path, model, "UNet2DConditionModel", "NunchakuSDXLUNet2DConditionModel", rank)
