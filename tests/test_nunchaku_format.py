@@ -777,8 +777,11 @@ def test_from_pretrained_builds_the_qwenimage_model_of_a_nunchaku_file(tmp_path)
     # on codes quantized signed (bias folded), which here even helps; the AdaNorm bias rounding costs < 1e-3
     assert rel(y_nk, y_svdq) < 0.12
     assert rel(y_nk, y16) < 1.2 * rel(y_svdq, y16)
-    with pytest.raises(ValueError, match="loaded from the Nunchaku checkpoint .* not supported yet"):
-        svdq.save_pretrained(loaded, tmp_path / "as-svdq")
+    # saved as an svdq model directory (shifted fc2 layers, float-offset AdaNorm, fused groups) it reloads exactly
+    reloaded = svdq.from_pretrained(svdq.save_pretrained(loaded, tmp_path / "as-svdq"))
+    assert reloaded.transformer_blocks[1].img_mlp.net[2].act_shift == nk.SHIFT_GELU
+    with torch.no_grad():
+        assert torch.equal(reloaded(**captured["kw"])[0], y_nk)
 
 
 def test_svdq_generate_runs_a_nunchaku_file(quantized_flux, tmp_path):

@@ -73,11 +73,11 @@ def save_pretrained(
     if transformer_2 is not None and getattr(transformer_2, "svdq_config", None) is None:
         raise ValueError(f"transformer_2 ({type(transformer_2).__name__}) is not quantized: run svdq.quantize on it "
                          "first")
-    if getattr(model, "svdq_config", None) is None:
-        if getattr(model, "svdq_source", None):
-            raise ValueError(f"{type(model).__name__} was loaded from {model.svdq_source}; saving it as an svdq model "
-                             "directory is not supported yet (keep that file: svdq.from_pretrained loads it)")
+    source = getattr(model, "svdq_source", None)  # a model loaded from a Nunchaku file / nunchaku_lite directory
+    if getattr(model, "svdq_config", None) is None and source is None:
         raise ValueError(f"{type(model).__name__} is not quantized: run svdq.quantize(model, ...) first")
+    if source is not None and getattr(model, "svdq_config", None) is None:
+        model.svdq_config = imported_config(model)  # what the file holds, so the checkpoint describes it
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"save_pretrained: {directory} exists and is not a directory")
@@ -92,6 +92,8 @@ def save_pretrained(
         "svdq_version": __version__,
         "base": base,
     }
+    if source is not None:
+        info["converted_from"] = source
     # Write everything into a temporary sibling, then swap it in: a reader (or a crash, or Ctrl-C) sees the
     # old directory or the new one, never new weights next to an old svdq.json (docs/reliability.md).
     tmp = None
@@ -124,6 +126,19 @@ def save_pretrained(
                 shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def imported_config(model: nn.Module):
+    """The `QuantizeConfig` an svdq checkpoint records, for a model svdq did not quantize (loaded from a Nunchaku
+    file or a diffusers nunchaku_lite directory): its W4A4 layers by name (``include``), its W4A16 layers by name
+    (``weight_only``), their largest rank. How the producer chose smoothing and codes is not in those files:
+    ``alphas`` / ``rounding`` / ``calib_tokens`` keep their defaults and describe nothing."""
+    from .quantize import QuantizeConfig, quantized_layers
+    from .weight_only import weight_only_layers
+
+    layers = quantized_layers(model)
+    return QuantizeConfig(rank=max((m.rank for m in layers.values()), default=0), include=tuple(layers),
+                          exclude=(), weight_only=tuple(weight_only_layers(model)))
 
 
 def _swap_in(new: Path, target: Path) -> Path | None:

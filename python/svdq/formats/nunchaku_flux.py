@@ -12,8 +12,7 @@ Where Nunchaku's model differs from the one svdq quantizes itself (docs/formats.
 - AdaNorm layers: float-offset W4A16 (spec §7.2) with the scale chunks' +1 taken out of the bias.
 
 The model is built on the meta device and every tensor comes from the file, so a failure leaves nothing
-half-built. Saving it as an svdq checkpoint is not supported yet (`SplitInputLinear` has no svdq checkpoint
-form); `svdq.save` refuses it by name.
+half-built. Saving it as an svdq checkpoint is refused by name (`SplitInputLinear` has no svdq checkpoint form).
 """
 
 from __future__ import annotations

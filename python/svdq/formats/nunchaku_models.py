@@ -8,7 +8,7 @@ These files use Nunchaku's Python module tensor names (``proj_down`` / ``proj_up
 packing, `svdq.formats.nunchaku.layer_from_nunchaku`). Each model is built on the meta device from the file's
 config, its shared-input projections fused under svdq's own group names (`svdq.models.generic.group_name`) where
 Nunchaku fused them, every quantized layer converted exactly, and the rest copied; a failure leaves nothing
-half-built. Saving such a model as an svdq model directory is not supported yet (`svdq.save_pretrained` says so).
+half-built. `svdq.save_pretrained` writes such a model as an svdq model directory (`svdq.pretrained.imported_config`).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def finish(model: nn.Module, rest: dict[str, torch.Tensor], path: Path, label: s
     if still_meta:
         raise CheckpointError(f"{path}: missing tensor(s) {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
     model.eval()
-    model.svdq_source = f"the Nunchaku checkpoint {path}"  # what svdq.save_pretrained names when it refuses
+    model.svdq_source = f"the Nunchaku checkpoint {path}"  # recorded by svdq.save_pretrained (svdq.json converted_from)
     return model
 
 
