@@ -869,6 +869,10 @@ def test_from_pretrained_builds_the_zimage_model_of_a_nunchaku_file(tmp_path):
     with torch.no_grad():
         y_svdq, y_nk = model(*args, **kwargs)[0], loaded(*args, **kwargs)[0]
     assert all(torch.equal(a, b) for a, b in zip(y_nk, y_svdq))
+    # saved as an svdq model directory (fused SwiGLU group, 16-bit refiners) it reloads computing the same
+    resaved = svdq.from_pretrained(svdq.save_pretrained(loaded, tmp_path / "as-svdq"))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(resaved(*args, **kwargs)[0], y_svdq))
     # broken: the SwiGLU halves read in the other order ([w1; w3]) is far off
     swapped = dict(out)
     for i in range(2):
