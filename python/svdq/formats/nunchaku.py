@@ -774,28 +774,12 @@ def export_flux(model, path: str | os.PathLike) -> Path:
     express: other model classes, fp32, W4A8, loaded LoRA adapters, K or N not a multiple of 128, AdaNorm
     layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``)."""
     from ..linear import SVDQLinear
-    from ..lora import list_loras
-    from ..quantize import quantized_layers
-    from ..weight_only import weight_only_layers
 
     if type(model).__name__ != "FluxTransformer2DModel":
         raise ValueError(f"export --format nunchaku: {type(model).__name__} is not a FLUX.1 FluxTransformer2DModel")
-    if list_loras(model):
-        raise ValueError("export --format nunchaku: unload the LoRA adapters first (svdq.unload_lora)")
-    qlayers, wo = quantized_layers(model), weight_only_layers(model)
-    if not qlayers:
-        raise ValueError("export --format nunchaku: the model is not quantized (svdq.quantize it first)")
-    dtypes = {m.dtype for m in qlayers.values()}
-    if dtypes - {torch.bfloat16, torch.float16} or len(dtypes) != 1:
-        raise ValueError(f"export --format nunchaku: Nunchaku runs bf16 or fp16 models, this one is {sorted(map(str, dtypes))}")
+    qlayers, wo = exportable_layers(model, "export --format nunchaku")
     for name, m in qlayers.items():
-        if m.act_format != "int4":
-            raise ValueError(f"export --format nunchaku: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
-        if m.in_features % K_STEP or m.out_features % WARP_N:
-            raise ValueError(
-                f"export --format nunchaku: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
-                f"need K and N multiples of 128"
-            )
+        check_exportable_layer("export --format nunchaku", name, m)
         fc2 = name.rsplit(".", 3)[-3:] in (["ff", "net", "2"], ["ff_context", "net", "2"])
         if m.act_shift and not (fc2 and m.act_shift == SHIFT_GELU):
             raise ValueError(
@@ -869,6 +853,35 @@ def export_flux(model, path: str | os.PathLike) -> Path:
             key = ".".join(parts[:2] + parts[3:])  # transformer_blocks.i.attn.norm_q.weight → ….i.norm_q.weight
         out[key] = v.detach().cpu().contiguous()
     return write_checkpoint(out, path, model, "FluxTransformer2DModel", "NunchakuFluxTransformer2dModel", rank)
+
+
+def exportable_layers(model, what: str) -> tuple[dict, dict]:
+    """(W4A4 layers, W4A16 layers) of ``model`` after the model-level checks every Nunchaku file export shares
+    (ValueError): no loaded LoRA adapter, some W4A4 layers, one 16-bit dtype. Each layout then checks which
+    layers it quantizes, and every W4A4 layer with `check_exportable_layer`."""
+    from ..lora import list_loras
+    from ..quantize import quantized_layers
+    from ..weight_only import weight_only_layers
+
+    if list_loras(model):
+        raise ValueError(f"{what}: unload the LoRA adapters first (svdq.unload_lora)")
+    qlayers, wo = quantized_layers(model), weight_only_layers(model)
+    if not qlayers:
+        raise ValueError(f"{what}: the model is not quantized (svdq.quantize it first)")
+    dtypes = {m.dtype for m in qlayers.values()}
+    if dtypes - {torch.bfloat16, torch.float16} or len(dtypes) != 1:
+        raise ValueError(f"{what}: Nunchaku runs bf16 or fp16 models, this one is {sorted(map(str, dtypes))}")
+    return qlayers, wo
+
+
+def check_exportable_layer(what: str, name: str, m) -> None:
+    """ValueError naming the W4A4 layer when Nunchaku's runtime cannot run it: activations other than int4, K or
+    N not a multiple of 128 (its kernels' tiles; the file's shapes are the padded ones)."""
+    if m.act_format != "int4":
+        raise ValueError(f"{what}: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
+    if m.in_features % K_STEP or m.out_features % WARP_N:
+        raise ValueError(f"{what}: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
+                         f"need K and N multiples of 128")
 
 
 def write_checkpoint(tensors: dict, path, model, class_name: str, model_class: str, rank: int) -> Path:

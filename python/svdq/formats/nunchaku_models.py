@@ -327,19 +327,12 @@ def export_sdxl(model, path: str | os.PathLike) -> Path:
     Nunchaku keeps 16-bit (quantize with ``exclude=family.exclude + ("*attn2.to_kv*",)``) or a 16-bit one it
     quantizes."""
     from ..linear import SVDQLinear
-    from ..lora import list_loras
     from ..models import SharedInputLinear
-    from ..quantize import quantized_layers
-    from ..weight_only import weight_only_layers
 
     what = "export --format nunchaku"
     if type(model).__name__ != "UNet2DConditionModel":
         raise ValueError(f"{what}: {type(model).__name__} is not an SDXL UNet2DConditionModel")
-    if list_loras(model):
-        raise ValueError(f"{what}: unload the LoRA adapters first (svdq.unload_lora)")
-    qlayers, wo = quantized_layers(model), weight_only_layers(model)
-    if not qlayers:
-        raise ValueError(f"{what}: the model is not quantized (svdq.quantize it first)")
+    qlayers, wo = nk.exportable_layers(model, what)
     if wo:
         raise ValueError(
             f"{what}: layer {sorted(wo)[0]!r} is weight-only 4-bit (W4A16); Nunchaku's SDXL layout has no such layer "
@@ -352,18 +345,11 @@ def export_sdxl(model, path: str | os.PathLike) -> Path:
         hint = (" (Nunchaku keeps the cross-attention to_k / to_v 16-bit: quantize with "
                 "exclude=svdq.models.FAMILIES['sdxl'].exclude + ('*attn2.to_kv*',))") if ".attn2.to_kv" in extra[0] else ""
         raise ValueError(f"{what}: quantized layer {extra[0]!r} is 16-bit in Nunchaku's SDXL layout{hint}")
-    dtypes = {m.dtype for m in qlayers.values()}
-    if dtypes - {torch.bfloat16, torch.float16} or len(dtypes) != 1:
-        raise ValueError(f"{what}: Nunchaku runs bf16 or fp16 models, this one is {sorted(map(str, dtypes))}")
     for name, m in qlayers.items():
-        if m.act_format != "int4":
-            raise ValueError(f"{what}: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
+        nk.check_exportable_layer(what, name, m)
         if m.act_shift:
             raise ValueError(f"{what}: layer {name!r} has shifted activations (act_shift={m.act_shift}); Nunchaku's "
                              f"SDXL runtime runs every layer on signed activations")
-        if m.in_features % nk.K_STEP or m.out_features % nk.WARP_N:
-            raise ValueError(f"{what}: layer {name!r} is [{m.in_features} -> {m.out_features}]; Nunchaku's layers "
-                             f"need K and N multiples of 128")
     for name in wanted:
         if not isinstance(qlayers.get(name), SVDQLinear):
             raise ValueError(f"{what}: {name!r} is not a W4A4 layer; Nunchaku's SDXL layout quantizes it (quantize the "
