@@ -434,6 +434,12 @@ def test_qwenimage_round_trip_is_bit_exact(tmp_path):
     assert type(loaded).__name__ == "QwenImageTransformer2DModel"
     with torch.no_grad():
         assert torch.equal(loaded(**captured["kw"])[0], model(**captured["kw"])[0])
+    # saved as an svdq model directory it reloads computing the same, W4A16 layers keeping their float offsets
+    resaved = svdq.from_pretrained(svdq.save_pretrained(loaded, tmp_path / "as-svdq"))
+    assert svdq.weight_only_layers(resaved).keys() == svdq.weight_only_layers(loaded).keys()
+    assert all(m.zero_point_kind == "float" for m in svdq.weight_only_layers(resaved).values())
+    with torch.no_grad():
+        assert torch.equal(resaved(**captured["kw"])[0], model(**captured["kw"])[0])
 
 
 def test_svdq_generate_runs_a_nunchaku_lite_directory(flux_dir, tmp_path):

@@ -157,10 +157,13 @@ def test_sdxl_file_loads_every_tensor_exactly_and_computes_the_same(quantized_un
         y_nk = loaded(**_inputs())[0]
     assert torch.equal(y_nk, svdq_output)
     assert float(svdq_output.float().std()) > 0.1  # a real output, not zeros
-    # saved as an svdq model directory it reloads computing the same (tests/test_nunchaku_resave.py)
-    resaved = svdq.from_pretrained(svdq.save_pretrained(loaded, sdxl_file.parent / "as-svdq"))
+    # saved as an svdq model directory it reloads computing the same; svdq.json says where it came from
+    saved = svdq.save_pretrained(loaded, sdxl_file.parent / "as-svdq")
+    resaved = svdq.from_pretrained(saved)
     with torch.no_grad():
         assert torch.equal(resaved(**_inputs())[0], svdq_output)
+    assert str(sdxl_file) in json.loads((saved / "svdq.json").read_text())["converted_from"]
+    assert resaved.svdq_config.rank == 16 and resaved.svdq_config.include == tuple(svdq.quantized_layers(loaded))
 
 
 def test_broken_layouts_are_told_apart(quantized_unet, sdxl_file, svdq_output, tmp_path, monkeypatch):
