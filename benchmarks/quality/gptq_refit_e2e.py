@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -69,7 +68,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     results = {f: evaluate(f) for f in args.families}
     if args.out:
-        meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+        from svdq.bench.env import environment
+
+        meta = environment(torch.device("cpu"))  # device, torch, CUDA, date, commit (the results-file fields)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     return 0
 

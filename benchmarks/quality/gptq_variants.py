@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -194,7 +193,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results = {f: evaluate(f) for f in args.families}
     if args.out:
-        meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+        from svdq.bench.env import environment
+
+        meta = environment(torch.device("cpu"))  # device, torch, CUDA, date, commit (the results-file fields)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     return 0
 
