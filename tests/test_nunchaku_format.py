@@ -655,7 +655,7 @@ def test_from_pretrained_builds_the_flux_model_of_a_nunchaku_file(quantized_flux
     import copy
 
     import svdq
-    from svdq.formats.nunchaku_flux import SplitInputLinear
+    from svdq.models.split_input import SplitInputLinear
     from svdq.linear import SVDQLinear
     from svdq.weight_only import SVDQWeightOnlyLinear
     from test_flux_tiny import transformer_inputs
@@ -691,12 +691,20 @@ def test_from_pretrained_builds_the_flux_model_of_a_nunchaku_file(quantized_flux
     # measured 0.012 (svdq's own error against 16-bit here: 0.048): the fc2 layers run shifted on codes quantized
     # signed (bias folded at export), the AdaNorm biases went through bf16(b + 1), proj_out is two layers
     assert err < 0.03, err
-    with pytest.raises(ValueError, match=r"cannot save single_transformer_blocks\.0\.proj_out \(SplitInputLinear\)"):
-        svdq.save(loaded, tmp_path / "as-svdq.safetensors")
-    with pytest.raises(ValueError, match=r"cannot save single_transformer_blocks\.0\.proj_out \(SplitInputLinear\)"):
-        svdq.save_pretrained(loaded, tmp_path / "as-svdq")
-    assert not (tmp_path / "as-svdq").exists()
-    assert not (tmp_path / "as-svdq.safetensors").exists()
+    # saved as an svdq model directory (proj_out as its two parts, single blocks fused as the file's), it reloads
+    # computing the same bits, through svdq and through diffusers' own from_pretrained, and exports back to the
+    # same file byte for byte (Nunchaku → svdq → Nunchaku)
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    svdq.save_pretrained(loaded, tmp_path / "as-svdq")
+    again = svdq.from_pretrained(tmp_path / "as-svdq")
+    assert isinstance(again.single_transformer_blocks[0].proj_out, SplitInputLinear)
+    with torch.no_grad():
+        assert torch.equal(again(**inp)[0], y_nk)
+        assert torch.equal(FluxTransformer2DModel.from_pretrained(tmp_path / "as-svdq")(**inp)[0], y_nk)
+    first, second = load_file(str(path)), load_file(str(nk.export_flux(again, tmp_path / "re" / "x.safetensors")))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # broken: the AdaNorm +1 left in the bias (diffusers adds its own 1) is several times farther
     monkeypatch.setitem(nk.ADANORM_SCALE_CHUNKS, 6, ())
     monkeypatch.setitem(nk.ADANORM_SCALE_CHUNKS, 3, ())

@@ -39,6 +39,7 @@ from torch import nn
 
 from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction, read_all_tensors
 from .linear import STORED_TENSORS, SVDQLinear
+from .models.split_input import SplitInputLinear
 from .ops.reference import GROUP_SIZE, padded_k
 from .quantize import QuantizeConfig, _set_submodule, quantized_layers
 from .weight_only import SVDQWeightOnlyLinear, weight_only_layers
@@ -81,6 +82,12 @@ def contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         why = getattr(m, "svdq_checkpoint_unsupported", None)  # a module svdq's format cannot express
         if why:
             raise ValueError(f"cannot save {name or 'the model'} ({type(m).__name__}) as an svdq checkpoint: {why}")
+    for name, m in model.named_modules():
+        # a split layer is stored as its parts, which must all be quantized (their names and in_features rebuild
+        # the split on load: `svdq.models.split_input.split_for_checkpoint`)
+        if isinstance(m, SplitInputLinear) and not all(isinstance(p, (SVDQLinear, SVDQWeightOnlyLinear)) for p in m.parts):
+            raise ValueError(f"cannot save {name} as an svdq checkpoint: it is split into parts on its input columns "
+                             f"({[type(p).__name__ for p in m.parts]}) and only quantized parts can be stored")
     adapters = list_loras(model)
     if adapters:
         # The checkpoint format stores the base branch only; adapters' strengths live in lora_scales, not saved.
@@ -212,6 +219,7 @@ def load(
     (svdq/models) fuse the skeleton first (undone if loading fails, also on Ctrl-C).
     """
     from .models import fused_for_checkpoint
+    from .models.split_input import split_for_checkpoint
 
     meta = read_metadata(path)
     # The skeleton's structure before fusing: on any failure (also one inside the fusion, also Ctrl-C) it is
@@ -221,11 +229,20 @@ def load(
         with deferred_interrupts():  # fusing is quick; a Ctrl-C inside it would leave some blocks fused
             with fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]]):
                 pass
+            try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
+                split_for_checkpoint(model, _layer_inputs(meta))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         return _load(model, Path(path), meta, device, verify)
     except BaseException:
         with deferred_interrupts():
             snapshot.restore()
         raise
+
+
+def _layer_inputs(meta: dict) -> list[tuple[str, int]]:
+    """(name, in_features) of every quantized and weight-only layer the metadata lists."""
+    return [(e["name"], e["in_features"]) for kind in ("quantized_layers", "weight_only_layers") for e in meta[kind]]
 
 
 def _load(model: nn.Module, path: Path, meta: dict, device, verify: bool) -> nn.Module:

@@ -29,8 +29,9 @@ from .decompose import (
     smoothing_factors,
 )
 from .gptq import layers_within_memory
-from ._transaction import model_transaction
+from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction
 from .linear import SVDQLinear
+from .models.split_input import SplitInputLinear, split_linear
 from .parallel import gather_input_stats, row_keys
 from . import ops
 from .ops import ACT_FORMATS
@@ -42,6 +43,7 @@ log = logging.getLogger("svdq")
 METHODS = ("svdquant", "smoothquant", "naive")
 ROUNDINGS = ("nearest", "gptq")  # how the residual's INT4 codes are chosen (svdq.gptq); same stored format
 CONFIG_VERSION = 1
+TARGETS = ("nunchaku",)  # `QuantizeConfig.target`: runtimes whose format a model can be quantized in exactly
 
 # Kept 16-bit by default: embeddings and input projections (they see raw, unnormalized inputs and are tiny
 # in FLOPs), AdaLN modulation linears (their outputs scale whole activations: small errors are amplified),
@@ -94,6 +96,10 @@ class QuantizeConfig:
     # error on the sample is lower than the signed one's (`choose_act_shift`). Added after version 1 shipped:
     # configs without it load as 0.
     act_shift: float = 0.0
+    # A runtime whose own format the model is quantized in, layer for layer, so that exporting to it is exact
+    # (`svdq.formats.nunchaku_target`): None (default, svdq's choices) or "nunchaku". It fixes include / exclude /
+    # weight_only and which layers are shifted. Added after version 1 shipped: configs without it load as None.
+    target: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -110,6 +116,8 @@ class QuantizeConfig:
         if self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
         self.act_shift = check_act_shift(self.act_shift)
+        if self.target not in (None,) + TARGETS:
+            raise ValueError(f"target must be None or one of {TARGETS}, got {self.target!r}")
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must be a non-empty grid within [0, 1], got {self.alphas}")
         self.include = None if self.include is None else tuple(self.include)
@@ -353,6 +361,7 @@ def quantize(
     act_format: str = "int4",
     rank_budget: int | None = None,
     act_shift: float = 0.0,
+    target: str | None = None,
     progress: bool = True,
     config: QuantizeConfig | None = None,
     process_group="auto",
@@ -374,6 +383,10 @@ def quantize(
     act_shift: 0 (default) or δ > 0 — shifted unsigned activations (docs/numerics.md §10) for the layers whose
     calibration inputs are ≥ −δ, kept per layer where they lower the error (`QuantizeConfig.act_shift`;
     0.171875 for the layers after GELU, Nunchaku's choice).
+    target: None (default) or "nunchaku" — quantize in Nunchaku's own form, layer for layer (which layers are
+    W4A4 / W4A16 / shifted, FLUX.1's split single-block proj_out, AdaNorm biases whose + 1 is exact), so that
+    `svdq export --format nunchaku` writes only copies and exact permutations (`svdq.formats.nunchaku_target`);
+    chooses the layers itself, so include / exclude / weight_only must stay None.
     process_group: under torch.distributed, the ranks whose calibration statistics are merged so that every
     rank quantizes from all ranks' tokens (`svdq.parallel`); ``"auto"`` (default) = all ranks when the model
     runs under diffusers' context parallelism, else none; ``None`` = none.
@@ -391,6 +404,9 @@ def quantize(
 
     family = family_of(model)
     if config is None:
+        if target is not None and (include is not None or exclude is not None or weight_only is not None):
+            raise ValueError(f"svdq.quantize: target={target!r} chooses the quantized layers itself; drop include / "
+                             f"exclude / weight_only")
         config = QuantizeConfig(
             rank=rank,
             method=method,
@@ -401,7 +417,37 @@ def quantize(
             act_format=act_format,
             rank_budget=rank_budget,
             act_shift=act_shift,
+            target=target,
         )
+    if config.target is None:
+        return _quantize(model, calibration, config, None, progress, process_group, streaming, state_dir, device,
+                         propagate)
+    from .formats import nunchaku_target
+
+    nunchaku_target.check_config(config)
+    rules = nunchaku_target.rules_for(model)
+    config = replace(config, include=rules.w4a4, exclude=(), weight_only=tuple(rules.adanorm))
+    snapshot = ModuleSnapshot(model)  # the splits below are undone if quantization fails (all or nothing)
+    try:
+        for name, sizes in rules.splits(model).items():
+            if not isinstance(model.get_submodule(name), SplitInputLinear):
+                split_linear(model, name, sizes)
+        missing = [p for p in rules.w4a4 + tuple(rules.adanorm)
+                   if not any(fnmatch.fnmatchcase(n, p) for n, m in model.named_modules() if isinstance(m, nn.Linear))]
+        if missing:
+            raise ValueError(f"svdq.quantize: target={config.target!r}: no 16-bit linear of {type(model).__name__} "
+                             f"matches {missing[0]!r}, a layer Nunchaku's {rules.label} file quantizes (is the model "
+                             f"fused as svdq fuses it, and not quantized yet?)")
+        return _quantize(model, calibration, config, nunchaku_target.layer_adjuster(rules), progress, process_group,
+                         streaming, state_dir, device, propagate)
+    except BaseException:
+        with deferred_interrupts():
+            snapshot.restore()
+        raise
+
+
+def _quantize(model, calibration, config, adjust, progress, process_group, streaming, state_dir, device, propagate):
+    """`quantize` once the config is settled; ``adjust``: a per-layer step for `build_layers` (or None)."""
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
     if config.weight_only and not wo_layers:
@@ -416,7 +462,7 @@ def quantize(
         from .streaming import quantize_streaming
 
         return quantize_streaming(model, calibration, config, layers, wo_layers, state_dir=state_dir, device=device,
-                                  propagate=propagate, progress=progress, process_group=process_group)
+                                  propagate=propagate, progress=progress, process_group=process_group, adjust=adjust)
     stats = None
     if calibration is not None:  # naive ignores the statistics for λ but still reports its error
         hessian_layers = layers_within_memory(layers) if config.rounding == "gptq" and config.method != "naive" else ()
@@ -426,7 +472,7 @@ def quantize(
     # (svdq._transaction: all or nothing, also on Ctrl-C).
     report = dict(getattr(model, "svdq_report", {}) or {})
     layer_ranks = {} if config.rank_budget is None else allocate_layer_ranks(layers, stats, config, progress)
-    new_layers = build_layers(layers, wo_layers, stats, config, report, layer_ranks, progress)
+    new_layers = build_layers(layers, wo_layers, stats, config, report, layer_ranks, progress, adjust)
     with model_transaction(model):
         for name, new in new_layers.items():
             _set_submodule(model, name, new)
@@ -446,10 +492,13 @@ def build_layers(
     report: dict,
     layer_ranks: dict[str, int] | None = None,
     progress: bool = False,
+    adjust: Callable | None = None,
 ) -> dict[str, nn.Module]:
     """The quantized replacements of ``layers`` (W4A4) and ``wo_layers`` (W4A16), by name, built without
     touching the model; each layer's entry is added to ``report`` and its statistics popped from ``stats``
-    (freed as soon as used). Shared by `quantize` and the block-by-block `svdq.streaming`."""
+    (freed as soon as used). Shared by `quantize` and the block-by-block `svdq.streaming`. ``adjust``:
+    ``adjust(name, layer, decomposition or None, linear, info) → layer``, run on each new layer (a target's rules,
+    `svdq.formats.nunchaku_target.layer_adjuster`)."""
     new_layers, layer_ranks = {}, layer_ranks or {}
     for name, linear in tqdm(layers.items(), desc="svdq quantize", unit="layer", disable=not progress):
         layer_stats = None if stats is None else stats.pop(name, None)
@@ -461,12 +510,17 @@ def build_layers(
         if config.act_shift:
             with torch.no_grad():
                 new = new_layers[name] = choose_act_shift(linear, dec, new, layer_stats, config.act_shift, info)
+        if adjust is not None:
+            with torch.no_grad():
+                new = new_layers[name] = adjust(name, new, dec, linear, info)
         new.act_format = config.act_format
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "rank": new.rank, **info}
     for name, linear in wo_layers.items():
         with torch.no_grad():
             new = new_layers[name] = SVDQWeightOnlyLinear.from_linear(linear)
             info = _weight_only_info(linear, new, None if stats is None else stats.pop(name, None))
+            if adjust is not None:
+                new = new_layers[name] = adjust(name, new, None, linear, info)
         _check_finite(name, {"wscales": new.wscales})
         report[name] = {"in_features": new.in_features, "out_features": new.out_features, "precision": "w4a16",
                         **info}

@@ -93,9 +93,11 @@ def quantize_streaming(
     propagate: str = "quantized",
     progress: bool = True,
     process_group=None,
+    adjust=None,
 ) -> nn.Module:
     """The streaming path of `svdq.quantize` (see the module docstring); `layers` / `wo_layers` are the W4A4
-    and W4A16 selections `svdq.quantize` made. Returns `model`, quantized in place."""
+    and W4A16 selections `svdq.quantize` made, ``adjust`` its per-layer step (`build_layers`). Returns `model`,
+    quantized in place."""
     if propagate not in PROPAGATIONS:
         raise ValueError(f"propagate must be one of {PROPAGATIONS}, got {propagate!r}")
     if calibration is None:
@@ -165,7 +167,7 @@ def quantize_streaming(
                                                           keep_outputs=propagate == "16bit" and not last)
                     nxt = outputs
                     blk_report: dict = {}
-                    new = build_layers(blk_layers, blk_wo, blk_stats, config, blk_report)
+                    new = build_layers(blk_layers, blk_wo, blk_stats, config, blk_report, adjust=adjust)
                     del blk_stats
                     report.update(blk_report)
                 for lname, layer in new.items():
@@ -187,7 +189,7 @@ def quantize_streaming(
         # 3. Layers outside the blocks (selected by the user's include patterns): from the capture's statistics.
         out_w4a4 = {n: m for n, m in layers.items() if n in outside}
         out_wo = {n: m for n, m in wo_layers.items() if n in outside}
-        for lname, layer in build_layers(out_w4a4, out_wo, outside_stats, config, report).items():
+        for lname, layer in build_layers(out_w4a4, out_wo, outside_stats, config, report, adjust=adjust).items():
             _set_submodule(model, lname, layer)
         with deferred_interrupts():
             model.svdq_report = report

@@ -12,7 +12,7 @@ Where Nunchaku's model differs from the one svdq quantizes itself (docs/formats.
 - AdaNorm layers: float-offset W4A16 (spec §7.2) with the scale chunks' +1 taken out of the bias.
 
 The model is built on the meta device and every tensor comes from the file, so a failure leaves nothing
-half-built. Saving it as an svdq checkpoint is refused by name (`SplitInputLinear` has no svdq checkpoint form).
+half-built. `svdq.save_pretrained` writes it as an svdq model directory (the split ``proj_out`` as its parts).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..models.split_input import SplitInputLinear
 from . import nunchaku as nk
 
 # Nunchaku layer (under the block) → where it goes in the assembled diffusers model; "qkv" targets are the
@@ -44,39 +45,6 @@ _SINGLE_TARGETS = {"qkv_proj": "attn.to_qkv.linear", "mlp_fc1": "proj_mlp", "nor
 _ATTN_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # under the block in the file, under attn here
 
 
-class SplitInputLinear(nn.Module):
-    """y = Σ_i parts[i](x[..., c_i : c_i + k_i]): a linear layer stored as independently quantized layers on
-    consecutive column ranges of its input (Nunchaku's single-block ``proj_out`` = ``out_proj`` on the attention
-    half + ``mlp_fc2`` on the MLP half). The sum is taken in the parts' output dtype, in order."""
-
-    # `svdq.checkpoint.contents` refuses modules carrying this: no svdq checkpoint form yet
-    svdq_checkpoint_unsupported = (
-        "a layer stored as independently quantized parts on column ranges of its input (from a Nunchaku file), "
-        "which svdq's format has no form for yet; keep the Nunchaku file (svdq.from_pretrained loads it)"
-    )
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        if not parts or len({p.out_features for p in parts}) != 1:
-            raise ValueError(f"SplitInputLinear: parts need one common out_features, got {[p.out_features for p in parts]}")
-        self.parts = nn.ModuleList(parts)
-        self.in_features = sum(p.in_features for p in parts)
-        self.out_features = parts[0].out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"SplitInputLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
-        y, start = None, 0
-        for part in self.parts:
-            out = part(x[..., start : start + part.in_features])
-            y = out if y is None else y + out
-            start += part.in_features
-        return y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, parts={len(self.parts)}"
-
-
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -86,7 +54,7 @@ def _skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
     """diffusers' FluxTransformer2DModel for ``config`` on the meta device, projections fused as Nunchaku's are."""
     from diffusers import FluxTransformer2DModel
 
-    from ..models import _own_fusion, fuse_linears
+    from ..models import fuse_flux
 
     known = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
@@ -94,16 +62,7 @@ def _skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
             model = FluxTransformer2DModel.from_config(known).to(dtype)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the file's FLUX.1 config does not build a FluxTransformer2DModel: {e}") from e
-    for block in model.transformer_blocks:
-        a = block.attn
-        fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
-        fuse_linears(a, "to_added_qkv", {"add_q_proj": (a, "add_q_proj"), "add_k_proj": (a, "add_k_proj"),
-                                         "add_v_proj": (a, "add_v_proj")})
-        _own_fusion(a, diffusers_path=True)
-    for block in model.single_transformer_blocks:
-        a = block.attn
-        fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")})
-        _own_fusion(a, diffusers_path=True)  # FluxAttnProcessor: attn.to_qkv(x).chunk(3) when fused
+    fuse_flux(model, single_with_mlp=False)
     return model
 
 

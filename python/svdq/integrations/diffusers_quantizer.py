@@ -158,16 +158,21 @@ class SVDQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return  # quantized after the 16-bit weights are loaded (_process_model_after_weight_loading)
-        from ..checkpoint import CheckpointError
+        from ..checkpoint import CheckpointError, _layer_inputs
         from ..linear import SVDQLinear
         from ..models import family_of, has_fused_layers, is_fused, prepare
+        from ..models.split_input import split_for_checkpoint
         from ..quantize import _set_submodule
         from ..weight_only import SVDQWeightOnlyLinear
 
         meta = self._meta
         names = [e["name"] for e in meta["quantized_layers"]]
         if has_fused_layers(names) and family_of(model) is not None and not is_fused(model):
-            prepare(model)  # the skeleton gets the checkpoint's fused module names
+            prepare(model, names)  # the skeleton gets the checkpoint's fused module names
+        try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
+            split_for_checkpoint(model, _layer_inputs(meta))
+        except ValueError as e:
+            raise CheckpointError(f"{self._files[0]}: {e}") from None
         dtypes = _stored_dtypes(self._files)
         path = self._files[0]
         for entry, kind in [(e, "quantized") for e in meta["quantized_layers"]] + [

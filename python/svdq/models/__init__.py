@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -216,6 +217,9 @@ class Family:
     # The timestep-conditioning modulation linears (AdaLN): 16-bit by default; `svdq.quantize(weight_only=
     # family.adaln)` / `svdq quantize --adaln w4a16` makes them weight-only 4-bit (W4A16, docs/models.md).
     adaln: tuple[str, ...] = ()
+    # fuse(model, layer_names) for a 16-bit skeleton about to load a checkpoint with those quantized-layer names,
+    # where the names choose between fusions (None: `fuse`)
+    checkpoint_fuse: Callable[[nn.Module, list[str]], int] | None = None
 
 
 def _fused_projections_noop(*args, **kwargs) -> None:
@@ -256,7 +260,15 @@ def _release_fusion(attn: nn.Module) -> None:
         attn.set_processor(processor)
 
 
-def _fuse_flux(model: nn.Module) -> int:
+def _fuse_flux(model: nn.Module, layer_names=None) -> int:
+    """`fuse_flux`, for a checkpoint with these quantized-layer names: single blocks as its names say."""
+    return fuse_flux(model, single_with_mlp=not any(_NUNCHAKU_SINGLE_QKV.fullmatch(n) for n in layer_names or ()))
+
+
+def fuse_flux(model: nn.Module, single_with_mlp: bool = True) -> int:
+    """FLUX.1's shared-input groups: double blocks' q/k/v and added q/k/v; single blocks' q/k/v together with
+    proj_mlp (``to_qkv_mlp``), or with ``single_with_mlp=False`` q/k/v alone (``attn.to_qkv``, proj_mlp apart:
+    how Nunchaku's files hold them, `svdq.formats.nunchaku_flux`)."""
     n = 0
     for block in model.transformer_blocks:
         a = block.attn
@@ -271,6 +283,11 @@ def _fuse_flux(model: nn.Module) -> int:
             _own_fusion(a, diffusers_path=True)  # FluxAttnProcessor: attn.to_qkv(x).chunk(3), to_added_qkv(c)
     for block in model.single_transformer_blocks:
         a = block.attn
+        if not single_with_mlp:
+            if fuse_linears(a, "to_qkv", {"to_q": (a, "to_q"), "to_k": (a, "to_k"), "to_v": (a, "to_v")}) is not None:
+                n += 1
+                _own_fusion(a, diffusers_path=True)  # FluxAttnProcessor: attn.to_qkv(x).chunk(3) when fused
+            continue
         parts = {"attn.to_q": (a, "to_q"), "attn.to_k": (a, "to_k"), "attn.to_v": (a, "to_v"), "proj_mlp": (block, "proj_mlp")}
         if fuse_linears(block, "to_qkv_mlp", parts) is not None:
             n += 1
@@ -278,6 +295,9 @@ def _fuse_flux(model: nn.Module) -> int:
             # ProjectionSlice stand-ins (per-thread cache) serve the attention processor and proj_mlp.
             _own_fusion(a, diffusers_path=False)
     return n
+
+
+_NUNCHAKU_SINGLE_QKV = re.compile(r"single_transformer_blocks\.\d+\.attn\.to_qkv\.linear")
 
 
 def _fuse_basic_transformer_blocks(model: nn.Module) -> int:
@@ -321,6 +341,7 @@ FAMILIES: dict[str, Family] = {
             "transformer",
             # double blocks (image / text stream) and single blocks; not norm_out.linear (final layer)
             adaln=("*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear"),
+            checkpoint_fuse=_fuse_flux,
         ),
         Family(
             "sdxl",
@@ -367,14 +388,18 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def prepare(model: nn.Module) -> Family | None:
+def prepare(model: nn.Module, layer_names=None) -> Family | None:
     """Fuse ``model``'s shared-input projections in place (idempotent); returns its family (None: unknown,
     nothing done). Called by `svdq.calibrate_pipeline` / `svdq quantize` before quantization, and by
-    `svdq.load` on a 16-bit skeleton whose checkpoint has fused layers, so the module names match."""
+    `svdq.load` on a 16-bit skeleton whose checkpoint has fused layers (``layer_names``: its quantized layers),
+    so the module names match."""
     family = family_of(model)
     if family is None:
         return None
-    n = family.fuse(model)
+    if layer_names is not None and family.checkpoint_fuse is not None:
+        n = family.checkpoint_fuse(model, list(layer_names))
+    else:
+        n = family.fuse(model)
     if n:
         log.info("svdq: fused %d shared-input projection groups of %s", n, type(model).__name__)
     return family
@@ -479,7 +504,7 @@ def fused_for_checkpoint(model: nn.Module, layer_names):
     )
     if fused_here:
         # Hand-mapped families fuse by their own code; any other model by the names (generic groups).
-        prepare(model) if hand_mapped else generic.fuse_named(model, layer_names)
+        prepare(model, layer_names) if hand_mapped else generic.fuse_named(model, layer_names)
     try:
         yield
     except BaseException:
