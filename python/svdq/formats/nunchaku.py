@@ -603,15 +603,14 @@ def from_pretrained(path: str | os.PathLike):
         return load_lite(path)
     meta = read_metadata(path)
     class_name = (meta.get("config") or {}).get("_class_name") if isinstance(meta.get("config"), dict) else None
-    from .nunchaku_models import LAYOUTS, load, refuse_sana
+    from .nunchaku_models import LAYOUTS, load
 
     if class_name in LAYOUTS:  # Qwen-Image, Z-Image, SDXL: diffusers module paths
         return load(path, LAYOUTS[class_name])
-    if class_name == "SanaTransformer2DModel":  # C++ names and 4-bit convolutions: refused, naming the layer
-        from safetensors import safe_open
+    if class_name == "SanaTransformer2DModel":  # C++ names, linear attention, 4-bit 1×1 convolutions
+        from .nunchaku_sana import load_sana
 
-        with safe_open(str(path), framework="pt") as f:
-            refuse_sana(Path(path), list(f.keys()))
+        return load_sana(path)
     from .nunchaku_flux import load_flux
 
     return load_flux(path)  # FLUX.1, and the error naming the class for anything else

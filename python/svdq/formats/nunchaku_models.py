@@ -1,6 +1,6 @@
 """Whole models from Nunchaku INT4 checkpoints that keep diffusers module paths (Qwen-Image, Z-Image, SDXL's
-UNet): one table-driven loader; FLUX.1 (C++ names, a two-layer proj_out) has its own, `nunchaku_flux`. SANA files
-are refused by name (`refuse_sana`: their feed-forward is a pair of 4-bit 1×1 convolutions). `export_sdxl` writes
+UNet): one table-driven loader; FLUX.1 (C++ names, a two-layer proj_out) has its own, `nunchaku_flux`, and SANA
+(C++ names, a linear attention and 4-bit 1×1 convolutions) its own, `nunchaku_sana`. `export_sdxl` writes
 an svdq-quantized SDXL UNet in Nunchaku's SDXL layout.
 
 These files use Nunchaku's Python module tensor names (``proj_down`` / ``proj_up`` / ``smooth_factor`` /
@@ -280,31 +280,9 @@ SDXL = Layout(
 
 LAYOUTS = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE, SDXL)}
 LOADABLE = (
-    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
-    "and UNet2DConditionModel (SDXL)"
+    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image), "
+    "SanaTransformer2DModel (SANA) and UNet2DConditionModel (SDXL)"
 )
-
-
-# ---- SANA (nunchaku/models/transformers/transformer_sana.py → C++ src/SanaModel.cpp): refused -------------------
-# Nunchaku's SANA runs its transformer blocks in C++ (QuantizedSanaModel) under C++ names: attn.qkv_proj (linear
-# attention: q rows padded to a multiple of 128, then k / v interleaved per 32-channel head — the GEMM epilogue
-# computes ReLU(k)ᵀ[v, 1] itself), attn.out_proj, cross_attn.q_linear / kv_linear (16-bit) / out_proj, and the
-# GLUMBConv feed-forward as ff.inverted_conv (a 4-bit 1×1 convolution with SiLU; value / gate channels
-# interleaved, the hidden size padded to 64, which its GLU kernel reads in pairs), ff.depth_conv (16-bit 3×3
-# depthwise, [C, 3, 3, 1]) and ff.point_conv (a 4-bit 1×1 convolution). diffusers' GLUMBConv holds those as
-# nn.Conv2d on NCHW tensors; svdq's quantized layers are linear layers, so the file is refused by name.
-
-
-def refuse_sana(path: Path, keys: list[str]) -> None:
-    """CheckpointError for a Nunchaku SANA file, naming its first quantized convolution."""
-    convs = [n for n in nk.quantized_layer_names(keys) if n.endswith((".ff.inverted_conv", ".ff.point_conv"))]
-    where = (f"its layer {convs[0]!r} is" if convs else
-             "its feed-forward layers (transformer_blocks.i.ff.inverted_conv / ff.point_conv) are")
-    raise CheckpointError(
-        f"{path}: a Nunchaku checkpoint of SanaTransformer2DModel; svdq loads {LOADABLE} files, not SANA's: {where} "
-        f"a 4-bit 1×1 convolution of SANA's GLUMBConv feed-forward (diffusers' ff.conv_inverted / ff.conv_point, "
-        f"nn.Conv2d), which svdq's quantized layers (linear only) cannot hold (docs/formats.md)"
-    )
 
 
 # ---- export: an svdq-quantized SDXL UNet → one Nunchaku INT4 file ------------------------------------------------
