@@ -1,4 +1,4 @@
-"""Nunchaku SDXL (UNet) INT4 files: load exactly, export, round trip; SANA files refused by name (issue 13).
+"""Nunchaku SDXL (UNet) INT4 files: load exactly, export, round trip; SANA files go to their own loader (issue 13).
 
 Nunchaku's SDXL layout (nunchaku/models/unets/unet_sdxl.py, read in the public repository; docs/formats.md):
 diffusers module paths under every BasicTransformerBlock, C++ tensor names (lora_down / lora_up / smooth /
@@ -302,9 +302,10 @@ def test_malformed_sdxl_files_are_clear_errors(quantized_unet, sdxl_file, tmp_pa
         svdq.from_pretrained(wide)
 
 
-def test_sana_files_are_refused_naming_the_convolution(tmp_path):
-    """Nunchaku's SANA quantizes its GLUMBConv feed-forward's 1×1 convolutions (C++ model, src/SanaModel.cpp),
-    which svdq's linear layers cannot hold: refused by name, before anything is built."""
+def test_sana_files_go_to_the_sana_loader(tmp_path):
+    """A Nunchaku SANA file (C++ names, 4-bit 1×1 convolutions) is no longer refused: `svdq.from_pretrained` hands
+    it to `svdq.formats.nunchaku_sana.load_sana` (tests/test_nunchaku_sana.py loads one exactly), which checks the
+    layer list from the header first — here three of a block's six 4-bit layers, named as missing."""
     layer = nk.layer_to_nunchaku(
         {"qweight": torch.zeros(128, 64, dtype=torch.int8), "wscales": torch.ones(128, 2, dtype=torch.bfloat16),
          "smooth": torch.ones(128, dtype=torch.bfloat16), "lora_down": torch.zeros(128, 16, dtype=torch.bfloat16),
@@ -314,9 +315,9 @@ def test_sana_files_are_refused_naming_the_convolution(tmp_path):
     meta = {"quantization_config": json.dumps(_qc()), "model_class": "NunchakuSanaTransformer2DModel",
             "config": json.dumps({"_class_name": "SanaTransformer2DModel", "num_layers": 1})}
     path = _write(tensors, tmp_path / "svdq-int4_r32-sana1.6b.safetensors", meta)
-    with pytest.raises(CheckpointError, match=r"SanaTransformer2DModel; svdq loads .*UNet2DConditionModel \(SDXL\) files, "
-                                              r"not SANA's: its layer 'transformer_blocks\.0\.ff\.inverted_conv' is a "
-                                              r"4-bit 1×1 convolution") as e:
+    with pytest.raises(CheckpointError, match=r"incomplete Nunchaku SANA checkpoint: missing quantized layer\(s\) "
+                                              r"\['transformer_blocks\.0\.attn\.out_proj', 'transformer_blocks\.0\."
+                                              r"cross_attn\.out_proj', 'transformer_blocks\.0\.cross_attn\.q_linear'\]") as e:
         svdq.from_pretrained(path)
     assert str(path) in str(e.value)
 
