@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   svdq quantize --model ./my-pipeline --out ./my-pipeline-svdq --data-free        # no calibration run
   svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --adaln w4a16   # smaller: ~1/3.5 of bf16
   svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-svdq --text-encoder w4a16   # + 4-bit T5-XXL
+  svdq quantize --model black-forest-labs/FLUX.1-dev --out flux-dev-nk --target nunchaku --dtype bf16
+  svdq export --format nunchaku flux-dev-nk svdq-int4_r32-flux.1-dev.safetensors   # exact: Nunchaku's own form
 """
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -146,6 +148,11 @@ def add_parser(sub) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="keep the linears matching this fnmatch pattern 16-bit, besides the family's defaults "
                         "(repeatable; e.g. '*attn2.to_kv' for a Nunchaku-exportable SDXL)")
+    p.add_argument("--target", choices=("nunchaku",), default=None,
+                   help="quantize in this runtime's own form, layer for layer, so that `svdq export --format nunchaku` "
+                        "writes an exact file (FLUX.1, Qwen-Image, SDXL; svdq.formats.nunchaku_target): it chooses "
+                        "the 4-bit layers (AdaNorm W4A16: no --adaln needed) and the shifted ones itself, so not "
+                        "with --exclude / --act-shift / --act-format fp8")
     p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps during calibration (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per calibration pipeline call (default: 1)")
@@ -182,6 +189,16 @@ def run(args) -> int:
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
     check_output_dir(args.out)
+    if getattr(args, "target", None):
+        clash = [opt for opt, on in (("--exclude", getattr(args, "exclude", None)),
+                                     ("--act-shift", getattr(args, "act_shift", 0.0)),
+                                     ("--act-format fp8", getattr(args, "act_format", "int4") != "int4"),
+                                     ("--method " + args.method, args.method != "svdquant")) if on]
+        if clash:
+            raise ValueError(f"--target {args.target} chooses the quantized layers and their formats itself: drop "
+                             f"{', '.join(clash)}")
+        if args.rank <= 0 or args.rank % 16:
+            raise ValueError(f"--target {args.target}: --rank must be a positive multiple of 16, got {args.rank}")
     streaming = getattr(args, "streaming", False)
     if streaming and args.data_free:
         raise ValueError("--streaming needs calibration (it streams the calibration activations): drop --data-free")
@@ -287,7 +304,8 @@ def _quantize_component(args, pipe, name, prompts, device, offload, streaming, s
     if family is None:
         print(f"note: {label} is not a diffusers model svdq can plan: default layer selection")
     weight_only = None
-    if adaln == "w4a16":
+    target = getattr(args, "target", None)
+    if adaln == "w4a16" and not target:  # a target makes its own AdaNorm layers W4A16
         if family is None or not family.adaln:
             raise ValueError(f"--adaln w4a16: no AdaLN layer patterns known for {type(model).__name__}")
         weight_only = family.adaln
@@ -313,7 +331,7 @@ def _quantize_component(args, pipe, name, prompts, device, offload, streaming, s
 
         exclude = tuple(family.exclude if family else DEFAULT_EXCLUDE) + tuple(args.exclude)
     svdq.quantize(model, calibration=calibration, rank=args.rank, method=args.method, weight_only=weight_only,
-                  exclude=exclude,
+                  exclude=exclude, target=target,
                   act_format=getattr(args, "act_format", "int4"), rounding=getattr(args, "rounding", "gptq"),
                   act_shift=getattr(args, "act_shift", 0.0), **stream)
     return model
