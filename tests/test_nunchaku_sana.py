@@ -68,9 +68,13 @@ def _conv_layer(conv, seed):
 
 @pytest.fixture(scope="module")
 def quantized_sana():
+    return quantize_tiny_sana()
+
+
+def quantize_tiny_sana():
     """The tiny SANA quantized by svdq as Nunchaku's SANA is: the fused self-attention q/k/v, its out proj, the
     cross-attention q / out, the GLUMBConv's two 1×1 convolutions; the cross-attention k / v and the depthwise
-    convolution 16-bit; all signed."""
+    convolution 16-bit; all signed. (Also used by benchmarks/device_check.d/84-nunchaku-sana.sh.)"""
     from svdq.models.generic import fuse_groups
 
     model = _tiny_sana()
@@ -192,7 +196,8 @@ def nunchaku_sana_tensors(model, swap_kv=False, swap_glu=False, out_bias=None, l
 
 
 def _metadata(model, **config):
-    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")} | {"_class_name": "SanaTransformer2DModel"}
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    cfg["_class_name"] = "SanaTransformer2DModel"
     return {"quantization_config": json.dumps(_qc(rank=RANK)), "config": json.dumps(cfg | config, default=list),
             "model_class": "NunchakuSanaTransformer2DModel"}
 
@@ -254,7 +259,8 @@ def test_broken_layouts_are_told_apart(quantized_sana, sana_file, svdq_output, t
         path = _write(nunchaku_sana_tensors(quantized_sana, **kw), tmp_path / f"{len(broken)}.safetensors", meta)
         broken[name] = svdq.from_pretrained(path)
     # loaders that skip a permutation: q/k/v read as [q; k; v] blocks, the GLU read as [value; gate] halves
-    monkeypatch.setattr(ns, "_qkv_rows", lambda d: torch.cat([torch.arange(d.dim), d.dim_pad + torch.arange(2 * d.dim)]))
+    monkeypatch.setattr(ns, "_qkv_rows",
+                        lambda d: torch.cat([torch.arange(d.dim), d.dim_pad + torch.arange(2 * d.dim)]))
     broken["k/v not un-interleaved"] = svdq.from_pretrained(sana_file)
     monkeypatch.undo()
     monkeypatch.setattr(ns, "_glu_rows", lambda width: torch.arange(2 * width))
@@ -379,8 +385,10 @@ def test_svdq_conv1x1_is_the_linear_layer_per_pixel():
         dense = conv(x)
     assert y.shape == (2, 32, 5, 3) and torch.equal(y, want)
     assert float((y.float() - dense.float()).norm() / dense.float().norm()) < 0.2  # it is that convolution, 4-bit
-    for bad, what in ((nn.Conv2d(64, 32, 3), r"kernel_size=\(3, 3\)"), (nn.Conv2d(64, 32, 1, stride=2), r"stride=\(2, 2\)"),
-                      (nn.Conv2d(64, 32, 1, groups=2), r"groups=2"), (nn.Conv2d(64, 32, 1, padding=1), r"padding=\(1, 1\)")):
+    for bad, what in ((nn.Conv2d(64, 32, 3), r"kernel_size=\(3, 3\)"),
+                      (nn.Conv2d(64, 32, 1, stride=2), r"stride=\(2, 2\)"),
+                      (nn.Conv2d(64, 32, 1, groups=2), r"groups=2"),
+                      (nn.Conv2d(64, 32, 1, padding=1), r"padding=\(1, 1\)")):
         with pytest.raises(ValueError, match=rf"ff\.x: Conv2d\(64, 32, {what}\) is not a per-pixel linear layer"):
             check_conv1x1(bad, "ff.x")
     with pytest.raises(ValueError, match=r"cannot take an SVDQLinear \[64 -> 32\]"):

@@ -23,7 +23,8 @@ def check_conv1x1(conv: nn.Module, name: str = "conv") -> None:
     """ValueError naming ``name`` unless ``conv`` is an ``nn.Conv2d`` that is a per-pixel linear layer: kernel
     1×1, stride 1, padding 0, one group (dilation and padding mode then change nothing)."""
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"{name}: {type(conv).__name__} is not an nn.Conv2d: SVDQConv1x1 replaces 1×1 convolutions only")
+        raise ValueError(f"{name}: {type(conv).__name__} is not an nn.Conv2d: SVDQConv1x1 replaces 1×1 "
+                         f"convolutions only")
     bad = []
     if tuple(conv.kernel_size) != (1, 1):
         bad.append(f"kernel_size={tuple(conv.kernel_size)}")

@@ -20,7 +20,7 @@ FLUX.1 only — so the layout is what the runtime reads, and padding values are 
   parameter, and a ``GEMM_W4A4`` built with ``bias=false`` registers none — so a bias a file holds for
   ``attn.qkv_proj`` / ``attn.out_proj`` / ``ff.point_conv`` is never read by Nunchaku.
 - The q / k / v rows of ``attn.qkv_proj`` (``src/kernels/zgemm/epilogues.cuh``, ``EpilogueLiteLA``, head dim 32,
-  128-column output blocks): blocks 0…nb/3−1 are q (ReLU, written out: rows 0…dim_pad−1, dim…dim_pad−1 padding);
+  128-column output blocks): blocks 0…nb/3−1 are q (ReLU, written out: rows 0…dim_pad−1, dim… padding);
   every later block holds two heads, each 64 rows: ReLU(k_h) (32 rows) then v_h (32 rows) — head h at rows
   dim_pad + 64h…+31 (k) and +32…+63 (v), heads dim/32… padding. `_qkv_rows`.
 - The GLU (``src/kernels/zgemm/gemm_base.cuh``, ``load_act_to_fpsum<fuse_glu=true>``): output channel i =
@@ -113,7 +113,8 @@ def sana_dims(config: dict, path: Path) -> SanaDims:
     dim = heads * head_dim
     why = None
     if head_dim != HEAD_DIM:
-        why = f"attention_head_dim = {head_dim}: Nunchaku's linear-attention kernel handles {HEAD_DIM}-channel heads only"
+        why = (f"attention_head_dim = {head_dim}: Nunchaku's linear-attention kernel handles {HEAD_DIM}-channel "
+               f"heads only")
     elif c["qk_norm"] is not None:
         why = f"qk_norm = {c['qk_norm']!r}: Nunchaku's SANA blocks have no q/k normalization"
     elif c["attention_bias"]:
@@ -122,7 +123,8 @@ def sana_dims(config: dict, path: Path) -> SanaDims:
         why = "norm_elementwise_affine = true: Nunchaku's SANA LayerNorms have no weight / bias"
     elif float(c["norm_eps"]) != NORM_EPS:
         why = f"norm_eps = {c['norm_eps']}: Nunchaku's SANA LayerNorms use {NORM_EPS}"
-    elif c["cross_attention_dim"] != dim or int(c["num_cross_attention_heads"]) * int(c["cross_attention_head_dim"]) != dim:
+    elif c["cross_attention_dim"] != dim or (
+            int(c["num_cross_attention_heads"]) * int(c["cross_attention_head_dim"]) != dim):
         why = (f"cross-attention {c['num_cross_attention_heads']} × {c['cross_attention_head_dim']} on "
                f"{c['cross_attention_dim']} features: Nunchaku's SANA cross-attention is dim × dim ({dim})")
     if why:
@@ -132,7 +134,8 @@ def sana_dims(config: dict, path: Path) -> SanaDims:
     # C++ round(): halves away from zero (Python's round() rounds them to even)
     hidden_pad = -(-int(math.floor(ratio * dim + 0.5)) // GLU_PAD) * GLU_PAD
     if hidden_pad < hidden:
-        raise CheckpointError(f"{path}: SANA config mlp_ratio = {ratio}: GLU width {hidden} exceeds Nunchaku's {hidden_pad}")
+        raise CheckpointError(f"{path}: SANA config mlp_ratio = {ratio}: GLU width {hidden} exceeds Nunchaku's "
+                              f"{hidden_pad}")
     return SanaDims(int(c["num_layers"]), dim, heads, nk._up(dim, nk.WARP_N), hidden, hidden_pad)
 
 
@@ -253,8 +256,9 @@ def load_sana(path: str | os.PathLike) -> nn.Module:
                 raise CheckpointError(f"{path}: {name}: missing key 'bias' (Nunchaku builds this layer with a bias)")
             if layer in NO_BIAS and "bias" in t:
                 if bool(t["bias"].any()):
-                    warnings.warn(f"{path}: {name}.bias is not zero, but Nunchaku's SANA runtime builds {layer} without "
-                                  f"a bias and never reads it: dropped, so the model computes what Nunchaku computes",
+                    warnings.warn(f"{path}: {name}.bias is not zero, but Nunchaku's SANA runtime builds {layer} "
+                                  f"without a bias and never reads it: dropped, so the model computes what Nunchaku "
+                                  f"computes",
                                   stacklevel=2)
                 del t["bias"]
             canonical[name] = t
@@ -278,8 +282,8 @@ def load_sana(path: str | os.PathLike) -> nn.Module:
                                and bool((out["smooth"][d.dim : d.dim_pad] != 0).all())):
             raise CheckpointError(
                 f"{path}: {b}.attn.qkv_proj: its q padding rows {d.dim}…{d.dim_pad - 1} are not all zero (codes, "
-                f"lora_up), or {b}.attn.out_proj's smoothing there is: Nunchaku's runtime would feed those padded heads "
-                f"into out_proj, which diffusers' {d.heads}-head attention has no place for"
+                f"lora_up), or {b}.attn.out_proj's smoothing has zeros there: Nunchaku's runtime would feed those "
+                f"padded heads into out_proj, which diffusers' {d.heads}-head attention has no place for"
             )
         modules[f"{b}.attn1.to_qkv.linear"] = _svdq_linear(_take_rows(qkv, qkv_rows), d.dim, 3 * d.dim)
         out = _keep_inputs(out, d.dim)
