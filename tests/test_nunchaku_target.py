@@ -180,3 +180,29 @@ def test_cli_quantize_target_nunchaku_then_export(tmp_path, capsys):
     model, loaded = svdq.from_pretrained(out), svdq.from_pretrained(file)
     assert model.svdq_config.target == "nunchaku"
     assert torch.equal(_out(loaded, _flux_inputs(1)), _out(model, _flux_inputs(1)))
+
+
+def test_qwenimage_file_loads_back_computing_the_same_bits(tmp_path):
+    """Qwen-Image quantized for Nunchaku (shifted img/txt fc2, W4A16 img_mod / txt_mod with exact + 1), written by
+    the independent test writer of tests/test_nunchaku_format.py: the loaded file computes the same bits."""
+    from svdq.models import generic, prepare
+    from svdq.testing import families as tf
+    from test_nunchaku_format import _nunchaku_qwenimage_file
+
+    pipe = tf.tiny_family_pipeline("qwenimage", 0, torch.bfloat16)
+    captured = {}
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: captured.setdefault("kw", dict(kw)) and None, with_kwargs=True)
+    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("qwenimage"))
+    hook.remove()
+    model = pipe.transformer
+    generic.analyze(model, lambda m: m(**captured["kw"]))
+    prepare(model)
+    svdq.quantize(model, rank=16, rounding="nearest", progress=False, target="nunchaku",
+                  calibration=lambda m: m(**captured["kw"]))
+    shifted = {n.split(".", 2)[2] for n, m in svdq.quantized_layers(model).items() if m.act_shift}
+    assert shifted == {"img_mlp.net.2", "txt_mlp.net.2"}
+    assert {n.split(".", 2)[2] for n in svdq.weight_only_layers(model)} == {"img_mod.1", "txt_mod.1"}
+    loaded = svdq.from_pretrained(_nunchaku_qwenimage_file(model, tmp_path / "svdq-int4_r16-qwen-image.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**captured["kw"])[0], model(**captured["kw"])[0])
