@@ -372,6 +372,20 @@ def test_malformed_sana_files_are_clear_errors(quantized_sana, sana_file, tmp_pa
             svdq.from_pretrained(path)
 
 
+def test_svdq_generate_runs_a_nunchaku_sana_file(sana_file, tmp_path):
+    """`svdq generate --quantized <Nunchaku SANA file>`: the file's transformer in the base SANA pipeline (the 4-bit
+    1×1 convolutions inside diffusers' GLUMBConv, SanaPipeline's DC-AE and text encoder around them)."""
+    from svdq import cli
+    from svdq.testing import families
+
+    pipe = families.tiny_family_pipeline("sana", 0, torch.bfloat16, transformer=_tiny_sana())
+    pipe.save_pretrained(tmp_path / "sana")
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--model", str(tmp_path / "sana"), "--quantized", str(sana_file), "--prompt", "a cat",
+                   "--steps", "1", "--height", "32", "--width", "32", "--dtype", "bf16", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+
+
 def test_svdq_conv1x1_is_the_linear_layer_per_pixel():
     """SVDQConv1x1 computes its SVDQLinear on every pixel's channels (bit for bit); convolutions that are not
     per-pixel linear layers are refused by name."""
