@@ -432,12 +432,12 @@ def quantize(
         for name, sizes in rules.splits(model).items():
             if not isinstance(model.get_submodule(name), SplitInputLinear):
                 split_linear(model, name, sizes)
-        missing = [p for p in rules.w4a4 + tuple(rules.adanorm)
-                   if not any(fnmatch.fnmatchcase(n, p) for n, m in model.named_modules() if isinstance(m, nn.Linear))]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        missing = [alt for alt in rules.required() if not any(fnmatch.fnmatchcase(n, p) for n in linears for p in alt)]
         if missing:
             raise ValueError(f"svdq.quantize: target={config.target!r}: no 16-bit linear of {type(model).__name__} "
-                             f"matches {missing[0]!r}, a layer Nunchaku's {rules.label} file quantizes (is the model "
-                             f"fused as svdq fuses it, and not quantized yet?)")
+                             f"matches {' or '.join(map(repr, missing[0]))}, a layer Nunchaku's {rules.label} file "
+                             f"quantizes (is the model fused as svdq fuses it, and not quantized yet?)")
         return _quantize(model, calibration, config, nunchaku_target.layer_adjuster(rules), progress, process_group,
                          streaming, state_dir, device, propagate)
     except BaseException:

@@ -40,11 +40,19 @@ class Rules:
     """Which layers a model class's Nunchaku file quantizes and how (fnmatch patterns on svdq's layer names)."""
 
     label: str
-    w4a4: tuple[str, ...]
+    w4a4: tuple[str, ...]  # every pattern must match (`required`), unless it is one of a group's alternatives
     shifted: tuple[str, ...]  # among w4a4: shifted unsigned activations, δ = SHIFT_GELU
     adanorm: dict[str, int]  # W4A16 AdaNorm pattern → its number of chunks (scale chunks: ADANORM_SCALE_CHUNKS)
     # layers split on their input columns (name → part sizes), made before calibration
     splits: Callable[[nn.Module], dict[str, list[int]]] = field(default=lambda model: {})
+    # W4A4 layers fused from several linears: the names svdq may give the group (its parts in any order; the
+    # exporter moves rows into the file's order exactly) — one of each tuple must match
+    alternatives: tuple[tuple[str, ...], ...] = ()
+
+    def required(self) -> list[tuple[str, ...]]:
+        """Each entry: patterns of which at least one must match a linear of the model."""
+        grouped = {p for alt in self.alternatives for p in alt}
+        return [(p,) for p in self.w4a4 + tuple(self.adanorm) if p not in grouped] + list(self.alternatives)
 
 
 def _flux_splits(model: nn.Module) -> dict[str, list[int]]:
@@ -67,22 +75,27 @@ def _flux() -> Rules:
 def _from_layout(layout) -> Rules:
     """Rules of a table-driven layout (`nunchaku_models.Layout`): its layer kinds under svdq's names (fused groups
     named as `svdq.models.generic.group_name` names them, which is what the loader builds)."""
+    from itertools import permutations
+
     from ..models.generic import group_name
 
-    w4a4, shifted, adanorm = [], [], {}
+    w4a4, shifted, adanorm, alternatives = [], [], {}, []
     for layer, (kind, target) in layout.layers.items():
         if isinstance(target, tuple):
-            name = group_name([f"B.{p}" for p in target])[0][len("B.") :] + ".linear"
+            names = dict.fromkeys(group_name([f"B.{p}" for p in order])[0][len("B.") :] + ".linear"
+                                  for order in permutations(target))
+            if len(names) > 1:
+                alternatives.append(tuple(f"*.{n}" for n in names))
         else:
-            name = target or layer
-        pattern = f"*.{name}"
+            names = [target or layer]
+        patterns = [f"*.{n}" for n in names]
         if kind == "awq":
-            adanorm[pattern] = 6  # the Layout loader's AWQ layers are 6-chunk modulations (`load`)
+            adanorm.update({p: 6 for p in patterns})  # the Layout loader's AWQ layers are 6-chunk modulations
         else:
-            w4a4.append(pattern)
+            w4a4 += patterns
             if kind == "shifted":
-                shifted.append(pattern)
-    return Rules(layout.label, tuple(w4a4), tuple(shifted), adanorm)
+                shifted += patterns
+    return Rules(layout.label, tuple(w4a4), tuple(shifted), adanorm, alternatives=tuple(alternatives))
 
 
 def rules_for(model: nn.Module) -> Rules:
