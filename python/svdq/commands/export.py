@@ -1,14 +1,17 @@
 """`svdq export`: write an svdq-quantized model in another project's checkpoint format.
 
-`--format nunchaku`: a FLUX.1 model quantized by svdq (with 4-bit AdaNorm layers: `svdq quantize --adaln
-w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md); so
-does an SDXL UNet quantized as Nunchaku's is (the cross-attention to_k / to_v kept 16-bit: from Python,
-`svdq.quantize(unet, exclude=svdq.models.FAMILIES["sdxl"].exclude + ("*attn2.to_kv*",))`), every tensor a copy
-or a permutation.
+`--format nunchaku`: a FLUX.1 or Qwen-Image model quantized by svdq (with 4-bit AdaNorm layers: `svdq quantize
+--adaln w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md);
+so does a Z-Image (its main blocks only: `include=["layers.*"]`, Nunchaku's skip_refiners; or every block) and
+an SDXL UNet quantized as Nunchaku's is (the cross-attention to_k / to_v kept 16-bit: from Python,
+`svdq.quantize(unet, exclude=svdq.models.FAMILIES["sdxl"].exclude + ("*attn2.to_kv*",))`). The exporter is
+chosen by the model's class; any other class is an error listing these four.
 Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed because Nunchaku's runtime
-computes differently: the `mlp_fc2` biases (its shifted unsigned activations) and the AdaNorm scale-chunk
-biases (+1). Refused with a message naming the layer: other models, fp32, W4A8, loaded LoRAs, layers whose
-K or N is not a multiple of 128, 16-bit AdaNorm layers. The file is written atomically.
+computes differently: the biases of FLUX.1's `mlp_fc2` / Qwen-Image's `net.2` layers that svdq quantized signed
+(Nunchaku runs them on shifted unsigned activations; a layer svdq quantized shifted, `--act-shift`, is copied)
+and the AdaNorm scale-chunk biases (+1). Z-Image and SDXL files are copies and permutations only. Refused with
+a message naming the layer: fp32, W4A8, loaded LoRAs, layers whose K or N is not a multiple of 128, 16-bit
+AdaNorm layers, layers quantized that the layout keeps 16-bit or the reverse. The file is written atomically.
 
 `--format nunchaku-lite`: any svdq-quantized diffusers model becomes a diffusers `nunchaku_lite` model
 directory (config.json with the compact quantization_config + diffusion_pytorch_model.safetensors), the
@@ -33,7 +36,8 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 files; "
+        help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 / Qwen-Image / "
+             "Z-Image / SDXL files; "
              "nunchaku-lite: diffusers' nunchaku_lite directories)",
         description=__doc__,
         epilog=EXAMPLES,
@@ -49,7 +53,6 @@ def run(args) -> int:
     from pathlib import Path
 
     import svdq
-    from svdq.formats import nunchaku
 
     out = Path(args.out)
     if args.format == "nunchaku-lite":
@@ -63,13 +66,10 @@ def run(args) -> int:
         raise ValueError(f"--out {out}: Nunchaku checkpoints are .safetensors files")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name")
-    model = svdq.from_pretrained(args.quantized)
-    if type(model).__name__ == "UNet2DConditionModel":  # SDXL: svdq.formats.nunchaku_models.export_sdxl
-        from svdq.formats.nunchaku_models import export_sdxl
+    from svdq.formats.nunchaku_models import export
 
-        path = export_sdxl(model, out)
-    else:
-        path = nunchaku.export_flux(model, out)  # FLUX.1; names the class of anything else
+    # FLUX.1, Qwen-Image, Z-Image, SDXL by the model's class; any other: an error listing those
+    path = export(svdq.from_pretrained(args.quantized), out)
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, Nunchaku INT4 layout; docs/formats.md says what is exact)")
     return 0

@@ -765,45 +765,75 @@ def _adanorm_tensors(layer, name: str, splits: int) -> dict[str, torch.Tensor]:
     return pack_awq(codes, s, zero, bias.to(s.dtype), splits, pad_groups=False)
 
 
+def export_rank(qlayers: dict) -> int:
+    """The one rank a Nunchaku file declares (``quantization_config.rank``; its runtime builds every W4A4 layer
+    with it): the largest of ``qlayers``' ranks rounded up to 16. Each layer's factors are zero-padded to it."""
+    return _up(max(m.rank for m in qlayers.values()), LOWRANK_TILE)
+
+
+def w4a4_export_tensors(what: str, name: str, layer, rank: int, shifted: bool, shifts: str) -> dict[str, torch.Tensor]:
+    """The canonical tensors (``layer_to_nunchaku``'s input) a Nunchaku file holds for the svdq W4A4 layer
+    ``name``, its low-rank factors zero-padded to ``rank`` (exact). ``shifted``: Nunchaku's runtime runs this
+    layer on shifted unsigned activations (an ``mlp_fc2``): a layer svdq quantized shifted by `SHIFT_GELU` is
+    copied as is (exact; its bias already cancels the shift), a signed one gets `fold_shift_into_bias` (not
+    exact). ValueError naming the layer for anything else: not an `SVDQLinear`, shifted where the runtime does
+    not shift or by another δ (``shifts`` says which layers it shifts, "" for none)."""
+    from ..linear import SVDQLinear
+
+    if not isinstance(layer, SVDQLinear):
+        raise ValueError(f"{what}: {name!r} is not a W4A4 layer (quantize the whole model with svdq)")
+    if layer.act_shift and not (shifted and layer.act_shift == SHIFT_GELU):
+        runtime = f"shifts only {shifts}, by {SHIFT_GELU}" if shifts else "runs every layer of this model on signed activations"
+        raise ValueError(
+            f"{what}: layer {name!r} has shifted activations (act_shift={layer.act_shift}); Nunchaku's runtime {runtime}"
+        )
+    t = {k: v.detach().cpu() for k, v in layer.state_dict().items() if k not in ("lora_scales", "act_shift")}
+    pad = rank - t["lora_down"].shape[1]  # zero columns: exact
+    t["lora_down"] = torch.nn.functional.pad(t["lora_down"], (0, pad))
+    t["lora_up"] = torch.nn.functional.pad(t["lora_up"], (0, pad))
+    if shifted and not layer.act_shift:
+        # a signed svdq layer: fold the shift Nunchaku applies into its bias (a shifted one stores it)
+        t["bias"] = fold_shift_into_bias(t, layer.in_features)
+    return t
+
+
+def adanorm_export_tensors(what: str, name: str, layer, splits: int) -> dict[str, torch.Tensor]:
+    """The Nunchaku AWQ tensors of the AdaNorm layer ``name`` (the model's module, `_adanorm_tensors`);
+    ValueError naming it when svdq did not quantize it weight-only 4-bit."""
+    from ..linear import SVDQLinear
+    from ..weight_only import SVDQWeightOnlyLinear
+
+    if not isinstance(layer, SVDQWeightOnlyLinear):
+        raise ValueError(
+            f"{what}: AdaNorm layer {name!r} is {'W4A4' if isinstance(layer, SVDQLinear) else '16-bit'}; Nunchaku's "
+            f"format stores it 4-bit weight-only (AWQ W4A16): quantize with --adaln w4a16 "
+            f"(svdq.quantize(..., weight_only=family.adaln))"
+        )
+    return _adanorm_tensors(layer, name, splits)
+
+
 def export_flux(model, path: str | os.PathLike) -> Path:
     """Write an svdq-quantized FLUX.1 ``FluxTransformer2DModel`` as one Nunchaku INT4 checkpoint (C++ key names,
     metadata ``config`` / ``quantization_config`` / ``model_class``), atomically. Every W4A4 tensor is a
     permutation of svdq's (`layer_to_nunchaku`); not copies: the ``mlp_fc2`` biases (`fold_shift_into_bias`)
     and the AdaNorm scale-chunk biases (+1). Refuses (ValueError naming the layer) what the format cannot
     express: other model classes, fp32, W4A8, loaded LoRA adapters, K or N not a multiple of 128, AdaNorm
-    layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``)."""
-    from ..linear import SVDQLinear
-
+    layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``), shifted layers other than the
+    double blocks' ``mlp_fc2`` / ``mlp_context_fc2``."""
     if type(model).__name__ != "FluxTransformer2DModel":
         raise ValueError(f"export --format nunchaku: {type(model).__name__} is not a FLUX.1 FluxTransformer2DModel")
-    qlayers, wo = exportable_layers(model, "export --format nunchaku")
+    what = "export --format nunchaku"
+    qlayers, wo = exportable_layers(model, what)
     for name, m in qlayers.items():
-        check_exportable_layer("export --format nunchaku", name, m)
-        fc2 = name.rsplit(".", 3)[-3:] in (["ff", "net", "2"], ["ff_context", "net", "2"])
-        if m.act_shift and not (fc2 and m.act_shift == SHIFT_GELU):
-            raise ValueError(
-                f"export --format nunchaku: layer {name!r} has shifted activations (act_shift={m.act_shift}); Nunchaku's "
-                f"runtime shifts only the double blocks' mlp_fc2 / mlp_context_fc2, by {SHIFT_GELU}"
-            )
-    rank = _up(max(m.rank for m in qlayers.values()), LOWRANK_TILE)  # their runtime builds every layer with one rank
+        check_exportable_layer(what, name, m)
+    rank = export_rank(qlayers)
+    shifts = "the double blocks' mlp_fc2 / mlp_context_fc2"
 
-    def canonical(name: str) -> dict[str, torch.Tensor]:
-        layer = qlayers.get(name)
-        if not isinstance(layer, SVDQLinear):
-            raise ValueError(f"export --format nunchaku: {name!r} is not a W4A4 layer (quantize the whole model with svdq)")
-        t = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
-        pad = rank - t["lora_down"].shape[1]  # zero columns: exact
-        t["lora_down"] = torch.nn.functional.pad(t["lora_down"], (0, pad))
-        t["lora_up"] = torch.nn.functional.pad(t["lora_up"], (0, pad))
-        return t
+    def canonical(name: str, shifted: bool = False) -> dict[str, torch.Tensor]:
+        return w4a4_export_tensors(what, name, qlayers.get(name), rank, shifted, shifts)
 
     def adanorm(name: str, splits: int) -> dict[str, torch.Tensor]:
-        if name not in wo:
-            raise ValueError(
-                f"export --format nunchaku: AdaNorm layer {name!r} is 16-bit; Nunchaku's format stores it 4-bit "
-                f"(AWQ W4A16): quantize with --adaln w4a16 (svdq.quantize(..., weight_only=family.adaln))"
-            )
-        return _adanorm_tensors(wo[name], name, splits)
+        return adanorm_export_tensors(what, name, model.get_submodule(name), splits)
 
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
@@ -815,11 +845,8 @@ def export_flux(model, path: str | os.PathLike) -> Path:
     for i in range(len(model.transformer_blocks)):
         b = f"transformer_blocks.{i}"
         for ours, theirs in _EXPORT_DOUBLE.items():
-            t = canonical(f"{b}.{ours}")
+            t = canonical(f"{b}.{ours}", shifted=theirs in _SHIFTED)
             k, n = qlayers[f"{b}.{ours}"].in_features, qlayers[f"{b}.{ours}"].out_features
-            if theirs in _SHIFTED and not qlayers[f"{b}.{ours}"].act_shift:
-                # a signed svdq layer: fold the shift Nunchaku applies into its bias (a shifted one stores it)
-                t["bias"] = fold_shift_into_bias(t, k)
             put(f"{b}.{theirs}", layer_to_nunchaku(t, k, n))
             done.add(f"{b}.{ours}")
         for ours, (theirs, splits) in _EXPORT_ADANORM.items():
@@ -883,11 +910,14 @@ def check_exportable_layer(what: str, name: str, m) -> None:
                          f"need K and N multiples of 128")
 
 
-def write_checkpoint(tensors: dict, path, model, class_name: str, model_class: str, rank: int) -> Path:
+def write_checkpoint(
+    tensors: dict, path, model, class_name: str, model_class: str, rank: int, extra: dict | None = None
+) -> Path:
     """One Nunchaku INT4 file at ``path``, written atomically (a crash leaves the old file or the new one): the
     tensors, and the metadata Nunchaku reads — diffusers' config of ``model`` as ``class_name`` without svdq's
     own quantization_config (their runtime builds a 16-bit skeleton from it), ``model_class`` (their class's
-    name) and the INT4 / group-64 / ``rank`` quantization_config."""
+    name) and the INT4 / group-64 / ``rank`` quantization_config, with ``extra`` fields added (Z-Image's
+    ``skip_refiners``)."""
     from safetensors.torch import save_file
 
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
@@ -896,7 +926,9 @@ def write_checkpoint(tensors: dict, path, model, class_name: str, model_class: s
     meta = {
         "config": json.dumps(config, default=list),
         "model_class": model_class,
-        "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank}),
+        "quantization_config": json.dumps(
+            {"method": "svdquant", "weight": spec, "activation": dict(spec), "rank": rank} | (extra or {})
+        ),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,14 @@ class Layout:
     # block prefixes read off the meta-built model instead of the config (instead of `blocks`): for models whose
     # block list the config describes only through diffusers' own construction rules (a UNet)
     model_blocks: Callable[[nn.Module], list[str]] | None = None
+    # what the export writes (`export_layout`; the loader reads either): Nunchaku's class (metadata model_class),
+    # whether its files use the Python module's tensor names (`V2_NAMES`) rather than the C++ ones, the
+    # quantization_config fields its files may carry (the export picks the one whose `blocks` are what svdq
+    # quantized) and, per fnmatch pattern of an svdq layer name, the hint a refusal of that layer adds
+    model_class: str = ""
+    python_names: bool = True
+    export_options: tuple[dict, ...] = ({},)
+    export_hints: tuple[tuple[str, str], ...] = ()
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -205,6 +213,7 @@ QWENIMAGE = Layout(
     },
     blocks=lambda config, qc: [f"transformer_blocks.{i}" for i in range(int(config.get("num_layers", 60)))],
     fix_up=_qwen_rope,
+    model_class="NunchakuQwenImageTransformer2DModel",
 )
 
 
@@ -233,6 +242,11 @@ ZIMAGE = Layout(
         "feed_forward.net.0.proj.weight": [("feed_forward.w3.weight", (0, 1)), ("feed_forward.w1.weight", (1, 2))],
         "feed_forward.net.2.weight": [("feed_forward.w2.weight", None)],
     },
+    model_class="NunchakuZImageTransformer2DModel",
+    export_options=({}, {"skip_refiners": True}),
+    export_hints=(("*refiner.*", " (Nunchaku's Z-Image quantizes the refiner blocks all or none, quantization_config "
+                                 "skip_refiners: quantize both noise_refiner and context_refiner, or only the main "
+                                 "blocks, include=['layers.*'])"),),
 )
 
 
@@ -276,6 +290,10 @@ SDXL = Layout(
     joins={"attn2.to_kv.linear.weight": ("attn2.to_k.weight", "attn2.to_v.weight"),
            "attn2.to_kv.linear.bias": ("attn2.to_k.bias", "attn2.to_v.bias")},
     model_blocks=_transformer_blocks,
+    model_class="NunchakuSDXLUNet2DConditionModel",
+    python_names=False,  # the published file keeps the C++ names (Nunchaku's convert_sdxl_state_dict renames them)
+    export_hints=(("*.attn2.to_kv*", " (Nunchaku keeps the cross-attention to_k / to_v 16-bit: quantize with "
+                                     "exclude=svdq.models.FAMILIES['sdxl'].exclude + ('*attn2.to_kv*',))"),),
 )
 
 LAYOUTS = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE, SDXL)}
@@ -285,79 +303,195 @@ LOADABLE = (
 )
 
 
-# ---- export: an svdq-quantized SDXL UNet → one Nunchaku INT4 file ------------------------------------------------
+# ---- export: an svdq-quantized model → one Nunchaku INT4 file (the inverse of `load`) ----------------------------
 
-# svdq layer under a BasicTransformerBlock → Nunchaku layer (same path except the fused group's `.linear`)
-_EXPORT_SDXL = {
-    "attn1.to_qkv.linear": "attn1.to_qkv", "attn1.to_out.0": "attn1.to_out.0", "attn2.to_q": "attn2.to_q",
-    "attn2.to_out.0": "attn2.to_out.0", "ff.net.0.proj": "ff.net.0.proj", "ff.net.2": "ff.net.2",
-}
+WHAT = "export --format nunchaku"
+# Nunchaku's AdaNorm modulation layers of these layouts hold 6 chunks (shift, scale, gate × 2), as `load` reads them
+_ADANORM_SPLITS = 6
+# svdq layer → (the file's layer, kind, fused group: (svdq's part order, sizes, the file's part order) or None)
+_Plan = dict[str, tuple[str, str, tuple[list[str], list[int], list[str]] | None]]
+
+
+def _fused_group(model: nn.Module, parts: list[str]):
+    """(name, `SharedInputLinear`) of svdq's fused group of exactly the linears ``parts``, in whichever order svdq
+    fused them (its own prepare names a group from the traced order, `load` from the file's), or None."""
+    from itertools import permutations
+
+    from ..models import SharedInputLinear
+    from ..models.generic import group_name
+
+    for perm in permutations(parts):
+        name, _ = group_name(list(perm))
+        try:
+            group = model.get_submodule(name)
+        except AttributeError:
+            continue
+        owner = name.rpartition(".")[0]
+        if isinstance(group, SharedInputLinear) and {f"{owner}.{n}" if owner else n for n in group.names} == set(parts):
+            return name, group
+    return None
+
+
+def _plan(model: nn.Module, layout: Layout, blocks: list[str]) -> tuple[_Plan, list[tuple[list[str], str]]]:
+    """The layout's layers of ``blocks`` as svdq layer names, and the fused layers whose parts svdq did not fuse
+    ((parts, file layer))."""
+    plan, unfused = {}, []
+    for b in blocks:
+        for layer, (kind, target) in layout.layers.items():
+            theirs = f"{b}.{layer}"
+            if isinstance(target, tuple):
+                parts = [f"{b}.{p}" for p in target]
+                found = _fused_group(model, parts)
+                if found is None:
+                    unfused.append((parts, theirs))
+                    continue
+                name, group = found
+                owner = name.rpartition(".")[0]
+                order = [f"{owner}.{n}" if owner else n for n in group.names]
+                plan[f"{name}.linear"] = (theirs, kind, (order, list(group.sizes), parts))
+            else:
+                plan[f"{b}.{target}" if target else theirs] = (theirs, kind, None)
+    return plan, unfused
+
+
+def _hint(layout: Layout, name: str) -> str:
+    import fnmatch
+
+    return next((h for pattern, h in layout.export_hints if fnmatch.fnmatchcase(name, pattern)), "")
+
+
+def _split_16bit_groups(model: nn.Module, out: dict[str, torch.Tensor]) -> None:
+    """svdq's fused 16-bit groups (SDXL's cross-attention to_kv, …) → their parts' diffusers tensors, as Nunchaku's
+    model holds them (the inverse of `Layout.joins` / the fusing `Layout.fix_up` does): rows split, exact; a part
+    gets a bias only when its linear had one."""
+    from ..models import SharedInputLinear
+
+    for name, group in model.named_modules():
+        if not isinstance(group, SharedInputLinear) or type(group.linear) is not nn.Linear:
+            continue
+        owner = name.rpartition(".")[0]
+        origin = getattr(group, "_origin", None)  # set by svdq.models.fuse_linears: which parts had a bias
+        had_bias = origin[3] if origin is not None else [group.linear.bias is not None] * len(group.names)
+        for suffix in ("weight", "bias"):
+            t = out.pop(f"{name}.linear.{suffix}", None)
+            if t is None:
+                continue
+            for part, chunk, bias in zip(group.names, torch.split(t, list(group.sizes)), had_bias):
+                if suffix == "weight" or bias:
+                    out[f"{owner}.{part}.{suffix}" if owner else f"{part}.{suffix}"] = chunk.contiguous()
+
+
+def _unrename(layout: Layout, out: dict[str, torch.Tensor]) -> None:
+    """The inverse of `Layout.renames`: diffusers' 16-bit tensors → the file's (Z-Image's w3 / w1 → the rows of
+    net.0.proj, w2 → net.2), checked to read back exactly as `load` splits them."""
+    for file_suffix, targets in layout.renames.items():
+        first = targets[0][0]
+        for stem in [k[: -len(first)] for k in out if k.endswith("." + first)]:
+            keys = [stem + new for new, _ in targets]
+            missing = [k for k in keys if k not in out]
+            if missing:
+                raise ValueError(f"{WHAT}: tensor {missing[0]!r} missing: Nunchaku's {layout.label} file holds "
+                                 f"{' and '.join(map(repr, keys))} together as {stem + file_suffix!r}")
+            ordered = sorted(zip(targets, keys), key=lambda tk: (tk[0][1] or (0, 1))[0])
+            t = torch.cat([out[k] for _, k in ordered]) if len(ordered) > 1 else out[ordered[0][1]]
+            for (_, rows), k in ordered:
+                back = t if rows is None else t[rows[0] * t.shape[0] // 2 : rows[1] * t.shape[0] // 2]
+                if back.shape != out[k].shape:
+                    raise ValueError(f"{WHAT}: {k!r} {tuple(out[k].shape)} does not fill its rows {rows} of "
+                                     f"{stem + file_suffix!r} {tuple(t.shape)} in Nunchaku's {layout.label} file")
+            for k in keys:
+                del out[k]
+            out[stem + file_suffix] = t.contiguous()
+
+
+def export_layout(model: nn.Module, path: str | os.PathLike, layout: Layout) -> Path:
+    """Write an svdq-quantized model of ``layout``'s class as one Nunchaku INT4 file that `load` (and Nunchaku's
+    ``layout.model_class``) reads, atomically: the inverse of `load`. svdq's fused groups become the file's
+    fused layers with their rows in the layout's order (re-ordered exactly where svdq fused them in another
+    order), each W4A4 layer packed by `nunchaku.layer_to_nunchaku` (its rank zero-padded to the file's one rank),
+    AdaNorm layers through `nunchaku.adanorm_export_tensors`, 16-bit tensors copied — split back out of svdq's
+    16-bit fused groups and renamed into the file's form (``renames``) —, the metadata's quantization_config the
+    ``export_options`` entry whose blocks are the ones svdq quantized. Not copies: a "shifted" layer svdq
+    quantized signed (`nunchaku.fold_shift_into_bias`) and the AdaNorm biases (+1); everything else is exact.
+    Refuses (ValueError naming the layer) what the layout cannot express: another class, a layer quantized that
+    the file keeps 16-bit or the reverse, parts svdq did not fuse that the file fuses, a shifted layer the
+    runtime runs signed, a 16-bit or W4A4 AdaNorm layer, and what `nunchaku.exportable_layers` /
+    `nunchaku.check_exportable_layer` refuse."""
+    if type(model).__name__ != layout.class_name:
+        raise ValueError(f"{WHAT}: {type(model).__name__} is not a {layout.label} {layout.class_name}")
+    qlayers, wo = nk.exportable_layers(model, WHAT)
+    quantized = set(qlayers) | set(wo)
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    best = None
+    for option in layout.export_options:
+        blocks = layout.model_blocks(model) if layout.model_blocks is not None else layout.blocks(config, option)
+        plan, unfused = _plan(model, layout, blocks)
+        extra = sorted(quantized - set(plan))
+        missing = sorted(n for n, (_, kind, _) in plan.items() if kind != "awq" and n not in qlayers)
+        score = len(extra) + len(missing) + len(unfused)
+        if best is None or score < best[0]:
+            best = (score, option, plan, unfused, extra, missing)
+    _, option, plan, unfused, extra, missing = best
+    if extra:
+        name = extra[0]
+        kind = "weight-only 4-bit (W4A16)" if name in wo else "quantized"
+        raise ValueError(f"{WHAT}: {kind} layer {name!r} is 16-bit in Nunchaku's {layout.label} layout{_hint(layout, name)}")
+    for name, m in qlayers.items():
+        nk.check_exportable_layer(WHAT, name, m)
+    if unfused:
+        parts, theirs = unfused[0]
+        raise ValueError(f"{WHAT}: {', '.join(parts)} are not one fused W4A4 layer of this model; Nunchaku's "
+                         f"{layout.label} layout quantizes them as one, {theirs!r}{_hint(layout, parts[0])}")
+    if missing:
+        raise ValueError(f"{WHAT}: {missing[0]!r} is not a W4A4 layer; Nunchaku's {layout.label} layout quantizes it "
+                         f"(quantize it with svdq){_hint(layout, missing[0])}")
+    rank = nk.export_rank(qlayers)
+    shifts = " / ".join(layer for layer, (kind, _) in layout.layers.items() if kind == "shifted")
+    names = {v: k for k, v in V2_NAMES.items()} if layout.python_names else {}
+    out: dict[str, torch.Tensor] = {}
+    for ours, (theirs, kind, group) in plan.items():
+        if kind == "awq":
+            t = nk.adanorm_export_tensors(WHAT, ours, model.get_submodule(ours), _ADANORM_SPLITS)
+        else:
+            m = qlayers[ours]
+            t = nk.w4a4_export_tensors(WHAT, ours, m, rank, kind == "shifted", shifts)
+            if group is not None and group[0] != group[2]:  # svdq fused the parts in another order: rows moved
+                order, sizes, parts = group
+                pieces = dict(zip(order, nk.split_rows(t, sizes)))
+                t = nk.merge_rows([pieces[p] for p in parts])
+            t = nk.layer_to_nunchaku(t, m.in_features, m.out_features)
+        out.update({f"{theirs}.{names.get(k, k)}": v.contiguous() for k, v in t.items()})
+    owned = tuple(f"{name}." for name in plan)
+    out.update({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(owned)})
+    _split_16bit_groups(model, out)
+    _unrename(layout, out)
+    return nk.write_checkpoint(out, path, model, layout.class_name, layout.model_class, rank, option)
 
 
 def export_sdxl(model, path: str | os.PathLike) -> Path:
     """Write an svdq-quantized SDXL ``UNet2DConditionModel`` as one Nunchaku INT4 checkpoint (the layout
-    NunchakuSDXLUNet2DConditionModel.from_pretrained loads: diffusers paths, C++ tensor names, metadata
-    ``config`` / ``quantization_config`` / ``model_class``), atomically. Every tensor is a copy or an exact
-    permutation (`nunchaku.layer_to_nunchaku`; the 16-bit cross-attention to_kv split back into to_k / to_v);
-    nothing is recomputed: SDXL's Nunchaku runtime runs every layer signed, as svdq does. Refuses (ValueError
-    naming the layer) what the layout cannot express: another model class, fp32, act_format other than int4,
-    shifted layers, loaded LoRA adapters, K or N not a multiple of 128, W4A16 layers, a quantized layer
-    Nunchaku keeps 16-bit (quantize with ``exclude=family.exclude + ("*attn2.to_kv*",)``) or a 16-bit one it
-    quantizes."""
-    from ..linear import SVDQLinear
-    from ..models import SharedInputLinear
-
-    what = "export --format nunchaku"
+    NunchakuSDXLUNet2DConditionModel.from_pretrained loads: diffusers paths, C++ tensor names): `export_layout`
+    with `SDXL`. Every tensor is a copy or an exact permutation (the 16-bit cross-attention to_kv split back into
+    to_k / to_v); nothing is recomputed: SDXL's Nunchaku runtime runs every layer signed, as svdq does. Refused
+    besides: W4A16 layers, a quantized to_kv (quantize with ``exclude=family.exclude + ("*attn2.to_kv*",)``)."""
     if type(model).__name__ != "UNet2DConditionModel":
-        raise ValueError(f"{what}: {type(model).__name__} is not an SDXL UNet2DConditionModel")
-    qlayers, wo = nk.exportable_layers(model, what)
-    if wo:
-        raise ValueError(
-            f"{what}: layer {sorted(wo)[0]!r} is weight-only 4-bit (W4A16); Nunchaku's SDXL layout has no such layer "
-            f"(quantize without weight_only / --adaln)"
-        )
-    blocks = _transformer_blocks(model)
-    wanted = {f"{b}.{ours}": theirs for b in blocks for ours, theirs in _EXPORT_SDXL.items()}
-    extra = sorted(set(qlayers) - set(wanted))
-    if extra:
-        hint = (" (Nunchaku keeps the cross-attention to_k / to_v 16-bit: quantize with "
-                "exclude=svdq.models.FAMILIES['sdxl'].exclude + ('*attn2.to_kv*',))") if ".attn2.to_kv" in extra[0] else ""
-        raise ValueError(f"{what}: quantized layer {extra[0]!r} is 16-bit in Nunchaku's SDXL layout{hint}")
-    for name, m in qlayers.items():
-        nk.check_exportable_layer(what, name, m)
-        if m.act_shift:
-            raise ValueError(f"{what}: layer {name!r} has shifted activations (act_shift={m.act_shift}); Nunchaku's "
-                             f"SDXL runtime runs every layer on signed activations")
-    for name in wanted:
-        if not isinstance(qlayers.get(name), SVDQLinear):
-            raise ValueError(f"{what}: {name!r} is not a W4A4 layer; Nunchaku's SDXL layout quantizes it (quantize the "
-                             f"transformer blocks with svdq)")
-    rank = nk._up(max(m.rank for m in qlayers.values()), nk.LOWRANK_TILE)  # one rank for every layer at run time
-    out: dict[str, torch.Tensor] = {}
-    for name, theirs in wanted.items():
-        m = qlayers[name]
-        t = {k: v.detach().cpu() for k, v in m.state_dict().items() if k not in ("lora_scales", "act_shift")}
-        pad = rank - t["lora_down"].shape[1]  # zero columns: exact
-        t["lora_down"] = torch.nn.functional.pad(t["lora_down"], (0, pad))
-        t["lora_up"] = torch.nn.functional.pad(t["lora_up"], (0, pad))
-        block = name[: -len(next(o for o in _EXPORT_SDXL if name.endswith("." + o))) - 1]
-        out.update({f"{block}.{theirs}.{k}": v.contiguous() for k, v in nk.layer_to_nunchaku(t, m.in_features, m.out_features).items()})
-    owned = tuple(f"{name}." for name in wanted)
-    for key, v in model.state_dict().items():
-        if key.startswith(owned):
-            continue
-        out[key] = v.detach().cpu().contiguous()
-    # svdq's fused 16-bit cross-attention k / v → the file's separate to_k / to_v (rows split; exact)
-    for b in blocks:
-        kv = model.get_submodule(f"{b}.attn2").to_kv if hasattr(model.get_submodule(f"{b}.attn2"), "to_kv") else None
-        if not isinstance(kv, SharedInputLinear):
-            continue
-        if not isinstance(kv.linear, torch.nn.Linear):
-            raise ValueError(f"{what}: {b}.attn2.to_kv.linear is not a 16-bit nn.Linear")
-        for suffix in ("weight", "bias"):
-            t = out.pop(f"{b}.attn2.to_kv.linear.{suffix}", None)
-            if t is None:
-                continue
-            for part, chunk in zip(kv.names, torch.split(t, list(kv.sizes))):
-                out[f"{b}.attn2.{part}.{suffix}"] = chunk.contiguous()
-    return nk.write_checkpoint(out, path, model, "UNet2DConditionModel", "NunchakuSDXLUNet2DConditionModel", rank)
+        raise ValueError(f"{WHAT}: {type(model).__name__} is not an SDXL UNet2DConditionModel")
+    return export_layout(model, path, SDXL)
+
+
+EXPORTABLE = (
+    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
+    "and UNet2DConditionModel (SDXL)"
+)
+
+
+def export(model: nn.Module, path: str | os.PathLike) -> Path:
+    """`svdq export --format nunchaku`: the exporter of ``model``'s class (FLUX.1: `nunchaku.export_flux`; the
+    layouts: `export_layout`); ValueError listing the classes it exports for any other."""
+    name = type(model).__name__
+    if name == "FluxTransformer2DModel":
+        return nk.export_flux(model, path)
+    layout = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE, SDXL)}.get(name)
+    if layout is None:
+        raise ValueError(f"{WHAT}: cannot export a {name}; svdq writes Nunchaku files of {EXPORTABLE}")
+    return export_layout(model, path, layout)
