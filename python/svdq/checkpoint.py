@@ -220,6 +220,7 @@ def load(
     """
     from .models import fused_for_checkpoint
     from .models.split_input import split_for_checkpoint
+    from .conv import conv_for_checkpoint
 
     meta = read_metadata(path)
     # The skeleton's structure before fusing: on any failure (also one inside the fusion, also Ctrl-C) it is
@@ -231,6 +232,8 @@ def load(
                 pass
             try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
                 split_for_checkpoint(model, _layer_inputs(meta))
+                # 1×1 convolutions stored as their inner layer "<conv>.linear" (`SVDQConv1x1`)
+                conv_for_checkpoint(model, [name for name, _ in _layer_inputs(meta)])
             except ValueError as e:
                 raise CheckpointError(f"{path}: {e}") from None
         return _load(model, Path(path), meta, device, verify)

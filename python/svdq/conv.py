@@ -7,8 +7,12 @@ applied at every pixel, so it needs no kernel of its own: the module moves chann
 (`svdq.formats.nunchaku_sana`). Anything else a Conv2d can do (k×k kernels, strides, padding, groups) is not a
 linear layer and is refused by `check_conv1x1`, naming the layer.
 
-svdq's checkpoint format has no convolution layer kind, so a model holding one cannot be saved with `svdq.save` /
-`save_pretrained` (``svdq_checkpoint_unsupported``, read by `svdq.checkpoint.contents`, names it).
+In an svdq checkpoint the layer is its inner linear layer, an ordinary quantized layer entry named ``<conv>.linear``
+(tensors ``<conv>.linear.qweight`` …); `conv_for_checkpoint` wraps the 16-bit skeleton's 1×1 ``nn.Conv2d`` at
+``<conv>`` from that name before the tensors are loaded (`svdq.checkpoint.load`, the diffusers quantizer), as
+`svdq.models.split_input.split_for_checkpoint` rebuilds split layers. `svdq.quantize` builds the same wrapper
+(`SVDQConv1x1.wrapping`, a 16-bit ``nn.Linear`` viewing the conv's weight) for the 1×1 convolutions an explicit
+``include`` pattern names, and quantizes its ``.linear`` as any other layer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from torch import nn
 
 from .linear import SVDQLinear
+
+LINEAR = "linear"  # the inner layer's name: a checkpoint layer "<conv>.linear" is the 1×1 convolution "<conv>"
 
 
 def check_conv1x1(conv: nn.Module, name: str = "conv") -> None:
@@ -45,18 +51,39 @@ def check_conv1x1(conv: nn.Module, name: str = "conv") -> None:
 class SVDQConv1x1(nn.Module):
     """y = conv1x1(x) for x [B, C_in, H, W] → [B, C_out, H, W], computed by ``self.linear`` (an `SVDQLinear`
     [C_in → C_out]) on the channels-last rows. The output is a channels-last view (as ``nn.Conv2d`` gives for a
-    channels-last input); every torch op downstream takes it."""
+    channels-last input); every torch op downstream takes it.
 
-    svdq_checkpoint_unsupported = (
-        "a 4-bit 1×1 convolution (SVDQConv1x1, e.g. SANA's ff.conv_inverted / ff.conv_point loaded from a Nunchaku "
-        "file) has no layer kind in svdq's checkpoint format; keep the Nunchaku file and load it again instead"
-    )
+    ``self.linear`` is a 16-bit ``nn.Linear`` only transiently: in a skeleton being loaded (`conv_for_checkpoint`)
+    or a convolution being quantized (`wrapping`); such a module is not saved (``svdq_checkpoint_unsupported``)."""
 
-    def __init__(self, linear: SVDQLinear):
+    def __init__(self, linear: SVDQLinear | nn.Linear):
         super().__init__()
-        if not isinstance(linear, SVDQLinear):
-            raise TypeError(f"SVDQConv1x1 holds an SVDQLinear, got {type(linear).__name__}")
+        if not isinstance(linear, SVDQLinear) and type(linear) is not nn.Linear:
+            raise TypeError(f"SVDQConv1x1 holds an SVDQLinear (or a 16-bit nn.Linear), got {type(linear).__name__}")
         self.linear = linear
+
+    @property
+    def svdq_checkpoint_unsupported(self) -> str | None:
+        """Why `svdq.checkpoint.contents` refuses this module (None: it saves as its ``.linear`` layer)."""
+        if isinstance(self.linear, SVDQLinear):
+            return None
+        return ("its inner layer is a 16-bit nn.Linear (a 1×1 convolution halfway through quantization or "
+                "loading); svdq checkpoints store 1×1 convolutions as quantized layers only")
+
+    @classmethod
+    def wrapping(cls, conv: nn.Module, name: str = "conv") -> "SVDQConv1x1":
+        """``conv`` (a 1×1 ``nn.Conv2d``, `check_conv1x1`) as an SVDQConv1x1 holding a 16-bit ``nn.Linear`` whose
+        weight is a view of the conv's [N, K, 1, 1] weight as [N, K] (and the same bias tensor): the form
+        `svdq.quantize` calibrates and quantizes, and a skeleton loads (works on meta tensors)."""
+        check_conv1x1(conv, name)
+        w = conv.weight
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta",
+                           dtype=w.dtype)
+        linear.weight = nn.Parameter(w.detach().view(conv.out_channels, conv.in_channels),
+                                     requires_grad=w.requires_grad)
+        if conv.bias is not None:
+            linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=conv.bias.requires_grad)
+        return cls(linear)
 
     @classmethod
     def replacing(cls, conv: nn.Module, linear: SVDQLinear, name: str = "conv") -> "SVDQConv1x1":
@@ -96,3 +123,29 @@ class SVDQConv1x1(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1)"
+
+
+def conv_for_checkpoint(model: nn.Module, layer_names) -> int:
+    """Wrap the skeleton's 1×1 ``nn.Conv2d`` layers that a checkpoint stores as ``<conv>.linear`` (`SVDQConv1x1.
+    wrapping`), so that the checkpoint's layer entry finds an ``nn.Linear`` there; names whose owner is no
+    ``nn.Conv2d`` (an ordinary ``….linear`` layer, an SVDQConv1x1 already) are left to the loader. Returns how many
+    were wrapped; ValueError naming the layer for a convolution that is not a per-pixel linear layer."""
+    n = 0
+    for name in layer_names:
+        owner, _, leaf = name.rpartition(".")
+        if leaf != LINEAR or not owner:
+            continue
+        try:
+            conv = model.get_submodule(owner)
+        except AttributeError:
+            continue  # the loader names the missing layer
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        try:
+            wrapped = SVDQConv1x1.wrapping(conv, owner)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint stores {name!r} as a 4-bit 1×1 convolution: {e}") from None
+        parent, _, child = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+        n += 1
+    return n

@@ -30,6 +30,7 @@ from .decompose import (
 )
 from .gptq import layers_within_memory
 from ._transaction import ModuleSnapshot, deferred_interrupts, model_transaction
+from .conv import SVDQConv1x1, check_conv1x1
 from .linear import SVDQLinear
 from .models.split_input import SplitInputLinear, split_linear
 from .parallel import gather_input_stats, row_keys
@@ -168,12 +169,34 @@ def matches(name: str, include: Iterable[str] | None, exclude: Iterable[str]) ->
 
 
 def select_linears(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
-    """The `nn.Linear` modules `config` selects, by qualified name (SVDQLinear layers are left alone)."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear and matches(name, config.include, config.exclude)
-    }
+    """The `nn.Linear` modules `config` selects, by qualified name (SVDQLinear layers are left alone); a 1×1
+    convolution `select_convs` chose, once wrapped (`SVDQConv1x1.wrapping`), as its ``<conv>.linear``."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and matches(name, config.include, config.exclude):
+            out[name] = m
+        elif (isinstance(m, SVDQConv1x1) and type(m.linear) is nn.Linear and config.include is not None
+              and matches(name, config.include, config.exclude)):
+            out[f"{name}.linear"] = m.linear
+    return out
+
+
+def select_convs(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Conv2d]:
+    """The 1×1 `nn.Conv2d` modules (`svdq.conv.check_conv1x1`: kernel 1×1, stride 1, no padding, one group) whose
+    name an explicit ``include`` pattern matches, by qualified name. Never by default (``include=None`` selects
+    none: svdq's default choices are linear layers, as measured); other convolutions are not linear layers and
+    are left alone."""
+    if config.include is None:
+        return {}
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and matches(name, config.include, config.exclude):
+            try:
+                check_conv1x1(m, name)
+            except ValueError:
+                continue
+            out[name] = m
+    return out
 
 
 def select_weight_only(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
@@ -432,7 +455,7 @@ def quantize(
         for name, sizes in rules.splits(model).items():
             if not isinstance(model.get_submodule(name), SplitInputLinear):
                 split_linear(model, name, sizes)
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + list(select_convs(model, config))
         missing = [alt for alt in rules.required() if not any(fnmatch.fnmatchcase(n, p) for n in linears for p in alt)]
         if missing:
             raise ValueError(f"svdq.quantize: target={config.target!r}: no 16-bit linear of {type(model).__name__} "
@@ -447,7 +470,27 @@ def quantize(
 
 
 def _quantize(model, calibration, config, adjust, progress, process_group, streaming, state_dir, device, propagate):
-    """`quantize` once the config is settled; ``adjust``: a per-layer step for `build_layers` (or None)."""
+    """`quantize` once the config is settled; ``adjust``: a per-layer step for `build_layers` (or None). The 1×1
+    convolutions `select_convs` names are first wrapped as `SVDQConv1x1` holding a 16-bit ``nn.Linear`` view of
+    their weight (calibrated on their input pixels' channels, quantized as ``<conv>.linear``); undone on failure."""
+    convs = select_convs(model, config)
+    if not convs:
+        return _quantize_linears(model, calibration, config, adjust, progress, process_group, streaming, state_dir,
+                                 device, propagate)
+    snapshot = ModuleSnapshot(model)
+    try:
+        for name, conv in convs.items():
+            _set_submodule(model, name, SVDQConv1x1.wrapping(conv, name))
+        return _quantize_linears(model, calibration, config, adjust, progress, process_group, streaming, state_dir,
+                                 device, propagate)
+    except BaseException:
+        with deferred_interrupts():
+            snapshot.restore()
+        raise
+
+
+def _quantize_linears(model, calibration, config, adjust, progress, process_group, streaming, state_dir, device,
+                      propagate):
     layers = select_linears(model, config)
     wo_layers = select_weight_only(model, config)
     if config.weight_only and not wo_layers:

@@ -328,6 +328,11 @@ def load_sana(path: str | os.PathLike) -> nn.Module:
             c = 2 * widths[b]
             with torch.device("meta"):
                 ff.conv_depth = nn.Conv2d(c, c, 3, 1, 1, groups=c, dtype=dtype)
+            # a skeleton built from the config (what svdq.load / from_pretrained fill) has the GLU d.hidden wide
+            ff.svdq_checkpoint_unsupported = (
+                f"this feed-forward keeps the Nunchaku file's GLU padding ({widths[b]} channels, the padded ones "
+                f"not inert), but diffusers builds it {d.hidden} wide from the config, so an svdq checkpoint of it "
+                f"could not be loaded; keep the Nunchaku file and load it again instead")
     for name, layer in modules.items():
         _set(model, name, SVDQConv1x1(layer) if name.endswith(("conv_inverted", "conv_point")) else layer)
     return finish(model, rest, path, "SANA")

@@ -159,18 +159,22 @@ class SVDQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             return  # quantized after the 16-bit weights are loaded (_process_model_after_weight_loading)
         from ..checkpoint import CheckpointError, _layer_inputs
+        from ..conv import conv_for_checkpoint
         from ..linear import SVDQLinear
-        from ..models import family_of, has_fused_layers, is_fused, prepare
+        from ..models import fused_for_checkpoint
         from ..models.split_input import split_for_checkpoint
         from ..quantize import _set_submodule
         from ..weight_only import SVDQWeightOnlyLinear
 
         meta = self._meta
         names = [e["name"] for e in meta["quantized_layers"]]
-        if has_fused_layers(names) and family_of(model) is not None and not is_fused(model):
-            prepare(model, names)  # the skeleton gets the checkpoint's fused module names
+        # the skeleton gets the checkpoint's fused module names (hand-mapped families by their own code, any other
+        # diffusers model by the names: svdq.load's rule)
+        with fused_for_checkpoint(model, names):
+            pass
         try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
             split_for_checkpoint(model, _layer_inputs(meta))
+            conv_for_checkpoint(model, names)  # 1×1 convolutions stored as "<conv>.linear" (`SVDQConv1x1`)
         except ValueError as e:
             raise CheckpointError(f"{self._files[0]}: {e}") from None
         dtypes = _stored_dtypes(self._files)

@@ -1,0 +1,155 @@
+"""SANA both ways (issue 13): svdq checkpoints of 4-bit 1×1 convolutions (`svdq.conv.SVDQConv1x1`, saved as
+``<conv>.linear``), `svdq.quantize` of explicitly included 1×1 convolutions, and (below) ``target="nunchaku"`` for
+SANA with `svdq.formats.nunchaku_sana.export_sana`, checked against tests/test_nunchaku_sana.py's independent
+writer."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import svdq
+from svdq.checkpoint import CheckpointError
+from svdq.conv import SVDQConv1x1
+from svdq.linear import SVDQLinear
+from svdq.quantize import QuantizeConfig
+from test_nunchaku_sana import BLOCKS, HIDDEN, _inputs, _metadata, _tiny_sana, _write, nunchaku_sana_tensors
+from test_nunchaku_sana import quantize_tiny_sana
+
+
+@pytest.fixture(scope="module")
+def nunchaku_quantized():
+    """The tiny SANA as tests/test_nunchaku_sana.py quantizes it (attention layers by svdq.quantize, the 1×1
+    convolutions by hand) and the Nunchaku file its independent writer makes of it."""
+    return quantize_tiny_sana()
+
+
+def _equal_models(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def test_sana_loaded_from_a_nunchaku_file_saves_and_reloads_bit_exactly(nunchaku_quantized, tmp_path):
+    """A SANA loaded from a Nunchaku file → `svdq.save_pretrained` → `svdq.from_pretrained` and diffusers'
+    ``SanaTransformer2DModel.from_pretrained``: the 4-bit 1×1 convolutions are stored as their ``<conv>.linear``
+    layers and wrapped back around the skeleton's convolutions; every tensor and the output the same bits."""
+    import diffusers
+
+    path = _write(nunchaku_sana_tensors(nunchaku_quantized), tmp_path / "sana.safetensors",
+                  _metadata(nunchaku_quantized))
+    loaded = svdq.from_pretrained(path)
+    svdq.save_pretrained(loaded, tmp_path / "svdq")
+    with safe_open(str(tmp_path / "svdq" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        names = {e["name"] for e in json.loads(f.metadata()["quantized_layers"])}
+    assert {f"{b}.ff.conv_{c}.linear" for b in BLOCKS for c in ("inverted", "point")} <= names
+    with torch.no_grad():
+        want = loaded(**_inputs())[0]
+    for back in (svdq.from_pretrained(tmp_path / "svdq"),
+                 diffusers.SanaTransformer2DModel.from_pretrained(tmp_path / "svdq")):
+        _equal_models(back, loaded)
+        ff = back.transformer_blocks[1].ff
+        assert isinstance(ff.conv_inverted, SVDQConv1x1) and isinstance(ff.conv_inverted.linear, SVDQLinear)
+        with torch.no_grad():
+            assert torch.equal(back(**_inputs())[0], want)
+
+
+def test_a_widened_glu_is_refused_by_name(nunchaku_quantized, tmp_path):
+    """A block whose Nunchaku GLU padding is live keeps it (256 wide, not the config's 240): a skeleton built from
+    the config could not hold it, so saving is refused naming that feed-forward, and nothing is written."""
+    tensors = nunchaku_sana_tensors(nunchaku_quantized)
+    b = tensors["transformer_blocks.0.ff.depth_conv.bias"].clone()
+    b[2 * HIDDEN :] = 0.25
+    tensors["transformer_blocks.0.ff.depth_conv.bias"] = b
+    loaded = svdq.from_pretrained(_write(tensors, tmp_path / "live.safetensors", _metadata(nunchaku_quantized)))
+    with pytest.raises(ValueError, match=r"cannot save transformer_blocks\.0\.ff \(GLUMBConv\).*GLU padding \(256 "
+                                         r"channels.*diffusers builds it 240 wide"):
+        svdq.save_pretrained(loaded, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+class _Convs(nn.Module):
+    """A 1×1 convolution between two 3×3 ones (which are no linear layers: never quantized)."""
+
+    def __init__(self, kernel=1):
+        super().__init__()
+        self.a = nn.Conv2d(4, 128, 3, padding=1)
+        self.mid = nn.Conv2d(128, 256, kernel, padding=kernel // 2)
+        self.b = nn.Conv2d(256, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.mid(torch.relu(self.a(x)))))
+
+
+def test_quantize_includes_1x1_convolutions_only_by_explicit_include(tmp_path):
+    """A 1×1 convolution is quantized when an include pattern names it (calibrated on its pixels' channels), never
+    by default; the 3×3 ones a pattern also matches are left alone; the model saves and reloads bit-exactly, and a
+    skeleton whose convolution there is 3×3 is refused naming the layer, left as it was."""
+    torch.manual_seed(0)
+    model = _Convs().to(torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        dense = model(x)
+    default = svdq.quantize(_Convs(), progress=False)
+    assert not list(default.svdq_report) and type(default.mid) is nn.Conv2d
+    svdq.quantize(model, calibration=lambda m: m(x), rank=16, include=["*"], progress=False)
+    assert list(model.svdq_report) == ["mid.linear"] and type(model.a) is nn.Conv2d
+    assert isinstance(model.mid, SVDQConv1x1) and isinstance(model.mid.linear, SVDQLinear)
+    assert model.mid.linear.smooth.shape == (128,) and not bool((model.mid.linear.smooth == 1).all())
+    with torch.no_grad():
+        y = model(x)
+    err = float((y.float() - dense.float()).norm() / dense.float().norm())
+    assert 0 < err < 0.2, err  # 4-bit on a random model: measured 0.086
+    svdq.save(model, tmp_path / "m.safetensors")
+    back = svdq.load(_Convs().to(torch.bfloat16), tmp_path / "m.safetensors")
+    _equal_models(back, model)
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    skeleton = _Convs(kernel=3).to(torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: the checkpoint stores 'mid\.linear' as a 4-bit 1×1 "
+                                              r"convolution: mid: Conv2d\(128, 256, kernel_size=\(3, 3\)"):
+        svdq.load(skeleton, tmp_path / "m.safetensors")
+    assert type(skeleton.mid) is nn.Conv2d and skeleton.mid.kernel_size == (3, 3)
+
+
+def test_quantizing_a_1x1_convolution_is_all_or_nothing():
+    """A failure after the convolutions were wrapped (a non-finite weight elsewhere) leaves the model's modules as
+    they were: the 1×1 convolution is an nn.Conv2d again, with its own weight tensor."""
+    torch.manual_seed(0)
+    model = _Convs().to(torch.bfloat16)
+    model.lin = nn.Linear(8, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lin.weight[0, 0] = float("nan")
+    conv, weight = model.mid, model.mid.weight
+    with pytest.raises(ValueError, match=r"layer 'lin' has 1 non-finite"):
+        svdq.quantize(model, rank=16, include=["mid", "lin"], progress=False)
+    assert model.mid is conv and model.mid.weight is weight and type(model.lin) is nn.Linear
+
+
+def test_tiny_sana_quantized_with_its_ff_convolutions_saves_and_reloads(tmp_path):
+    """The tiny SANA quantized by svdq.quantize with its GLUMBConv's 1×1 convolutions included (the depthwise 3×3
+    one, also matched, stays 16-bit) runs, saves and reloads computing the same bits."""
+    from svdq.models.generic import fuse_groups
+
+    model = _tiny_sana()
+    for b in BLOCKS:
+        fuse_groups(model, {f"{b}.attn1.to_qkv": tuple(f"{b}.attn1.to_{p}" for p in "qkv")})
+    inputs = _inputs()
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+    config = QuantizeConfig(rank=16, include=("*attn1.to_qkv.linear", "*ff.conv_*"), exclude=(), alphas=(0.5,))
+    svdq.quantize(model, calibration=lambda m: m(**inputs), config=config, progress=False)
+    assert sorted(model.svdq_report) == sorted(f"{b}.{n}" for b in BLOCKS for n in (
+        "attn1.to_qkv.linear", "ff.conv_inverted.linear", "ff.conv_point.linear"))
+    assert type(model.transformer_blocks[0].ff.conv_depth) is nn.Conv2d
+    with torch.no_grad():
+        y = model(**inputs)[0]
+    assert float((y.float() - dense.float()).norm() / dense.float().norm()) < 0.05
+    svdq.save_pretrained(model, tmp_path / "q")
+    back = svdq.from_pretrained(tmp_path / "q")
+    _equal_models(back, model)
+    with torch.no_grad():
+        assert torch.equal(back(**inputs)[0], y)
