@@ -140,7 +140,8 @@ def test_tiny_sana_quantized_with_its_ff_convolutions_saves_and_reloads(tmp_path
     inputs = _inputs()
     with torch.no_grad():
         dense = model(**inputs)[0]
-    config = QuantizeConfig(rank=16, include=("*attn1.to_qkv.linear", "*ff.conv_*"), exclude=(), alphas=(0.5,))
+    config = QuantizeConfig(rank=16, include=("*attn1.to_qkv.linear", "*ff.conv_*"), exclude=(), alphas=(0.5,),
+                            rounding="nearest")  # GPTQ through a wrapped convolution: the _Convs test
     svdq.quantize(model, calibration=lambda m: m(**inputs), config=config, progress=False)
     assert sorted(model.svdq_report) == sorted(f"{b}.{n}" for b in BLOCKS for n in (
         "attn1.to_qkv.linear", "ff.conv_inverted.linear", "ff.conv_point.linear"))
@@ -153,3 +154,135 @@ def test_tiny_sana_quantized_with_its_ff_convolutions_saves_and_reloads(tmp_path
     _equal_models(back, model)
     with torch.no_grad():
         assert torch.equal(back(**inputs)[0], y)
+
+
+# ---- target="nunchaku" and export_sana ---------------------------------------------------------------------------
+
+
+def _header(path):
+    """(tensor entries of the safetensors header with their data offsets, metadata, the data bytes): a file's whole
+    content. The header's JSON key order is not compared: safetensors writes the metadata from a Rust HashMap, in
+    an order that differs between two writes of the same dict."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    return header, header.pop("__metadata__"), raw[8 + n :]
+
+
+def _writer_file(model, path):
+    """The independent writer's file of ``model`` (tests/test_nunchaku_sana.py), its config without svdq's own
+    quantization_config (Nunchaku's runtime builds a 16-bit skeleton from the config; `write_checkpoint` drops it)."""
+    meta = _metadata(model)
+    config = json.loads(meta["config"])
+    config.pop("quantization_config", None)
+    meta["config"] = json.dumps(config)
+    return _write(nunchaku_sana_tensors(model), path, meta)
+
+
+@pytest.fixture(scope="module")
+def sana_for_nunchaku():
+    """The tiny SANA quantized with target="nunchaku" (its q/k/v fused first, as svdq fuses them); one smoothing
+    exponent and nearest rounding keep it short."""
+    from svdq.models.generic import fuse_groups
+
+    model = _tiny_sana()
+    for b in BLOCKS:
+        fuse_groups(model, {f"{b}.attn1.to_qkv": tuple(f"{b}.attn1.to_{p}" for p in "qkv")})
+    inputs = _inputs()
+    config = QuantizeConfig(rank=16, alphas=(0.5,), rounding="nearest", target="nunchaku")
+    svdq.quantize(model, calibration=lambda m: m(**inputs), config=config, progress=False)
+    return model
+
+
+def test_sana_quantized_for_nunchaku_exports_exactly(sana_for_nunchaku, tmp_path):
+    """target="nunchaku" quantizes exactly the layers Nunchaku's SANA file holds 4-bit, all signed; `svdq export
+    --format nunchaku` writes the file the independent writer writes from the same model (every tensor byte, the
+    header's offsets, the metadata), and `load_sana` reads it back computing the svdq model's output bit for bit."""
+    from svdq import cli
+
+    model = sana_for_nunchaku
+    layers = ("attn1.to_qkv.linear", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.conv_inverted.linear",
+              "ff.conv_point.linear")
+    assert sorted(model.svdq_report) == sorted(f"{b}.{n}" for b in BLOCKS for n in layers)
+    assert all(m.act_shift == 0.0 for m in model.modules() if isinstance(m, SVDQLinear))
+    blk = model.transformer_blocks[0]
+    assert type(blk.attn2.to_k) is nn.Linear and type(blk.ff.conv_depth) is nn.Conv2d
+    with torch.no_grad():
+        want = model(**_inputs())[0]
+    svdq.save_pretrained(model, tmp_path / "svdq")
+    out = tmp_path / "svdq-int4_r16-sana.safetensors"
+    assert cli.main(["export", "--format", "nunchaku", str(tmp_path / "svdq"), str(out)]) == 0
+    header, meta, data = _header(out)
+    w_header, w_meta, w_data = _header(_writer_file(model, tmp_path / "writer.safetensors"))
+    assert header == w_header and data == w_data and meta == w_meta
+    assert json.loads(meta["config"])["_class_name"] == "SanaTransformer2DModel"
+    assert meta["model_class"] == "NunchakuSanaTransformer2DModel" and json.loads(meta["quantization_config"])["rank"] == 16
+    back = svdq.from_pretrained(out)
+    _equal_models(back, model)
+    with torch.no_grad():
+        assert torch.equal(back(**_inputs())[0], want)
+
+
+def test_exporter_permutations_are_checked_by_the_writer(sana_for_nunchaku, tmp_path, monkeypatch):
+    """An exporter that skips the q/k/v or the GLU interleave still round-trips through the loader sharing its
+    maps, but no longer writes the independent writer's tensors."""
+    from safetensors.torch import load_file
+
+    from svdq.formats import nunchaku_sana as ns
+
+    want = load_file(str(_writer_file(sana_for_nunchaku, tmp_path / "w.safetensors")))
+    for fn, broken, key in (("_qkv_rows", lambda d: torch.cat([torch.arange(d.dim), d.dim_pad + torch.arange(2 * d.dim)]),
+                             "attn.qkv_proj.qweight"),
+                            ("_glu_rows", lambda width: torch.arange(2 * width), "ff.inverted_conv.qweight")):
+        monkeypatch.setattr(ns, fn, broken)
+        got = load_file(str(ns.export_sana(sana_for_nunchaku, tmp_path / f"{fn}.safetensors")))
+        monkeypatch.undo()
+        assert not torch.equal(got[f"transformer_blocks.0.{key}"], want[f"transformer_blocks.0.{key}"]), fn
+
+
+def test_a_loaded_nunchaku_sana_file_exports_back_to_itself(nunchaku_quantized, tmp_path):
+    """load_sana then export_sana gives the file's tensors back, also for a block whose live GLU padding the loaded
+    model keeps (256 wide)."""
+    from safetensors.torch import load_file
+
+    from svdq.formats.nunchaku_sana import export_sana
+
+    tensors = nunchaku_sana_tensors(nunchaku_quantized)
+    b = tensors["transformer_blocks.0.ff.depth_conv.bias"].clone()
+    b[2 * HIDDEN :] = 0.25
+    tensors["transformer_blocks.0.ff.depth_conv.bias"] = b
+    src = _write(tensors, tmp_path / "live.safetensors", _metadata(nunchaku_quantized))
+    loaded = svdq.from_pretrained(src)
+    assert loaded.transformer_blocks[0].ff.conv_point.in_channels == 256
+    again = load_file(str(export_sana(loaded, tmp_path / "again.safetensors")))
+    want = load_file(str(src))
+    assert again.keys() == want.keys()
+    for key in want:
+        assert again[key].dtype == want[key].dtype and torch.equal(again[key], want[key]), key
+
+
+def test_sana_exports_refuse_what_the_layout_cannot_hold(sana_for_nunchaku, tmp_path):
+    """A non-zero self-attention out bias (Nunchaku never reads one), a model quantized by default (its 1×1
+    convolutions 16-bit), and target="nunchaku" before q/k/v are fused: errors naming the layer; nothing written,
+    nothing changed."""
+    import copy
+
+    from svdq.formats.nunchaku_sana import export_sana
+
+    model = copy.deepcopy(sana_for_nunchaku)
+    with torch.no_grad():
+        model.transformer_blocks[1].attn1.to_out[0].bias[3] = 0.5
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.attn1\.to_out\.0 has a non-zero bias; Nunchaku's "
+                                         r"SANA runtime builds attn\.out_proj without one"):
+        export_sana(model, tmp_path / "a.safetensors")
+    plain = _tiny_sana()
+    svdq.quantize(plain, rank=16, method="naive", include=["*attn*"], exclude=["*attn2.to_k", "*attn2.to_v"],
+                  progress=False)
+    with pytest.raises(ValueError, match=r"'transformer_blocks\.0\.attn1\.to_k' is 16-bit in Nunchaku's SANA layout"):
+        export_sana(plain, tmp_path / "b.safetensors")
+    assert not list(tmp_path.iterdir())
+    unfused = _tiny_sana()
+    with pytest.raises(ValueError, match=r"no 16-bit linear of SanaTransformer2DModel matches "
+                                         r"'transformer_blocks\.\*\.attn1\.to_qkv\.linear'"):
+        svdq.quantize(unfused, rank=16, target="nunchaku", progress=False)
+    assert type(unfused.transformer_blocks[0].ff.conv_inverted) is nn.Conv2d

@@ -4,8 +4,10 @@
 --adaln w4a16`) becomes one Nunchaku INT4 `.safetensors` file for Nunchaku's runtime on RTX GPUs (docs/formats.md);
 so does a Z-Image (its main blocks only: `include=["layers.*"]`, Nunchaku's skip_refiners; or every block) and
 an SDXL UNet quantized as Nunchaku's is (the cross-attention to_k / to_v kept 16-bit: from Python,
-`svdq.quantize(unet, exclude=svdq.models.FAMILIES["sdxl"].exclude + ("*attn2.to_kv*",))`). The exporter is
-chosen by the model's class; any other class is an error listing these four.
+`svdq.quantize(unet, exclude=svdq.models.FAMILIES["sdxl"].exclude + ("*attn2.to_kv*",))`), and a SANA quantized
+as Nunchaku's is (`svdq.quantize(transformer, target="nunchaku")` once its self-attention q/k/v are fused: the
+GLUMBConv's 1×1 convolutions 4-bit; copies, permutations and inert padding only). The exporter is chosen by the
+model's class; any other class is an error listing the others.
 Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed because Nunchaku's runtime
 computes differently: the biases of FLUX.1's `mlp_fc2` / Qwen-Image's `net.2` layers that svdq quantized signed
 (Nunchaku runs them on shifted unsigned activations; a layer svdq quantized shifted, `--act-shift`, is copied)
@@ -37,7 +39,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write an svdq-quantized model in another format (nunchaku: Nunchaku's INT4 FLUX.1 / Qwen-Image / "
-             "Z-Image / SDXL files; "
+             "Z-Image / SDXL / SANA files; "
              "nunchaku-lite: diffusers' nunchaku_lite directories)",
         description=__doc__,
         epilog=EXAMPLES,
@@ -67,9 +69,11 @@ def run(args) -> int:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name")
     from svdq.formats.nunchaku_models import export
+    from svdq.formats.nunchaku_sana import export_sana
 
-    # FLUX.1, Qwen-Image, Z-Image, SDXL by the model's class; any other: an error listing those
-    path = export(svdq.from_pretrained(args.quantized), out)
+    # FLUX.1, Qwen-Image, Z-Image, SDXL by the model's class, SANA by its own exporter; any other: an error
+    model = svdq.from_pretrained(args.quantized)
+    path = (export_sana if type(model).__name__ == "SanaTransformer2DModel" else export)(model, out)
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, Nunchaku INT4 layout; docs/formats.md says what is exact)")
     return 0

@@ -336,3 +336,188 @@ def load_sana(path: str | os.PathLike) -> nn.Module:
     for name, layer in modules.items():
         _set(model, name, SVDQConv1x1(layer) if name.endswith(("conv_inverted", "conv_point")) else layer)
     return finish(model, rest, path, "SANA")
+
+
+# ---- the exporter: the exact inverse of `load_sana` ----------------------------------------------------------------
+
+WHAT = "export --format nunchaku"
+# svdq's quantized layer of each 4-bit layer (`LAYERS`): a 1×1 convolution's is its inner layer ``<conv>.linear``
+QUANTIZED = {layer: f"{target}.linear" if layer.startswith("ff.") else target for layer, target in LAYERS.items()}
+
+
+def _scatter_rows(t: dict[str, torch.Tensor], rows: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """The inverse of `_take_rows`: a canonical layer of ``n`` output rows holding ``t``'s row i at ``rows[i]``; the
+    other rows are padding that computes exactly 0 (zero codes and low-rank row, bias 0; scale 1, as DeepCompressor
+    pads)."""
+    out = dict(t)
+    for key, fill in (("qweight", 0), ("wscales", 1), ("lora_up", 0), ("bias", 0)):
+        if key in t:
+            full = torch.full((n,) + tuple(t[key].shape[1:]), fill, dtype=t[key].dtype)
+            full[rows] = t[key]
+            out[key] = full
+    return out
+
+
+def _widen_inputs(t: dict[str, torch.Tensor], k: int, k_new: int) -> dict[str, torch.Tensor]:
+    """The inverse of `_keep_inputs`: a canonical layer reading ``k_new`` ≥ ``k`` input columns, the new ones inert
+    (zero codes and low-rank rows, smoothing 1, scale 1 for whole new groups)."""
+    codes = ref.unpack_int4(t["qweight"])
+    wide = torch.zeros(codes.shape[0], padded_k(k_new), dtype=codes.dtype)
+    wide[:, :k] = codes[:, :k]
+    scales = torch.ones(codes.shape[0], padded_k(k_new) // GROUP_SIZE, dtype=t["wscales"].dtype)
+    scales[:, : t["wscales"].shape[1]] = t["wscales"]
+    out = dict(t)
+    out["qweight"] = ref.pack_int4(wide)
+    out["wscales"] = scales
+    out["smooth"] = torch.cat([t["smooth"], torch.ones(k_new - k, dtype=t["smooth"].dtype)])
+    out["lora_down"] = torch.cat([t["lora_down"], t["lora_down"].new_zeros(k_new - k, t["lora_down"].shape[1])])
+    return out
+
+
+def _kv_tensors(model: nn.Module, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of Nunchaku's ``cross_attn.kv_linear``: rows [k; v] of the 16-bit ``attn2.to_k`` / ``to_v``,
+    separate or fused by svdq (a 16-bit `SharedInputLinear`; its rows split exactly)."""
+    from .nunchaku_models import _fused_group
+
+    parts = [f"{b}.attn2.to_k", f"{b}.attn2.to_v"]
+    found = _fused_group(model, parts)
+    if found is not None:
+        name, group = found
+        if type(group.linear) is not nn.Linear:
+            raise ValueError(f"{WHAT}: {name} ({type(group.linear).__name__}) is quantized; Nunchaku's SANA layout "
+                             f"keeps the cross-attention k / v projections 16-bit (kv_linear)")
+        owner = name.rpartition(".")[0]
+        rows = dict(zip((f"{owner}.{n}" for n in group.names), torch.split(group.linear.weight.detach(),
+                                                                           list(group.sizes))))
+        bias = None if group.linear.bias is None else dict(zip(
+            (f"{owner}.{n}" for n in group.names), torch.split(group.linear.bias.detach(), list(group.sizes))))
+        weights = [rows[p] for p in parts]
+        biases = None if bias is None else [bias[p] for p in parts]
+    else:
+        layers = [model.get_submodule(p) for p in parts]
+        for p, m in zip(parts, layers):
+            if type(m) is not nn.Linear:
+                raise ValueError(f"{WHAT}: {p} is a {type(m).__name__}; Nunchaku's SANA layout keeps the "
+                                 f"cross-attention k / v projections 16-bit (kv_linear)")
+        weights = [m.weight.detach() for m in layers]
+        biases = None if any(m.bias is None for m in layers) else [m.bias.detach() for m in layers]
+    if biases is None:
+        raise ValueError(f"{WHAT}: {b}.attn2.to_k / to_v have no bias; Nunchaku's SANA kv_linear has one")
+    return torch.cat(weights).contiguous(), torch.cat(biases).contiguous()
+
+
+def export_sana(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write an svdq-quantized SANA ``SanaTransformer2DModel`` as one Nunchaku INT4 file (the layout Nunchaku's
+    ``NunchakuSanaTransformer2DModel`` runs and `load_sana` reads), atomically: the exact inverse of `load_sana`.
+    Per block the q/k/v group's rows go to Nunchaku's interleaved ``attn.qkv_proj`` (q padded to ``dim_pad``, k / v
+    per head, `_qkv_rows`), ``attn1.to_out.0`` reads ``dim_pad`` inputs (the new ones inert), the inverted 1×1
+    convolution's [value; gate] rows are interleaved (`_glu_rows`) and padded to Nunchaku's GLU width, the point
+    convolution reads that width, the depthwise filter [C, 1, 3, 3] becomes [C, 3, 3, 1] in the same order, the
+    16-bit cross-attention k / v are joined into ``kv_linear``; every W4A4 layer packed by
+    `nunchaku.layer_to_nunchaku` (its rank zero-padded to the file's one rank). Every tensor is a copy, a
+    permutation or inert padding: nothing is recomputed (SANA's Nunchaku layers are all signed).
+
+    Refuses (ValueError naming the layer): another class, a config Nunchaku's SANA cannot run (`sana_dims`), a layer
+    of Nunchaku's SANA file that is not W4A4 here (q/k/v must be svdq's fused ``attn1.to_qkv`` group,
+    ``svdq.quantize(..., target="nunchaku")`` quantizes exactly these), a quantized layer the file keeps 16-bit,
+    shifted activations, act formats other than int4, a non-zero ``attn1.to_out.0`` bias (Nunchaku builds that layer
+    without one: the file could not compute what this model computes), and what `nunchaku.exportable_layers`
+    refuses (loaded LoRAs, fp32)."""
+    from ..conv import SVDQConv1x1
+    from ..linear import SVDQLinear
+
+    if type(model).__name__ != "SanaTransformer2DModel":
+        raise ValueError(f"{WHAT}: {type(model).__name__} is not a SANA SanaTransformer2DModel")
+    qlayers, wo = nk.exportable_layers(model, WHAT)
+    if wo:
+        raise ValueError(f"{WHAT}: weight-only 4-bit (W4A16) layer {sorted(wo)[0]!r}: Nunchaku's SANA layout has "
+                         f"none (its 4-bit layers are W4A4)")
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "quantization_config"}
+    d = sana_dims(config, WHAT)
+    blocks = [f"transformer_blocks.{i}" for i in range(d.layers)]
+    ours = {f"{b}.{target}": (b, layer) for b in blocks for layer, target in QUANTIZED.items()}
+    extra = sorted(set(qlayers) - set(ours))
+    if extra:
+        raise ValueError(f"{WHAT}: quantized layer {extra[0]!r} is 16-bit in Nunchaku's SANA layout (its 4-bit "
+                         f"layers: {', '.join(QUANTIZED.values())} under transformer_blocks.i)")
+    for name, (b, layer) in ours.items():
+        m = qlayers.get(name)
+        if m is None:
+            hint = (" (svdq.quantize(..., target='nunchaku') quantizes SANA's fused q/k/v: fuse attn1.to_q / to_k / "
+                    "to_v first, svdq.models.generic.fuse_groups)" if layer == "attn.qkv_proj" else "")
+            raise ValueError(f"{WHAT}: {name!r} is not a W4A4 layer; Nunchaku's SANA layout quantizes it "
+                             f"({layer}){hint}")
+        if m.act_format != "int4":
+            raise ValueError(f"{WHAT}: layer {name!r} uses act_format={m.act_format!r}; Nunchaku runs W4A4 (int4)")
+    rank = nk.export_rank(qlayers)
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    done = set()
+    qkv_rows = _qkv_rows(d)
+    for b in blocks:
+        def canonical(target: str) -> dict[str, torch.Tensor]:
+            name = f"{b}.{target}"
+            done.add(name)
+            return nk.w4a4_export_tensors(WHAT, name, qlayers[name], rank, False, "")  # signed: "" shifts none
+
+        def put(layer: str, t: dict[str, torch.Tensor]) -> None:
+            k, n = d.layer_shape(layer)
+            out.update({f"{b}.{layer}.{key}": v.contiguous() for key, v in nk.layer_to_nunchaku(t, k, n).items()})
+
+        qkv = canonical(QUANTIZED["attn.qkv_proj"])
+        if (qlayers[f"{b}.attn1.to_qkv.linear"].in_features, qlayers[f"{b}.attn1.to_qkv.linear"].out_features) != (
+                d.dim, 3 * d.dim):
+            raise ValueError(f"{WHAT}: {b}.attn1.to_qkv.linear is not SANA's q/k/v [{d.dim} -> {3 * d.dim}]")
+        if "bias" in qkv and bool(qkv.pop("bias").any()):
+            raise ValueError(f"{WHAT}: {b}.attn1.to_qkv.linear has a non-zero bias; Nunchaku's SANA qkv_proj has none")
+        put("attn.qkv_proj", _scatter_rows(qkv, qkv_rows, 3 * d.dim_pad))
+        o = canonical(QUANTIZED["attn.out_proj"])
+        if "bias" in o and bool(o["bias"].any()):
+            raise ValueError(f"{WHAT}: {b}.attn1.to_out.0 has a non-zero bias; Nunchaku's SANA runtime builds "
+                             f"attn.out_proj without one and never reads it, so the file would compute another model")
+        # a zero bias is written as the layer holds it: Nunchaku reads only the tensors it registers, `load_sana`
+        # drops it silently
+        put("attn.out_proj", _widen_inputs(o, d.dim, d.dim_pad))
+        for layer in ("cross_attn.q_linear", "cross_attn.out_proj"):
+            t = canonical(QUANTIZED[layer])
+            if "bias" not in t:
+                raise ValueError(f"{WHAT}: {b}.{LAYERS[layer]} has no bias; Nunchaku's SANA {layer} has one")
+            put(layer, t)
+        ff = model.get_submodule(f"{b}.ff")
+        inverted, point = ff.conv_inverted, ff.conv_point
+        if not (isinstance(inverted, SVDQConv1x1) and isinstance(point, SVDQConv1x1)):
+            raise ValueError(f"{WHAT}: {b}.ff's 1×1 convolutions are not 4-bit (SVDQConv1x1)")
+        width = point.in_channels  # diffusers' GLU width, or Nunchaku's padded one for a model loaded so
+        if (inverted.in_channels, inverted.out_channels, point.out_channels) != (d.dim, 2 * width, d.dim) or not (
+                d.hidden <= width <= d.hidden_pad) or tuple(ff.conv_depth.weight.shape) != (2 * width, 1, 3, 3):
+            raise ValueError(f"{WHAT}: {b}.ff is not SANA's GLUMBConv of width {d.hidden} ({d.hidden_pad} at most)")
+        glu = _glu_rows(width)
+        t = canonical(QUANTIZED["ff.inverted_conv"])
+        if "bias" not in t:
+            raise ValueError(f"{WHAT}: {b}.ff.conv_inverted has no bias; Nunchaku's SANA inverted_conv has one")
+        put("ff.inverted_conv", _scatter_rows(t, glu, 2 * d.hidden_pad))
+        t = canonical(QUANTIZED["ff.point_conv"])
+        if "bias" in t:
+            raise ValueError(f"{WHAT}: {b}.ff.conv_point has a bias; Nunchaku's SANA point_conv has none")
+        put("ff.point_conv", _widen_inputs(t, width, d.hidden_pad))
+        dw_w = state[f"{b}.ff.conv_depth.weight"].reshape(2 * width, 3, 3, 1)  # same memory order (load_sana)
+        w = torch.zeros((2 * d.hidden_pad, 3, 3, 1), dtype=dw_w.dtype)
+        w[glu] = dw_w
+        bias = torch.zeros(2 * d.hidden_pad, dtype=dw_w.dtype)
+        bias[glu] = state[f"{b}.ff.conv_depth.bias"]
+        out[f"{b}.ff.depth_conv.weight"], out[f"{b}.ff.depth_conv.bias"] = w, bias
+        out[f"{b}.cross_attn.kv_linear.weight"], out[f"{b}.cross_attn.kv_linear.bias"] = _kv_tensors(model, b)
+        out[f"{b}.scale_shift_table"] = state[f"{b}.scale_shift_table"].detach().clone()
+    # every other tensor of the blocks is one of the above (SANA's norms have none, `sana_dims`): check, then copy the
+    # rest under diffusers' names
+    used = {f"{b}.{s}" for b in blocks for s in ("scale_shift_table", "ff.conv_depth.weight", "ff.conv_depth.bias")}
+    owned = tuple(f"{n}." for n in done) + tuple(f"{b}.attn2.to_{p}" for b in blocks for p in ("k", "v", "kv"))
+    for key, v in state.items():
+        if not key.startswith("transformer_blocks."):
+            out[key] = v.detach().cpu().contiguous()
+        elif key not in used and not key.startswith(owned):
+            raise ValueError(f"{WHAT}: tensor {key!r} has no place in Nunchaku's SANA layout")
+    dtypes = {t.dtype for t in out.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        raise ValueError(f"{WHAT}: Nunchaku's SANA file holds one 16-bit dtype, this model has {sorted(map(str, dtypes))}")
+    return nk.write_checkpoint(out, path, model, "SanaTransformer2DModel", "NunchakuSanaTransformer2DModel", rank)

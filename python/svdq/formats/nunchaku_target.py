@@ -98,6 +98,16 @@ def _from_layout(layout) -> Rules:
     return Rules(layout.label, tuple(w4a4), tuple(shifted), adanorm, alternatives=tuple(alternatives))
 
 
+def _sana() -> Rules:
+    """SANA (`nunchaku_sana.LAYERS`): the fused self-attention q/k/v, its out projection, the cross-attention q /
+    out, the GLUMBConv's two 1×1 convolutions (quantized as `svdq.conv.SVDQConv1x1`, `svdq.quantize.select_convs`);
+    all signed (Nunchaku's SANA quantizers set is_unsigned = false), no AdaNorm layer (SANA modulates with its
+    scale_shift_table)."""
+    from . import nunchaku_sana as ns
+
+    return Rules("SANA", tuple(f"transformer_blocks.*.{ours}" for ours in ns.LAYERS.values()), (), {})
+
+
 def rules_for(model: nn.Module) -> Rules:
     """The `Rules` of ``model``'s class; ValueError naming the class and the supported ones otherwise."""
     from . import nunchaku_models as nm
@@ -105,6 +115,8 @@ def rules_for(model: nn.Module) -> Rules:
     name = type(model).__name__
     if name == "FluxTransformer2DModel":
         return _flux()
+    if name == "SanaTransformer2DModel":
+        return _sana()
     if name in nm.LAYOUTS:
         return _from_layout(nm.LAYOUTS[name])
     raise ValueError(f"target='nunchaku': no Nunchaku layout for {name}; svdq knows {nm.LOADABLE}")
