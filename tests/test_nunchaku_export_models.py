@@ -275,6 +275,14 @@ def test_qwenimage_export_refuses_what_the_layout_cannot_express(qwen, qwen_shif
     with pytest.raises(ValueError, match=r"'transformer_blocks\.0\.img_mlp\.net\.0\.proj' is not a W4A4 layer; "
                                          r"Nunchaku's Qwen-Image layout quantizes it"):
         nm.export_layout(m, out, nm.QWENIMAGE)
+    # q / k / v quantized one by one (svdq's fusion undone first): Nunchaku's to_qkv is one layer
+    m = copy.deepcopy(model)
+    svdq.models.unfuse(m)
+    svdq.quantize(m, include=["transformer_blocks.0.attn.to_*"], progress=False)
+    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.to_q, transformer_blocks\.0\.attn\.to_k, "
+                                         r"transformer_blocks\.0\.attn\.to_v are not one fused W4A4 layer of this model; "
+                                         r"Nunchaku's Qwen-Image layout quantizes them as one, 'transformer_blocks\.0\.attn\.to_qkv'"):
+        nm.export_layout(m, out, nm.QWENIMAGE)
     with pytest.raises(ValueError, match="QwenImageTransformer2DModel is not a Z-Image ZImageTransformer2DModel"):
         nm.export_layout(qwen_shifted, out, nm.ZIMAGE)
     with pytest.raises(ValueError, match=r"cannot export a Linear; svdq writes Nunchaku files of FluxTransformer2DModel "
@@ -335,7 +343,7 @@ def test_zimage_export_skip_refiners_is_the_independent_layout_and_loads_back_ex
     assert group.names == ("w1", "w3")
     path = nm.export_layout(zimage_main, tmp_path / "svdq-int4_r32-z-image.safetensors", nm.ZIMAGE)
     meta = nk.read_metadata(path)
-    assert meta["model_class"] == "NunchakuZImageTransformer2DModel" and meta["quantization_config"]["skip_refiners"]
+    assert meta["model_class"] == "NunchakuZImageTransformer2DModel" and meta["quantization_config"]["skip_refiners"] is True
     # the 16-bit refiners in Nunchaku's SwiGLU form, their to_q / to_k / to_v (which svdq had fused) apart
     f = _check_file(path, zimage_main, ref16, ["layers.0", "layers.1"], ZIMAGE_LAYERS, swiglu_16bit=True)
     assert "context_refiner.0.attention.to_q.weight" in f and "noise_refiner.0.feed_forward.net.0.proj.weight" in f
@@ -349,7 +357,7 @@ def test_zimage_export_skip_refiners_is_the_independent_layout_and_loads_back_ex
 
 def test_zimage_export_with_quantized_refiners(zimage, zimage_main, tmp_path):
     """Every block quantized (the noise refiner's groups fused by hand: svdq's default keeps that refiner 16-bit):
-    the file without skip_refiners, every block's layers exact; svdq's default quantization (the context refiner
+    the file with skip_refiners false, every block's layers exact; svdq's default quantization (the context refiner
     quantized, the noise refiner not) is refused, naming the layer and the two ways out; so is a W4A16 modulation."""
     from svdq.models.generic import fuse_groups, group_name
 
@@ -365,7 +373,7 @@ def test_zimage_export_with_quantized_refiners(zimage, zimage_main, tmp_path):
         fuse_groups(default, dict([group_name(parts)]))
     svdq.quantize(default, include=["noise_refiner.*"], exclude=["*adaLN*"], progress=False)
     path = nm.export_layout(default, tmp_path / "all.safetensors", nm.ZIMAGE)
-    assert "skip_refiners" not in nk.read_metadata(path)["quantization_config"]
+    assert nk.read_metadata(path)["quantization_config"]["skip_refiners"] is False  # as Nunchaku's merge tool writes
     _check_file(path, default, ref16, ["layers.0", "layers.1", "noise_refiner.0", "context_refiner.0"], ZIMAGE_LAYERS)
     y_svdq, y_nk = _zimage_outputs(default, svdq.from_pretrained(path), call)
     assert all(torch.equal(a, b_) for a, b_ in zip(y_nk, y_svdq))
@@ -388,5 +396,22 @@ def test_export_cli_writes_qwenimage(qwen_shifted, tmp_path, capsys):
     assert main(["export", "--format", "nunchaku", str(tmp_path / "q"), str(out)]) == 0
     assert "Nunchaku INT4 layout" in capsys.readouterr().out
     direct = load_file(str(nm.export_layout(qwen_shifted, tmp_path / "direct.safetensors", nm.QWENIMAGE)))
+    written = load_file(str(out))
+    assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)
+
+
+def test_export_cli_writes_zimage_main_blocks(zimage, zimage_main, tmp_path):
+    """The CLI path for Z-Image: an svdq directory of the main blocks only (svdq had fused the context refiner's
+    groups, which stay 16-bit: the directory names them only by their tensors) reloads as it was saved and
+    exports the same file as the model it came from."""
+    from svdq.cli import main
+
+    saved = svdq.save_pretrained(zimage_main, tmp_path / "q")
+    reloaded = svdq.from_pretrained(saved)
+    y_svdq, y_again = _zimage_outputs(zimage_main, reloaded, zimage[2])
+    assert all(torch.equal(a, b) for a, b in zip(y_again, y_svdq))
+    out = tmp_path / "svdq-int4_r32-z-image.safetensors"
+    assert main(["export", "--format", "nunchaku", str(saved), str(out)]) == 0
+    direct = load_file(str(nm.export_layout(zimage_main, tmp_path / "direct.safetensors", nm.ZIMAGE)))
     written = load_file(str(out))
     assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)

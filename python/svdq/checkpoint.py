@@ -228,7 +228,7 @@ def load(
     snapshot = ModuleSnapshot(model)
     try:
         with deferred_interrupts():  # fusing is quick; a Ctrl-C inside it would leave some blocks fused
-            with fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]]):
+            with fused_for_checkpoint(model, [e["name"] for e in meta["quantized_layers"]] + _fused_16bit(path)):
                 pass
             try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
                 split_for_checkpoint(model, _layer_inputs(meta))
@@ -241,6 +241,18 @@ def load(
         with deferred_interrupts():
             snapshot.restore()
         raise
+
+
+def _fused_16bit(path) -> list[str]:
+    """Fused groups the model held 16-bit (``<group>.linear.weight`` keys of a group name `svdq.models.generic`
+    decodes, e.g. a generic plan's group whose layers ``exclude`` kept 16-bit: Z-Image's context refiner when only
+    the main blocks are quantized); the quantized-layer list does not name them, the skeleton must be fused too."""
+    from .models.generic import decode_group
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    stems = (k[: -len(".linear.weight")] for k in keys if k.endswith(".linear.weight"))
+    return sorted(f"{s}.linear" for s in stems if decode_group(s) is not None)
 
 
 def _layer_inputs(meta: dict) -> list[tuple[str, int]]:

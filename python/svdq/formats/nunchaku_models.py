@@ -243,7 +243,8 @@ ZIMAGE = Layout(
         "feed_forward.net.2.weight": [("feed_forward.w2.weight", None)],
     },
     model_class="NunchakuZImageTransformer2DModel",
-    export_options=({}, {"skip_refiners": True}),
+    # Nunchaku's own merge tool (nunchaku/merge_safetensors.py) always writes skip_refiners, True or False
+    export_options=({"skip_refiners": False}, {"skip_refiners": True}),
     export_hints=(("*refiner.*", " (Nunchaku's Z-Image quantizes the refiner blocks all or none, quantization_config "
                                  "skip_refiners: quantize both noise_refiner and context_refiner, or only the main "
                                  "blocks, include=['layers.*'])"),),
@@ -432,6 +433,10 @@ def export_layout(model: nn.Module, path: str | os.PathLike, layout: Layout) -> 
         if best is None or score < best[0]:
             best = (score, option, plan, unfused, extra, missing)
     _, option, plan, unfused, extra, missing = best
+    # parts quantized one by one where the file has one fused layer: say that (not "quantized but 16-bit there")
+    unfused = sorted(unfused, key=lambda u: not set(u[0]) & quantized)
+    if unfused and set(unfused[0][0]) & quantized:
+        extra = []
     if extra:
         name = extra[0]
         kind = "weight-only 4-bit (W4A16)" if name in wo else "quantized"
