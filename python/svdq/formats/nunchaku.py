@@ -820,6 +820,9 @@ def export_flux(model, path: str | os.PathLike) -> Path:
     express: other model classes, fp32, W4A8, loaded LoRA adapters, K or N not a multiple of 128, AdaNorm
     layers that are not 4-bit weight-only (quantize with ``--adaln w4a16``), shifted layers other than the
     double blocks' ``mlp_fc2`` / ``mlp_context_fc2``."""
+    from ..models import SharedInputLinear
+    from ..models.split_input import SplitInputLinear
+
     if type(model).__name__ != "FluxTransformer2DModel":
         raise ValueError(f"export --format nunchaku: {type(model).__name__} is not a FLUX.1 FluxTransformer2DModel")
     what = "export --format nunchaku"
@@ -854,19 +857,35 @@ def export_flux(model, path: str | os.PathLike) -> Path:
             done.add(f"{b}.{ours}")
     for i in range(len(model.single_transformer_blocks)):
         b = f"single_transformer_blocks.{i}"
-        fused = canonical(f"{b}.to_qkv_mlp.linear")
-        qkv, mlp = split_rows(fused, [3 * inner, qlayers[f"{b}.to_qkv_mlp.linear"].out_features - 3 * inner])
+        block = model.single_transformer_blocks[i]
+        if f"{b}.to_qkv_mlp.linear" in qlayers or not isinstance(getattr(block.attn, "to_qkv", None), SharedInputLinear):
+            fused = canonical(f"{b}.to_qkv_mlp.linear")  # svdq's fusion: one layer, split by rows (exact)
+            qkv, mlp = split_rows(fused, [3 * inner, qlayers[f"{b}.to_qkv_mlp.linear"].out_features - 3 * inner])
+            done.add(f"{b}.to_qkv_mlp.linear")
+        else:  # loaded from a Nunchaku file: its two layers as they are
+            qkv, mlp = canonical(f"{b}.attn.to_qkv.linear"), canonical(f"{b}.proj_mlp")
+            done.update({f"{b}.attn.to_qkv.linear", f"{b}.proj_mlp"})
         put(f"{b}.qkv_proj", layer_to_nunchaku(qkv, inner, 3 * inner))
         put(f"{b}.mlp_fc1", layer_to_nunchaku(mlp, inner, mlp["qweight"].shape[0]))
-        proj = canonical(f"{b}.proj_out")
-        k, n = qlayers[f"{b}.proj_out"].in_features, qlayers[f"{b}.proj_out"].out_features
-        attn_part, mlp_part = split_columns(proj, k, inner)
-        mlp_part["bias"] = fold_shift_into_bias(mlp_part, k - inner)
+        n = block.proj_out.out_features
+        k = block.proj_out.in_features
+        if isinstance(block.proj_out, SplitInputLinear):
+            # quantized in Nunchaku's form (svdq.quantize(target="nunchaku")) or loaded from its file: the two
+            # layers as they are (exact)
+            if block.proj_out.sizes != [inner, k - inner]:
+                raise ValueError(f"{what}: {b}.proj_out is split into input columns {block.proj_out.sizes}; Nunchaku's "
+                                 f"layout has [{inner}, {k - inner}] (attention, MLP)")
+            attn_part = canonical(f"{b}.proj_out.parts.0")
+            mlp_part = canonical(f"{b}.proj_out.parts.1", shifted=True)
+            done.update({f"{b}.proj_out.parts.0", f"{b}.proj_out.parts.1"})
+        else:
+            attn_part, mlp_part = split_columns(canonical(f"{b}.proj_out"), k, inner)
+            mlp_part["bias"] = fold_shift_into_bias(mlp_part, k - inner)
         put(f"{b}.out_proj", layer_to_nunchaku(attn_part, inner, n))
         put(f"{b}.mlp_fc2", layer_to_nunchaku(mlp_part, k - inner, n))
         for ours, (theirs, splits) in _EXPORT_ADANORM_SINGLE.items():
             put(f"{b}.{theirs}", adanorm(f"{b}.{ours}", splits))
-        done.update({f"{b}.to_qkv_mlp.linear", f"{b}.proj_out", f"{b}.norm.linear"})
+        done.update({f"{b}.proj_out", f"{b}.norm.linear"})
     leftover = sorted((set(qlayers) | set(wo)) - done)
     if leftover:
         raise ValueError(f"export --format nunchaku: quantized layer(s) {leftover[:5]} have no place in Nunchaku's FLUX.1 layout")
