@@ -214,3 +214,33 @@ def test_qwenimage_file_loads_back_computing_the_same_bits(tmp_path):
     a, b = load_file(str(written)), load_file(str(exported))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(_out(svdq.from_pretrained(exported), captured["kw"]), y)
+
+
+def test_zimage_main_blocks_export_loads_back_computing_the_same_bits(tmp_path):
+    """Z-Image quantized for Nunchaku: the main blocks only (a skip_refiners file; svdq keeps the noise refiner
+    16-bit), SwiGLU pair fused in svdq's order and moved into the file's: loads back bit for bit."""
+    import diffusers
+
+    from svdq.formats import nunchaku_models as nm
+    from svdq.models import generic, prepare
+    from svdq.testing import families as tf
+
+    config = {**tf.CONFIGS["zimage"], "dim": 384, "n_heads": 12, "n_kv_heads": 12}  # K, N multiples of 128
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(**config).to(torch.bfloat16).eval()
+    pipe = tf.tiny_family_pipeline("zimage", 0, torch.bfloat16, transformer=model)
+    captured = {}
+    hook = model.register_forward_pre_hook(lambda m, a, kw: captured.setdefault("call", (a, dict(kw))) and None,
+                                           with_kwargs=True)
+    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("zimage"))
+    hook.remove()
+    args, kwargs = captured["call"]
+    generic.analyze(model, lambda m: m(*args, **kwargs))
+    prepare(model)
+    svdq.quantize(model, rank=16, rounding="nearest", progress=False, target="nunchaku",
+                  calibration=lambda m: m(*args, **kwargs))
+    assert {n.split(".")[0] for n in svdq.quantized_layers(model)} == {"layers"}
+    loaded = svdq.from_pretrained(nm.export(model, tmp_path / "svdq-int4_r16-z-image.safetensors"))
+    with torch.no_grad():
+        want, got = model(*args, **kwargs)[0], loaded(*args, **kwargs)[0]
+    assert len(want) == len(got) and all(torch.equal(a, b) for a, b in zip(want, got))

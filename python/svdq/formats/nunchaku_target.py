@@ -72,9 +72,10 @@ def _flux() -> Rules:
                  adanorm, _flux_splits)
 
 
-def _from_layout(layout) -> Rules:
+def _from_layout(layout, blocks: str = "*") -> Rules:
     """Rules of a table-driven layout (`nunchaku_models.Layout`): its layer kinds under svdq's names (fused groups
-    named as `svdq.models.generic.group_name` names them, which is what the loader builds)."""
+    named as `svdq.models.generic.group_name` names them, which is what the loader builds), in the blocks the
+    fnmatch pattern ``blocks`` names."""
     from itertools import permutations
 
     from ..models.generic import group_name
@@ -85,10 +86,10 @@ def _from_layout(layout) -> Rules:
             names = dict.fromkeys(group_name([f"B.{p}" for p in order])[0][len("B.") :] + ".linear"
                                   for order in permutations(target))
             if len(names) > 1:
-                alternatives.append(tuple(f"*.{n}" for n in names))
+                alternatives.append(tuple(f"{blocks}.{n}" for n in names))
         else:
             names = [target or layer]
-        patterns = [f"*.{n}" for n in names]
+        patterns = [f"{blocks}.{n}" for n in names]
         if kind == "awq":
             adanorm.update({p: 6 for p in patterns})  # the Layout loader's AWQ layers are 6-chunk modulations
         else:
@@ -117,6 +118,10 @@ def rules_for(model: nn.Module) -> Rules:
         return _flux()
     if name == "SanaTransformer2DModel":
         return _sana()
+    if name == "ZImageTransformer2DModel":
+        # the main blocks only: a Nunchaku Z-Image file quantizes the refiners all or none (skip_refiners), and
+        # svdq measured its noise refiner costly in 4 bits (svdq.models.generic.KEEP_16BIT)
+        return _from_layout(nm.ZIMAGE, "layers.*")
     if name in nm.LAYOUTS:
         return _from_layout(nm.LAYOUTS[name])
     raise ValueError(f"target='nunchaku': no Nunchaku layout for {name}; svdq knows {nm.LOADABLE}")
