@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 import svdq
-from svdq.checkpoint import CheckpointError
+from svdq.checkpoint import CheckpointError, contents
 from svdq.conv import SVDQConv1x1
 from svdq.linear import SVDQLinear
 from svdq.quantize import QuantizeConfig
@@ -127,6 +127,11 @@ def test_quantizing_a_1x1_convolution_is_all_or_nothing():
     with pytest.raises(ValueError, match=r"layer 'lin' has 1 non-finite"):
         svdq.quantize(model, rank=16, include=["mid", "lin"], progress=False)
     assert model.mid is conv and model.mid.weight is weight and type(model.lin) is nn.Linear
+    # a wrapper still holding its 16-bit nn.Linear is no checkpoint layer: refused by name
+    model.mid = SVDQConv1x1.wrapping(model.mid, "mid")
+    with pytest.raises(ValueError, match=r"cannot save mid \(SVDQConv1x1\) as an svdq checkpoint: its inner layer is "
+                                         r"a 16-bit nn\.Linear"):
+        contents(model)
 
 
 def test_tiny_sana_quantized_with_its_ff_convolutions_saves_and_reloads(tmp_path):
@@ -216,7 +221,8 @@ def test_sana_quantized_for_nunchaku_exports_exactly(sana_for_nunchaku, tmp_path
     w_header, w_meta, w_data = _header(_writer_file(model, tmp_path / "writer.safetensors"))
     assert header == w_header and data == w_data and meta == w_meta
     assert json.loads(meta["config"])["_class_name"] == "SanaTransformer2DModel"
-    assert meta["model_class"] == "NunchakuSanaTransformer2DModel" and json.loads(meta["quantization_config"])["rank"] == 16
+    assert meta["model_class"] == "NunchakuSanaTransformer2DModel"
+    assert json.loads(meta["quantization_config"])["rank"] == 16
     back = svdq.from_pretrained(out)
     _equal_models(back, model)
     with torch.no_grad():
@@ -231,8 +237,8 @@ def test_exporter_permutations_are_checked_by_the_writer(sana_for_nunchaku, tmp_
     from svdq.formats import nunchaku_sana as ns
 
     want = load_file(str(_writer_file(sana_for_nunchaku, tmp_path / "w.safetensors")))
-    for fn, broken, key in (("_qkv_rows", lambda d: torch.cat([torch.arange(d.dim), d.dim_pad + torch.arange(2 * d.dim)]),
-                             "attn.qkv_proj.qweight"),
+    blocks_qkv = lambda d: torch.cat([torch.arange(d.dim), d.dim_pad + torch.arange(2 * d.dim)])  # noqa: E731
+    for fn, broken, key in (("_qkv_rows", blocks_qkv, "attn.qkv_proj.qweight"),
                             ("_glu_rows", lambda width: torch.arange(2 * width), "ff.inverted_conv.qweight")):
         monkeypatch.setattr(ns, fn, broken)
         got = load_file(str(ns.export_sana(sana_for_nunchaku, tmp_path / f"{fn}.safetensors")))
@@ -286,3 +292,19 @@ def test_sana_exports_refuse_what_the_layout_cannot_hold(sana_for_nunchaku, tmp_
                                          r"'transformer_blocks\.\*\.attn1\.to_qkv\.linear'"):
         svdq.quantize(unfused, rank=16, target="nunchaku", progress=False)
     assert type(unfused.transformer_blocks[0].ff.conv_inverted) is nn.Conv2d
+
+
+def test_streaming_quantizes_the_1x1_convolutions_the_same(sana_for_nunchaku):
+    """Block by block (`svdq.streaming`, propagating 16-bit activations) the wrapped 1×1 convolutions are calibrated
+    and quantized as in one pass: the same model, every tensor."""
+    from svdq.models.generic import fuse_groups
+
+    model = _tiny_sana()
+    for b in BLOCKS:
+        fuse_groups(model, {f"{b}.attn1.to_qkv": tuple(f"{b}.attn1.to_{p}" for p in "qkv")})
+    inputs = _inputs()
+    config = QuantizeConfig(rank=16, alphas=(0.5,), rounding="nearest", target="nunchaku")
+    svdq.quantize(model, calibration=lambda m: m(**inputs), config=config, progress=False, streaming=True,
+                  propagate="16bit")
+    assert isinstance(model.transformer_blocks[1].ff.conv_point, SVDQConv1x1)
+    _equal_models(model, sana_for_nunchaku)

@@ -79,7 +79,7 @@ class SVDQConv1x1(nn.Module):
         w = conv.weight
         linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta",
                            dtype=w.dtype)
-        linear.weight = nn.Parameter(w.detach().view(conv.out_channels, conv.in_channels),
+        linear.weight = nn.Parameter(w.detach().reshape(conv.out_channels, conv.in_channels),
                                      requires_grad=w.requires_grad)
         if conv.bias is not None:
             linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=conv.bias.requires_grad)

@@ -1,4 +1,5 @@
-"""Nunchaku SANA INT4 files → diffusers' ``SanaTransformer2DModel`` with every 4-bit layer converted exactly.
+"""Nunchaku SANA INT4 files → diffusers' ``SanaTransformer2DModel`` with every 4-bit layer converted exactly, and
+back (`export_sana`, the exact inverse of `load_sana`, for a SANA svdq quantized as Nunchaku's is).
 
 Nunchaku runs SANA's transformer blocks in C++ and reads the file's ``transformer_blocks.*`` tensors under the C++
 module names; everything else is diffusers' own model and names. Every fact below was read in the public source
@@ -519,5 +520,6 @@ def export_sana(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError(f"{WHAT}: tensor {key!r} has no place in Nunchaku's SANA layout")
     dtypes = {t.dtype for t in out.values() if t.is_floating_point()}
     if len(dtypes) != 1:
-        raise ValueError(f"{WHAT}: Nunchaku's SANA file holds one 16-bit dtype, this model has {sorted(map(str, dtypes))}")
+        raise ValueError(f"{WHAT}: Nunchaku's SANA file holds one 16-bit dtype, this model has "
+                         f"{sorted(map(str, dtypes))}")
     return nk.write_checkpoint(out, path, model, "SanaTransformer2DModel", "NunchakuSanaTransformer2DModel", rank)
