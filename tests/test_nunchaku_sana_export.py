@@ -308,3 +308,26 @@ def test_streaming_quantizes_the_1x1_convolutions_the_same(sana_for_nunchaku):
                   propagate="16bit")
     assert isinstance(model.transformer_blocks[1].ff.conv_point, SVDQConv1x1)
     _equal_models(model, sana_for_nunchaku)
+
+
+def test_cli_quantize_target_nunchaku_then_export(tmp_path):
+    """`svdq quantize --target nunchaku` on a SANA pipeline (the generic plan fuses q/k/v — and the cross-attention
+    k / v, kept 16-bit) then `svdq export --format nunchaku`: the file computes the svdq model's output bit for bit,
+    and diffusers' own from_pretrained reloads the directory (its 16-bit fused to_kv too) bit for bit."""
+    import diffusers
+
+    from svdq import cli
+    from svdq.testing import families
+
+    families.tiny_family_pipeline("sana", 0, torch.bfloat16, transformer=_tiny_sana()).save_pretrained(tmp_path / "p")
+    out, file = tmp_path / "nk", tmp_path / "svdq-int4_r16-sana.safetensors"
+    assert cli.main(["quantize", "--model", str(tmp_path / "p"), "--out", str(out), "--target", "nunchaku",
+                     "--data-free", "--dtype", "bf16", "--rank", "16"]) == 0
+    assert cli.main(["export", "--format", "nunchaku", str(out), str(file)]) == 0
+    model = svdq.from_pretrained(out)
+    assert model.svdq_config.target == "nunchaku"
+    assert type(model.transformer_blocks[0].attn2.to_kv.linear) is nn.Linear
+    with torch.no_grad():
+        want = model(**_inputs())[0]
+        for back in (svdq.from_pretrained(file), diffusers.SanaTransformer2DModel.from_pretrained(out)):
+            assert torch.equal(back(**_inputs())[0], want)

@@ -162,6 +162,7 @@ class SVDQuantizer(DiffusersQuantizer):
         from ..conv import conv_for_checkpoint
         from ..linear import SVDQLinear
         from ..models import fused_for_checkpoint
+        from ..models.generic import decode_group
         from ..models.split_input import split_for_checkpoint
         from ..quantize import _set_submodule
         from ..weight_only import SVDQWeightOnlyLinear
@@ -169,8 +170,10 @@ class SVDQuantizer(DiffusersQuantizer):
         meta = self._meta
         names = [e["name"] for e in meta["quantized_layers"]]
         # the skeleton gets the checkpoint's fused module names (hand-mapped families by their own code, any other
-        # diffusers model by the names: svdq.load's rule)
-        with fused_for_checkpoint(model, names):
+        # diffusers model by the names: svdq.load's rule), 16-bit fused groups included (`checkpoint._fused_16bit`:
+        # e.g. SANA's cross-attention to_kv, fused by the generic plan, kept 16-bit by target="nunchaku")
+        stems = {k[: -len(".linear.weight")] for k in self._loaded_keys if k.endswith(".linear.weight")}
+        with fused_for_checkpoint(model, names + sorted(f"{s}.linear" for s in stems if decode_group(s) is not None)):
             pass
         try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
             split_for_checkpoint(model, _layer_inputs(meta))
