@@ -11,7 +11,8 @@ model's class; any other class is an error listing the others.
 Every W4A4 tensor is a permutation of svdq's; two kinds of value are recomputed because Nunchaku's runtime
 computes differently: the biases of FLUX.1's `mlp_fc2` / Qwen-Image's `net.2` layers that svdq quantized signed
 (Nunchaku runs them on shifted unsigned activations; a layer svdq quantized shifted, `--act-shift`, is copied)
-and the AdaNorm scale-chunk biases (+1). Z-Image and SDXL files are copies and permutations only. Refused with
+and the AdaNorm scale-chunk biases (+1); a model quantized with `svdq quantize --target nunchaku` needs neither (its
+file loads back computing the same bits). Z-Image and SDXL files are copies and permutations only. Refused with
 a message naming the layer: fp32, W4A8, loaded LoRAs, layers whose K or N is not a multiple of 128, 16-bit
 AdaNorm layers, layers quantized that the layout keeps 16-bit or the reverse. The file is written atomically.
 
@@ -69,11 +70,8 @@ def run(args) -> int:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name")
     from svdq.formats.nunchaku_models import export
-    from svdq.formats.nunchaku_sana import export_sana
 
-    # FLUX.1, Qwen-Image, Z-Image, SDXL by the model's class, SANA by its own exporter; any other: an error
-    model = svdq.from_pretrained(args.quantized)
-    path = (export_sana if type(model).__name__ == "SanaTransformer2DModel" else export)(model, out)
+    path = export(svdq.from_pretrained(args.quantized), out)  # by the model's class; any other: an error
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, Nunchaku INT4 layout; docs/formats.md says what is exact)")
     return 0

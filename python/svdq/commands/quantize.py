@@ -150,7 +150,7 @@ def add_parser(sub) -> None:
                         "(repeatable; e.g. '*attn2.to_kv' for a Nunchaku-exportable SDXL)")
     p.add_argument("--target", choices=("nunchaku",), default=None,
                    help="quantize in this runtime's own form, layer for layer, so that `svdq export --format nunchaku` "
-                        "writes an exact file (FLUX.1, Qwen-Image, SDXL; svdq.formats.nunchaku_target): it chooses "
+                        "writes an exact file (FLUX.1, Qwen-Image, Z-Image, SDXL, SANA; svdq.formats.nunchaku_target): it chooses "
                         "the 4-bit layers (AdaNorm W4A16: no --adaln needed) and the shifted ones itself, so not "
                         "with --exclude / --act-shift / --act-format fp8")
     p.add_argument("--num-calib-prompts", type=int, default=None, help="use only the first N calibration prompts")

@@ -485,17 +485,22 @@ def export_sdxl(model, path: str | os.PathLike) -> Path:
 
 
 EXPORTABLE = (
-    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image) "
-    "and UNet2DConditionModel (SDXL)"
+    "FluxTransformer2DModel (FLUX.1), QwenImageTransformer2DModel (Qwen-Image), ZImageTransformer2DModel (Z-Image), "
+    "UNet2DConditionModel (SDXL) and SanaTransformer2DModel (SANA)"
 )
 
 
 def export(model: nn.Module, path: str | os.PathLike) -> Path:
-    """`svdq export --format nunchaku`: the exporter of ``model``'s class (FLUX.1: `nunchaku.export_flux`; the
-    layouts: `export_layout`); ValueError listing the classes it exports for any other."""
+    """`svdq export --format nunchaku`: the exporter of ``model``'s class (FLUX.1: `nunchaku.export_flux`; SANA:
+    `nunchaku_sana.export_sana`; the layouts: `export_layout`); ValueError listing the classes it exports for any
+    other."""
     name = type(model).__name__
     if name == "FluxTransformer2DModel":
         return nk.export_flux(model, path)
+    if name == "SanaTransformer2DModel":
+        from .nunchaku_sana import export_sana
+
+        return export_sana(model, path)
     layout = {layout.class_name: layout for layout in (QWENIMAGE, ZIMAGE, SDXL)}.get(name)
     if layout is None:
         raise ValueError(f"{WHAT}: cannot export a {name}; svdq writes Nunchaku files of {EXPORTABLE}")
