@@ -9,11 +9,13 @@
 nunchaku_sdxl() {
   mkdir -p "$OUT/nunchaku_sdxl"
   $PY - "$OUT/nunchaku_sdxl/check.json" <<'PYEOF'
-import json, sys, tempfile, torch
+import os, sys, tempfile, torch
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+import device_compare
 import diffusers, svdq
 from svdq.formats import nunchaku_models
 from svdq.testing import tiny
-dev, res = torch.device("cuda"), {}
+dev = torch.device("cuda")
 torch.manual_seed(0)
 unet = diffusers.UNet2DConditionModel(**{**tiny.TINY_SDXL_UNET_CONFIG, "block_out_channels": (32, 128),
                                          "transformer_layers_per_block": (1, 1)}).to(torch.bfloat16).eval()
@@ -28,13 +30,7 @@ inp = dict(sample=r(1, 4, 8, 8), timestep=torch.tensor([500], device=dev), encod
            added_cond_kwargs={"text_embeds": r(1, 32), "time_ids": r(1, 6)}, return_dict=False)
 with torch.no_grad():
     a, b = unet(**inp)[0], loaded(**inp)[0]
-res["backend"] = svdq.ops.select_backend(dev).name
-res["bit_exact"] = bool(torch.equal(a, b))
-res["max_abs_diff"] = float((a.float() - b.float()).abs().max())
-res["rel_err"] = float((a.float() - b.float()).norm() / a.float().norm())
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-print(res)
-sys.exit(0 if res["rel_err"] < 1e-2 else 1)
+sys.exit(device_compare.report(a, b, dev, sys.argv[1]))
 PYEOF
 }
 export -f nunchaku_sdxl

@@ -10,11 +10,13 @@
 nunchaku_sana() {
   mkdir -p "$OUT/nunchaku_sana"
   $PY - "$OUT/nunchaku_sana/check.json" <<'PYEOF'
-import json, os, pathlib, sys, tempfile, torch
+import os, pathlib, sys, tempfile, torch
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+import device_compare
 sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests"))
 import svdq
 import test_nunchaku_sana as t
-dev, res = torch.device("cuda"), {}
+dev = torch.device("cuda")
 model = t.quantize_tiny_sana()
 path = t._write(t.nunchaku_sana_tensors(model), pathlib.Path(tempfile.mkdtemp()) / "sana.safetensors", t._metadata(model))
 loaded = svdq.from_pretrained(path, device="cuda")
@@ -24,14 +26,8 @@ with torch.no_grad():
     model.to(dev)
     cuda_inp = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
     a, b = model(**cuda_inp)[0], loaded(**cuda_inp)[0]
-res["backend"] = svdq.ops.select_backend(dev).name
-res["bit_exact"] = bool(torch.equal(a, b))
-res["max_abs_diff"] = float((a.float() - b.float()).abs().max())
-res["rel_err"] = float((a.float() - b.float()).norm() / a.float().norm())
-res["cuda_vs_cpu_rel_err"] = float((a.float().cpu() - cpu.float()).norm() / cpu.float().norm())
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-print(res)
-sys.exit(0 if res["rel_err"] < 1e-2 else 1)
+sys.exit(device_compare.report(a, b, dev, sys.argv[1],
+                             cuda_vs_cpu_rel_err=float((a.float().cpu() - cpu.float()).norm() / cpu.float().norm())))
 PYEOF
 }
 export -f nunchaku_sana

@@ -10,16 +10,14 @@
 nunchaku_target() {
   mkdir -p "$OUT/nunchaku_target"
   $PY - "$OUT/nunchaku_target/check.json" <<'PYEOF'
-import json, sys, tempfile, torch
+import os, sys, tempfile, torch
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+import device_compare
 import svdq
 from svdq.formats import nunchaku as nk
 from svdq.testing import tiny
-dev, res = torch.device("cuda"), {}
-g = torch.Generator().manual_seed(1)
-inp = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
-           pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-           img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
-inp = {k: v.to(dev, torch.bfloat16) if k not in ("img_ids", "txt_ids", "timestep") else v.to(dev) for k, v in inp.items()}
+dev = torch.device("cuda")
+inp = device_compare.tiny_flux_inputs(dev)
 model = tiny.tiny_flux_transformer(0, dtype=torch.bfloat16)
 svdq.models.prepare(model)
 model.to(dev)
@@ -29,13 +27,7 @@ path = nk.export_flux(model, tempfile.mkdtemp() + "/svdq-int4_r16-tiny.safetenso
 loaded = svdq.from_pretrained(path, device="cuda")
 with torch.no_grad():
     a, b = model(**inp, return_dict=False)[0], loaded(**inp, return_dict=False)[0]
-res["backend"] = svdq.ops.select_backend(dev).name
-res["bit_exact"] = bool(torch.equal(a, b))
-res["max_abs_diff"] = float((a.float() - b.float()).abs().max())
-res["rel_err"] = float((a.float() - b.float()).norm() / a.float().norm())
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-print(res)
-sys.exit(0 if res["rel_err"] < 1e-2 else 1)
+sys.exit(device_compare.report(a, b, dev, sys.argv[1]))
 PYEOF
 }
 export -f nunchaku_target

@@ -243,16 +243,20 @@ def load(
         raise
 
 
-def _fused_16bit(path) -> list[str]:
-    """Fused groups the model held 16-bit (``<group>.linear.weight`` keys of a group name `svdq.models.generic`
-    decodes, e.g. a generic plan's group whose layers ``exclude`` kept 16-bit: Z-Image's context refiner when only
-    the main blocks are quantized); the quantized-layer list does not name them, the skeleton must be fused too."""
+def fused_16bit_layers(keys) -> list[str]:
+    """Fused groups a checkpoint with these tensor keys held 16-bit (``<group>.linear.weight`` keys of a group name
+    `svdq.models.generic` decodes, e.g. a generic plan's group whose layers ``exclude`` kept 16-bit: Z-Image's
+    context refiner when only the main blocks are quantized); the quantized-layer list does not name them, the
+    skeleton must be fused too. Returns their ``<group>.linear`` names."""
     from .models.generic import decode_group
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    stems = (k[: -len(".linear.weight")] for k in keys if k.endswith(".linear.weight"))
+    stems = {k[: -len(".linear.weight")] for k in keys if k.endswith(".linear.weight")}
     return sorted(f"{s}.linear" for s in stems if decode_group(s) is not None)
+
+
+def _fused_16bit(path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return fused_16bit_layers(f.keys())
 
 
 def _layer_inputs(meta: dict) -> list[tuple[str, int]]:

@@ -158,11 +158,10 @@ class SVDQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return  # quantized after the 16-bit weights are loaded (_process_model_after_weight_loading)
-        from ..checkpoint import CheckpointError, _layer_inputs
+        from ..checkpoint import CheckpointError, _layer_inputs, fused_16bit_layers
         from ..conv import conv_for_checkpoint
         from ..linear import SVDQLinear
         from ..models import fused_for_checkpoint
-        from ..models.generic import decode_group
         from ..models.split_input import split_for_checkpoint
         from ..quantize import _set_submodule
         from ..weight_only import SVDQWeightOnlyLinear
@@ -170,10 +169,10 @@ class SVDQuantizer(DiffusersQuantizer):
         meta = self._meta
         names = [e["name"] for e in meta["quantized_layers"]]
         # the skeleton gets the checkpoint's fused module names (hand-mapped families by their own code, any other
-        # diffusers model by the names: svdq.load's rule), 16-bit fused groups included (`checkpoint._fused_16bit`:
-        # e.g. SANA's cross-attention to_kv, fused by the generic plan, kept 16-bit by target="nunchaku")
-        stems = {k[: -len(".linear.weight")] for k in self._loaded_keys if k.endswith(".linear.weight")}
-        with fused_for_checkpoint(model, names + sorted(f"{s}.linear" for s in stems if decode_group(s) is not None)):
+        # diffusers model by the names: svdq.load's rule), 16-bit fused groups included
+        # (`checkpoint.fused_16bit_layers`: e.g. SANA's cross-attention to_kv, fused by the generic plan, kept 16-bit
+        # by target="nunchaku")
+        with fused_for_checkpoint(model, names + fused_16bit_layers(self._loaded_keys)):
             pass
         try:  # layers stored as parts on column ranges of their input (`SplitInputLinear`)
             split_for_checkpoint(model, _layer_inputs(meta))
