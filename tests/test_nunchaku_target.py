@@ -19,6 +19,7 @@ from svdq.weight_only import SVDQWeightOnlyLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_flux_tiny import transformer_inputs  # noqa: E402
+from test_nunchaku_export_models import qwen, zimage  # noqa: E402, F401 (fixtures: tiny Qwen-Image / Z-Image, fused)
 
 
 def _flux_inputs(seed):
@@ -182,61 +183,35 @@ def test_cli_quantize_target_nunchaku_then_export(tmp_path, capsys):
     assert torch.equal(_out(loaded, _flux_inputs(1)), _out(model, _flux_inputs(1)))
 
 
-def test_qwenimage_file_loads_back_computing_the_same_bits(tmp_path):
-    """Qwen-Image quantized for Nunchaku (shifted img/txt fc2, W4A16 img_mod / txt_mod with exact + 1), written by
-    the independent test writer of tests/test_nunchaku_format.py: the loaded file computes the same bits."""
-    from svdq.models import generic, prepare
-    from svdq.testing import families as tf
+def test_qwenimage_file_loads_back_computing_the_same_bits(qwen, tmp_path):
+    """Qwen-Image quantized for Nunchaku (shifted img/txt fc2, W4A16 img_mod / txt_mod with exact + 1): svdq's
+    export equals the independent test writer's file (tests/test_nunchaku_format.py) and loads back bit for bit."""
+    from safetensors.torch import load_file
+    from svdq.formats import nunchaku_models as nm
     from test_nunchaku_format import _nunchaku_qwenimage_file
 
-    pipe = tf.tiny_family_pipeline("qwenimage", 0, torch.bfloat16)
-    captured = {}
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: captured.setdefault("kw", dict(kw)) and None, with_kwargs=True)
-    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("qwenimage"))
-    hook.remove()
-    model = pipe.transformer
-    generic.analyze(model, lambda m: m(**captured["kw"]))
-    prepare(model)
-    svdq.quantize(model, rank=16, rounding="nearest", progress=False, target="nunchaku",
-                  calibration=lambda m: m(**captured["kw"]))
+    model, _, kw, _ = qwen
+    model = copy.deepcopy(model)
+    svdq.quantize(model, rank=16, rounding="nearest", progress=False, target="nunchaku", calibration=lambda m: m(**kw))
     shifted = {n.split(".", 2)[2] for n, m in svdq.quantized_layers(model).items() if m.act_shift}
     assert shifted == {"img_mlp.net.2", "txt_mlp.net.2"}
     assert {n.split(".", 2)[2] for n in svdq.weight_only_layers(model)} == {"img_mod.1", "txt_mod.1"}
-    y = _out(model, captured["kw"])
+    y = _out(model, kw)
     written = _nunchaku_qwenimage_file(model, tmp_path / "svdq-int4_r16-qwen-image.safetensors")
-    assert torch.equal(_out(svdq.from_pretrained(written), captured["kw"]), y)
-    # svdq's own exporter writes the same tensors (nothing recomputed), and its file loads back as exactly
-    from safetensors.torch import load_file
-    from svdq.formats import nunchaku_models as nm
-
+    assert torch.equal(_out(svdq.from_pretrained(written), kw), y)
     exported = nm.export(model, tmp_path / "export" / "svdq-int4_r16-qwen-image.safetensors")
     a, b = load_file(str(written)), load_file(str(exported))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(_out(svdq.from_pretrained(exported), captured["kw"]), y)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # nothing recomputed
+    assert torch.equal(_out(svdq.from_pretrained(exported), kw), y)
 
 
-def test_zimage_main_blocks_export_loads_back_computing_the_same_bits(tmp_path):
+def test_zimage_main_blocks_export_loads_back_computing_the_same_bits(zimage, tmp_path):
     """Z-Image quantized for Nunchaku: the main blocks only (a skip_refiners file; svdq keeps the noise refiner
     16-bit), SwiGLU pair fused in svdq's order and moved into the file's: loads back bit for bit."""
-    import diffusers
-
     from svdq.formats import nunchaku_models as nm
-    from svdq.models import generic, prepare
-    from svdq.testing import families as tf
 
-    config = {**tf.CONFIGS["zimage"], "dim": 384, "n_heads": 12, "n_kv_heads": 12}  # K, N multiples of 128
-    torch.manual_seed(0)
-    model = diffusers.ZImageTransformer2DModel(**config).to(torch.bfloat16).eval()
-    pipe = tf.tiny_family_pipeline("zimage", 0, torch.bfloat16, transformer=model)
-    captured = {}
-    hook = model.register_forward_pre_hook(lambda m, a, kw: captured.setdefault("call", (a, dict(kw))) and None,
-                                           with_kwargs=True)
-    pipe(prompt="a red cube", num_inference_steps=1, output_type="latent", **tf.call_kwargs("zimage"))
-    hook.remove()
-    args, kwargs = captured["call"]
-    generic.analyze(model, lambda m: m(*args, **kwargs))
-    prepare(model)
+    model, _, (args, kwargs), _ = zimage
+    model = copy.deepcopy(model)
     svdq.quantize(model, rank=16, rounding="nearest", progress=False, target="nunchaku",
                   calibration=lambda m: m(*args, **kwargs))
     assert {n.split(".")[0] for n in svdq.quantized_layers(model)} == {"layers"}
