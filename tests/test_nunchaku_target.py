@@ -219,3 +219,23 @@ def test_zimage_main_blocks_export_loads_back_computing_the_same_bits(zimage, tm
     with torch.no_grad():
         want, got = model(*args, **kwargs)[0], loaded(*args, **kwargs)[0]
     assert len(want) == len(got) and all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_sana_with_a_self_attention_out_bias_is_refused_before_any_work():
+    """Nunchaku's SANA runtime has no attn.out_proj bias: target="nunchaku" says so before calibrating (the export
+    would refuse the model after the whole quantization), and leaves the model as it was."""
+    from svdq.models.generic import fuse_groups
+    from test_nunchaku_sana import BLOCKS, _tiny_sana
+
+    model = _tiny_sana()
+    for b in BLOCKS:
+        fuse_groups(model, {f"{b}.attn1.to_qkv": tuple(f"{b}.attn1.to_{p}" for p in "qkv")})
+    with torch.no_grad():
+        model.transformer_blocks[1].attn1.to_out[0].bias[3] = 0.5
+
+    def calibration(m):
+        raise AssertionError("calibration ran")
+
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.attn1\.to_out\.0 has a non-zero bias"):
+        svdq.quantize(model, rank=16, target="nunchaku", calibration=calibration, progress=False)
+    assert not svdq.quantized_layers(model) and type(model.transformer_blocks[0].ff.conv_inverted) is nn.Conv2d

@@ -449,6 +449,7 @@ def quantize(
 
     nunchaku_target.check_config(config)
     rules = nunchaku_target.rules_for(model)
+    rules.check(model)
     config = replace(config, include=rules.w4a4, exclude=(), weight_only=tuple(rules.adanorm))
     snapshot = ModuleSnapshot(model)  # the splits below are undone if quantization fails (all or nothing)
     try:

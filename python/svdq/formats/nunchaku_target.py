@@ -48,6 +48,8 @@ class Rules:
     # W4A4 layers fused from several linears: the names svdq may give the group (its parts in any order; the
     # exporter moves rows into the file's order exactly) — one of each tuple must match
     alternatives: tuple[tuple[str, ...], ...] = ()
+    # ValueError for a model whose 16-bit layers the runtime cannot compute (checked before any work)
+    check: Callable[[nn.Module], None] = field(default=lambda model: None)
 
     def required(self) -> list[tuple[str, ...]]:
         """Each entry: patterns of which at least one must match a linear of the model."""
@@ -106,7 +108,15 @@ def _sana() -> Rules:
     scale_shift_table)."""
     from . import nunchaku_sana as ns
 
-    return Rules("SANA", tuple(f"transformer_blocks.*.{ours}" for ours in ns.LAYERS.values()), (), {})
+    def check(model: nn.Module) -> None:
+        for i, block in enumerate(model.transformer_blocks):
+            bias = block.attn1.to_out[0].bias
+            if bias is not None and bool(bias.detach().any()):
+                raise ValueError(f"target='nunchaku': transformer_blocks.{i}.attn1.to_out.0 has a non-zero bias; "
+                                 f"Nunchaku's SANA runtime builds attn.out_proj without one (export_sana refuses it), "
+                                 f"so this model has no exact Nunchaku file")
+
+    return Rules("SANA", tuple(f"transformer_blocks.*.{ours}" for ours in ns.LAYERS.values()), (), {}, check=check)
 
 
 def rules_for(model: nn.Module) -> Rules:
