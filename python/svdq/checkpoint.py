@@ -17,6 +17,10 @@ docs/numerics.md §3, every other parameter and buffer as is — and string meta
     checksums       JSON {tensor key: "crc32:<8 hex digits>"} of every tensor's bytes as stored; checked
                     by `load` (``verify=False`` skips it). Files written before it have none (not checked).
 
+Structural modules are stored as their quantized layers and rebuilt on load from the names: a layer split on its
+input columns (`svdq.models.split_input.SplitInputLinear`) as ``<layer>.parts.<i>``, a 4-bit 1×1 convolution
+(`svdq.conv.SVDQConv1x1`) as ``<conv>.linear``, fused shared-input groups under their fused names.
+
 `load` is all-or-nothing (docs/reliability.md): the file is read and checked completely — metadata
 (format / config version, unknown config fields), tensor names, shapes, dtypes, checksums, finite scales —
 before the model is touched; the model is then changed in one step that is undone on any exception and
