@@ -408,6 +408,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def model_config(path: str | os.PathLike, label: str) -> tuple[dict, dict]:
+    """(the checked metadata, the diffusers model config without its ``_`` keys) of a Nunchaku file;
+    CheckpointError naming the file when the metadata has no config to build the ``label`` model from."""
+    meta = read_metadata(path)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    if not config:
+        raise CheckpointError(f"{path}: no {label} 'config' in the metadata: cannot build the model")
+    return meta, {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def is_nunchaku_file(path: str | os.PathLike) -> bool:
     """True when ``path`` is a safetensors file whose metadata says Nunchaku SVDQuant (any precision): the
     caller then uses `read_metadata` for the checked contents. Header only; never raises for a readable path."""

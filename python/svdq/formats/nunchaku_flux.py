@@ -72,11 +72,8 @@ def load_flux(path: str | os.PathLike) -> nn.Module:
     from safetensors import safe_open
 
     path = Path(path)
-    meta = nk.read_metadata(path)
+    _, config = nk.model_config(path, "FLUX.1")
     layers = nk.check_layers(path)
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    if not config:
-        raise CheckpointError(f"{path}: no FLUX.1 'config' in the metadata: cannot build the model")
     expected = nk.flux_layer_names(int(config.get("num_layers", 19)), int(config.get("num_single_layers", 38)))
     missing = sorted(set(expected) - {name for name, _, _ in layers})
     if missing:

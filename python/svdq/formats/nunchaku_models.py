@@ -75,11 +75,7 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
     from ..models.generic import fuse_groups, group_name
 
     path = Path(path)
-    meta = nk.read_metadata(path)
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    if not config:
-        raise CheckpointError(f"{path}: no {layout.label} 'config' in the metadata: cannot build the model")
-    known = {k: v for k, v in config.items() if not k.startswith("_")}
+    meta, known = nk.model_config(path, layout.label)
 
     def build(dtype: torch.dtype) -> nn.Module:
         try:
@@ -100,7 +96,7 @@ def load(path: str | os.PathLike, layout: Layout) -> nn.Module:
             model = build(dtype)
             blocks = layout.model_blocks(model)
         else:
-            blocks = layout.blocks(config, meta.get("quantization_config") or {})
+            blocks = layout.blocks(known, meta.get("quantization_config") or {})
         expected = {f"{b}.{layer}": layer for b in blocks for layer in layout.layers}
         names = nk.quantized_layer_names(keys)
         unknown = [n for n in names if n not in expected]

@@ -216,11 +216,7 @@ def load_sana(path: str | os.PathLike) -> nn.Module:
     from .nunchaku_models import _set, finish
 
     path = Path(path)
-    meta = nk.read_metadata(path)
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    if not config:
-        raise CheckpointError(f"{path}: no SANA 'config' in the metadata: cannot build the model")
-    known = {k: v for k, v in config.items() if not k.startswith("_")}
+    _, known = nk.model_config(path, "SANA")
     d = sana_dims(known, path)
 
     with safe_open(str(path), framework="pt") as f:
