@@ -203,6 +203,16 @@ def test_qwenimage_file_loads_back_computing_the_same_bits(qwen, tmp_path):
     a, b = load_file(str(written)), load_file(str(exported))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # nothing recomputed
     assert torch.equal(_out(svdq.from_pretrained(exported), kw), y)
+    # `svdq generate --quantized <the file>` runs it in the base pipeline
+    from svdq import cli
+    from svdq.testing import families as tf
+
+    tf.tiny_family_pipeline("qwenimage", 0, torch.bfloat16).save_pretrained(tmp_path / "qwen")
+    image = tmp_path / "img.png"
+    assert cli.main(["generate", "--model", str(tmp_path / "qwen"), "--quantized", str(exported), "--prompt", "a cat",
+                     "--steps", "1", "--height", "32", "--width", "32", "--max-sequence-length", "64", "--dtype",
+                     "bf16", "--out", str(image)]) == 0
+    assert image.is_file()
 
 
 def test_zimage_main_blocks_export_loads_back_computing_the_same_bits(zimage, tmp_path):
