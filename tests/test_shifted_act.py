@@ -472,6 +472,27 @@ def test_shifted_layer_on_cuda_falls_back_to_the_reference_ops():
     assert torch.equal(q_gpu[0].cpu(), q_cpu[0]) and torch.equal(q_gpu[1].cpu(), q_cpu[1])
 
 
+def test_a_backend_without_shifted_kernels_warns_once_and_runs_the_reference(caplog, monkeypatch):
+    """A backend without §10 kernels (CUDA today) runs shifted layers through the reference ops, exactly, and says
+    so once per process (a Nunchaku FLUX.1 on a GPU is otherwise slow for no visible reason)."""
+    import logging
+
+    from svdq import linear as linear_mod
+
+    lin = _layer(5, k=256, n=128).to(torch.bfloat16)
+    layer = SVDQLinear.from_linear(lin, rank=16, act_shift=DELTA)
+    x = _gelu_inputs(m=9, k=256, dtype=torch.bfloat16)
+    with svdq.ops.use_backend("reference"):
+        want = layer(x)
+    monkeypatch.setitem(svdq.ops._BACKENDS, "no-shift", svdq.ops.Backend(
+        name="no-shift", devices=("cpu",), priority=-1, quantize_act=ref.quantize_act, w4a4_gemm=ref.w4a4_gemm))
+    monkeypatch.setattr(linear_mod, "_FALLBACK_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="svdq"), svdq.ops.use_backend("no-shift"):
+        assert torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    warned = [r for r in caplog.records if "no kernel for shifted unsigned activations" in r.getMessage()]
+    assert len(warned) == 1 and "'no-shift'" in warned[0].getMessage()
+
+
 # ---- the quantizer's per-layer choice ---------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
@@ -14,6 +15,20 @@ from .ops.reference import GROUP_SIZE, check_act_shift, padded_k, shift_bias
 
 # Tensors in the canonical checkpoint layout (spec §3), in the order they are saved.
 STORED_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
+log = logging.getLogger("svdq")
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_reference_fallback(backend: str) -> None:
+    """Once per backend and process: shifted layers run the (slow) reference ops there."""
+    if backend not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(backend)
+        log.warning(
+            "svdq: backend %r has no kernel for shifted unsigned activations (act_shift; docs/numerics.md §10, e.g. "
+            "the mlp_fc2 layers of Nunchaku files or of svdq quantize --target nunchaku / --act-shift): those layers "
+            "run the reference ops — exact, much slower (docs/kernels.md §13)", backend)
+
+
 ACT_SHIFT_KEY = "act_shift"  # state_dict key of a shifted layer's activation shift (spec §10.3), fp32 [1]
 FROZEN_TENSORS = ("qweight", "wscales")  # no gradient exists for them: `FrozenParameter`
 
@@ -244,6 +259,7 @@ class SVDQLinear(nn.Module):
                     f"(act_shift={shift}, spec §10): it runs W4A4 (act_format='int4') only, not {act_format!r}"
                 )
             if not backend.shifted_act:  # no fused kernel for §10 here yet: the reference ops, canonical weights
+                _warn_reference_fallback(backend.name)
                 backend = ops.registered_backend("reference")
                 qweight, wscales = self.canonical_weights()
         if autograd.needs_grad(x, self.smooth, self.lora_down, self.lora_up, self.bias, scales):
