@@ -12,7 +12,6 @@ bytes compare), the same with shifted activations chosen per layer (`act_shift`)
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import svdq  # noqa: E402
 from quality_table import ALPHAS, CALIB_PROMPTS, EVAL_PROMPTS, EVAL_SEED, call_kwargs, generate  # noqa: E402
-from svdq.bench.env import environment  # noqa: E402
+from svdq.bench.env import write_results  # noqa: E402
 from svdq.commands.eval import psnr, ssim  # noqa: E402
 from svdq.models import FAMILIES, pipeline_model, prepare  # noqa: E402
 from svdq.testing import tiny  # noqa: E402
@@ -84,10 +83,8 @@ def run_family(family: str) -> dict:
 def main() -> int:
     torch.manual_seed(0)
     results = {family: run_family(family) for family in VARIANTS}
-    path = ROOT / "benchmarks" / "results" / "nunchaku_target_quality_cpu.json"
-    meta = environment(torch.device("cpu"))
-    meta["what"] = __doc__.split("\n\n")[0]
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    path = write_results(ROOT / "benchmarks" / "results" / "nunchaku_target_quality_cpu.json", results,
+                         torch.device("cpu"), what=__doc__.split("\n\n")[0])
     print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -68,10 +67,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     results = {f: evaluate(f) for f in args.families}
     if args.out:
-        from svdq.bench.env import environment
+        from svdq.bench.env import write_results
 
-        meta = environment(torch.device("cpu"))  # device, torch, CUDA, date, commit (the results-file fields)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        write_results(args.out, results, torch.device("cpu"))
     return 0
 
 

@@ -23,7 +23,6 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -193,10 +192,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results = {f: evaluate(f) for f in args.families}
     if args.out:
-        from svdq.bench.env import environment
+        from svdq.bench.env import write_results
 
-        meta = environment(torch.device("cpu"))  # device, torch, CUDA, date, commit (the results-file fields)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        write_results(args.out, results, torch.device("cpu"))
     return 0
 
 

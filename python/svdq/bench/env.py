@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -87,3 +88,10 @@ def device_slug(info: dict) -> str:
     if info["mode"] == "cpu":
         return "cpu"
     return "".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")
+
+
+def write_results(path: str | os.PathLike, results: dict, device: torch.device, **meta) -> Path:
+    """A results file as benchmarks/results/ keeps them: ``{"meta": environment(device) + meta, "results": …}``."""
+    path = Path(path)
+    path.write_text(json.dumps({"meta": {**environment(device), **meta}, "results": results}, indent=1) + "\n")
+    return path
