@@ -103,7 +103,15 @@ def held_out_inputs(pipe, model, layers) -> dict[str, torch.Tensor]:
     did, repeated rows shared a key and its sample was all-or-nothing copies: on the tiny SDXL the held-out
     rows of the 16 cross-attention k/v and output layers were all zero rows (the empty negative prompt's
     embedding), so those layers scored error 0 under every method."""
-    calib = svdq.calibrate_pipeline(pipe, EVAL_PROMPTS, seed=EVAL_SEED, progress=False, **call_kwargs(pipe))
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    return {name: x[torch.randperm(x.shape[0], generator=gen)[:HELD_OUT_ROWS]]
+            for name, x in all_rows(pipe, model, layers, EVAL_PROMPTS, EVAL_SEED).items()}
+
+
+def all_rows(pipe, model, layers, prompts, seed) -> dict[str, torch.Tensor]:
+    """Every input row each of ``layers`` sees while the pipeline runs ``prompts`` (seeds ``seed``…), by name
+    (layers that saw none are left out)."""
+    calib = svdq.calibrate_pipeline(pipe, prompts, seed=seed, progress=False, **call_kwargs(pipe))
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     handles = [layer.register_forward_pre_hook(
         lambda _m, args, _n=name: rows[_n].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
@@ -114,13 +122,7 @@ def held_out_inputs(pipe, model, layers) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    gen = torch.Generator().manual_seed(EVAL_SEED)
-    out = {}
-    for name, chunks in rows.items():
-        if chunks:
-            x = torch.cat(chunks)
-            out[name] = x[torch.randperm(x.shape[0], generator=gen)[:HELD_OUT_ROWS]]
-    return out
+    return {name: torch.cat(chunks) for name, chunks in rows.items() if chunks}
 
 
 def layer_errors(model, originals: dict, inputs: dict) -> dict[str, float]:

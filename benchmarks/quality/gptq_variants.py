@@ -125,20 +125,6 @@ VARIANTS = {
 }
 
 
-def all_rows(pipe, model, layers, prompts, seed) -> dict[str, torch.Tensor]:
-    calib = svdq.calibrate_pipeline(pipe, prompts, seed=seed, progress=False, **qt.call_kwargs(pipe))
-    rows = {name: [] for name in layers}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, _n=name: rows[_n].append(a[0].reshape(-1, a[0].shape[-1])))
-             for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            calib(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(r) for name, r in rows.items() if r}
-
-
 def evaluate(family: str) -> dict:
     pipe = qt.tiny.tiny_pipeline(family)
     model = pipeline_model(pipe)
@@ -146,7 +132,7 @@ def evaluate(family: str) -> dict:
     layers = select_linears(model, QuantizeConfig(exclude=FAMILIES[family].exclude))
     calib = svdq.calibrate_pipeline(pipe, qt.CALIB_PROMPTS, progress=False, **qt.call_kwargs(pipe))
     stats = collect_input_stats(model, layers, calib, 256, xtx=list(layers))
-    rows = all_rows(pipe, model, layers, qt.CALIB_PROMPTS, 0)
+    rows = qt.all_rows(pipe, model, layers, qt.CALIB_PROMPTS, 0)
     held = qt.held_out_inputs(pipe, model, layers)
     config = QuantizeConfig(alphas=qt.ALPHAS, rounding="nearest")
     errors = {v: {} for v in ["nearest", *VARIANTS]}
